@@ -1,0 +1,82 @@
+"""Train the paper's classifier and record per-sample losses of the tracked splits every epoch.
+
+    mlflow run . -e classify --env-manager local                       # digits, no download
+    python -m experiments.classify --dataset imagefolder --data-root /tmp/data/cifar10 --epochs 15
+
+Writes to the run: per_sample_losses/<split>/epoch_EEEE.parquet every epoch (columns
+sample_id, loss, target, correct), per-epoch metrics, and the params the post-hoc job
+needs to rebuild images (action_scores.dataset, action_scores.data_root). Then run
+`action-scores analyze --run-id <id>` (or `mlflow run . -e analyze -P run_id=<id>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experiments.loop import StepOutput, parse_track, train_and_record
+from experiments.models import KerasCifarCNN
+from tracking import contract
+from tracking.data import DATASETS, load_split
+from tracking.errors import ActionScoresError
+from tracking.trackers import TRACKERS, make_tracker
+
+
+def classification_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+    """Cross-entropy per sample, plus the label and whether the prediction was right."""
+    logits = model(batch["input"])
+    losses = F.cross_entropy(logits, batch["target"], reduction="none")
+    return StepOutput(losses, {"target": batch["target"], "correct": logits.argmax(dim=1) == batch["target"]})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="digits", choices=sorted(DATASETS))
+    parser.add_argument("--data-root", default="", help="data folder (cifar10, imagefolder)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--track", default="test", help="splits to record: test, train, train:eval, ...")
+    parser.add_argument("--experiment", default="", help="MLflow experiment (default: the active one)")
+    parser.add_argument("--tracker", default="mlflow", choices=sorted(TRACKERS))
+    parser.add_argument("--num-workers", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data_root = os.path.abspath(args.data_root) if args.data_root else None
+    tracked_passes = parse_track(args.track, ["train", "test"])
+    splits = {name: load_split(args.dataset, name, data_root) for name in {"train", *tracked_passes}}
+    channels, height, _ = splits["train"].dataset[0][0].shape
+    model = KerasCifarCNN(channels, len(splits["train"].class_names), height).to(device)
+    tracker = make_tracker(args.tracker)
+    metrics = train_and_record(
+        tracker=tracker, experiment=args.experiment or None, run_name=f"classify-{args.dataset}",
+        params={
+            "dataset": args.dataset, "data_root": args.data_root, "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "track": args.track,
+            "model": "keras_cifar10_cnn", "optimizer": "adam", "device": device.type,
+            contract.TASK_PARAM: "classification", contract.DATASET_PARAM: args.dataset,
+            contract.DATA_ROOT_PARAM: data_root or "",
+        },
+        model=model, step=classification_step, optimizer=torch.optim.Adam(model.parameters(), lr=args.lr),
+        datasets={name: split.dataset for name, split in splits.items()}, tracked_passes=tracked_passes,
+        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device,
+        num_workers=args.num_workers,
+    )
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+    print(f"run {tracker.run_id} finished: {summary}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ActionScoresError as error:
+        sys.exit(f"classify: error: {error}")

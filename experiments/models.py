@@ -1,0 +1,85 @@
+"""Models of the paper's two settings, in PyTorch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KerasCifarCNN(nn.Module):
+    """The Keras CIFAR-10 example CNN (the paper's "VGG-like" classifier), ported to PyTorch.
+
+    conv32-conv32-pool-dropout, conv64-conv64-pool-dropout, dense512-dropout, dense.
+    As in Keras, the first conv of a block pads ("same") and the second does not; on
+    inputs smaller than 16 px (scikit-learn's 8x8 digits) both pad, or nothing would
+    be left after the second pool. Returns logits: softmax lives in the loss.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        second = "valid" if image_size >= 16 else "same"
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding="same"), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=second), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Dropout(0.25),
+            nn.Conv2d(32, 64, 3, padding="same"), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=second), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Dropout(0.25),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
+        self.classifier = nn.Sequential(
+            nn.Linear(flat, 512), nn.ReLU(), nn.Dropout(0.5), nn.Linear(512, num_classes)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images))
+
+
+class _TinyBackbone(nn.Module):
+    """Four feature maps at strides 8, 16, 32, 64; no BatchNorm, so an image's output never
+    depends on its batch mates (per-image losses stay batch-independent in train mode too)."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True),
+            )
+
+        self.stem = nn.Sequential(block(3, width, 2), block(width, width * 2, 2), block(width * 2, width * 4, 2))
+        self.stages = nn.ModuleList([block(width * 4, width * 4, 2), block(width * 4, width * 4, 2),
+                                     block(width * 4, width * 4, 2)])
+        self.out_channels = [width * 4] * 4
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = {"0": self.stem(images)}
+        for index, stage in enumerate(self.stages, start=1):
+            features[str(index)] = stage(features[str(index - 1)])
+        return features
+
+
+def tiny_ssd(num_classes: int, size: int = 128) -> nn.Module:
+    """A small SSD-style detector for CPU-sized runs: torchvision's SSD with a 4-map backbone."""
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    from torchvision.models.detection.ssd import SSD
+
+    anchors = DefaultBoxGenerator([[2], [2, 3], [2, 3], [2]], min_ratio=0.1, max_ratio=0.9)
+    return SSD(_TinyBackbone(), anchors, (size, size), num_classes,
+               image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
+
+
+def ssd300(num_classes: int, weights: str | None = None) -> nn.Module:
+    """torchvision's `ssd300_vgg16` (the paper's SSD300), from scratch or from a local state dict.
+
+    Nothing is downloaded: `weights` is a path to a state dict, loaded with weights_only=True.
+    """
+    from torchvision.models.detection import ssd300_vgg16
+
+    model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes)
+    if weights:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model

@@ -1,0 +1,101 @@
+"""Shared fixtures: a real `mlflow server` on 127.0.0.1 for the whole session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(uri: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll /health until the server answers, failing early if it died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"mlflow server at {uri} not healthy after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URI of a real tracking server: sqlite backend, served artifact store in a temp dir."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = open(root / "server.log", "wb")
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "2"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(uri, process)
+        yield uri
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture()
+def tracking_env(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment for subprocesses (and this process) pointing at the session server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PYTHONPATH=str(ROOT))
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def run_command(args: list[str], env: dict[str, str], cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a project command as a user would, with the venv's executables first on PATH."""
+    env = dict(env, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def snapshot_run(client, run_id: str) -> dict:
+    """Everything a job could change on a run: artifact files with their bytes' hash, tags, params, metric histories."""
+    import hashlib
+    import tempfile
+
+    files: dict[str, str] = {}
+    pending = [""]
+    with tempfile.TemporaryDirectory() as tmp:
+        while pending:
+            for info in client.list_artifacts(run_id, pending.pop() or None):
+                if info.is_dir:
+                    pending.append(info.path)
+                else:
+                    local = client.download_artifacts(run_id, info.path, tmp)
+                    files[info.path] = hashlib.sha256(Path(local).read_bytes()).hexdigest()
+    run = client.get_run(run_id)
+    metrics = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
+    return {"files": files, "tags": dict(run.data.tags), "params": dict(run.data.params), "metrics": metrics}

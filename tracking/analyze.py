@@ -1,0 +1,232 @@
+"""The post-hoc job: pull a run's per-epoch tables, score them, log scores and panels back.
+
+Everything is read, checked and computed before anything is written, so a bad table
+leaves the run exactly as it was; the `action_scores.status` tag is set last.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from tracking import contract
+from tracking.errors import ActionScoresError, preview
+from tracking.scores import ActionAccumulator, read_epoch_table
+from tracking.trackers import Tracker
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_THREADS = 8
+
+
+@dataclass
+class AnalysisResult:
+    """What the job did to one run."""
+
+    run_id: str
+    status: str  # "done", "skipped" (already analysed) or "failed"
+    samples: dict[str, int] = field(default_factory=dict)  # split -> number of samples
+    epochs: dict[str, int] = field(default_factory=dict)  # split -> epochs summed
+    panels: list[str] = field(default_factory=list)  # artifact paths of the PNGs
+    message: str = ""
+
+
+def epoch_files(files: list[str]) -> dict[str, list[str]]:
+    """Group `per_sample_losses/<split>/epoch_EEEE.parquet` paths by split, in epoch order.
+
+    Epochs must run 0, 1, ..., N-1 without a gap; files that are not parquet are ignored.
+    """
+    by_split: dict[str, dict[int, str]] = defaultdict(dict)
+    for path in files:
+        split, name = contract.split_of_artifact(path)
+        epoch = contract.parse_epoch_file_name(name)
+        if epoch is None:
+            if name.endswith(".parquet"):
+                raise ActionScoresError(f"{path}: not named epoch_EEEE.parquet (zero-based epoch, 4 digits)")
+            continue
+        by_split[split][epoch] = path
+    grouped = {}
+    for split, epochs in sorted(by_split.items()):
+        missing = sorted(set(range(max(epochs) + 1)) - set(epochs))
+        if missing:
+            names = preview(contract.epoch_file_name(e) for e in missing)
+            raise ActionScoresError(
+                f"split {split!r}: epoch tables missing: {names} (found {len(epochs)} of epochs 0..{max(epochs)})"
+            )
+        grouped[split] = [epochs[e] for e in sorted(epochs)]
+    return grouped
+
+
+def download_all(tracker: Tracker, paths: list[str], dst: Path) -> dict[str, Path]:
+    """Fetch files in parallel threads, with a progress bar; returns artifact path -> local path."""
+    with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool, tqdm(total=len(paths), desc="download", unit="file") as bar:
+        futures = {path: pool.submit(tracker.download, path, dst) for path in paths}
+        local = {}
+        for path, future in futures.items():
+            local[path] = future.result()
+            bar.update()
+    return local
+
+
+def score_split(split: str, tables: list[tuple[str, Path]]) -> pd.DataFrame:
+    """Action scores of one split from its (artifact path, local file) pairs, in epoch order."""
+    accumulator = ActionAccumulator(split)
+    for epoch, (name, local) in enumerate(tqdm(tables, desc=f"score {split}", unit="epoch")):
+        accumulator.update(epoch, read_epoch_table(local, name), name)
+    return accumulator.compute()
+
+
+def objectives(scores: pd.DataFrame) -> dict[str, str]:
+    """Panel folder name -> score column: `loss` -> `action`, part `loc` -> `action_loc`."""
+    found = {contract.LOSS: "action"}
+    for column in scores.columns:
+        if column.startswith("action_"):
+            found[column[len("action_"):]] = column
+    return found
+
+
+def _check_ids_fit(scores: pd.DataFrame, size: int, dataset: str, split: str) -> None:
+    """Refuse tables whose ids do not exist in the rebuilt data (the data changed or moved)."""
+    ids = scores[contract.SAMPLE_ID]
+    outside = ids[(ids < 0) | (ids >= size)]
+    if len(outside):
+        raise ActionScoresError(
+            f"split {split!r}: the {dataset!r} data found has {size} samples but the tables have "
+            f"sample ids {preview(outside)}; has the data changed? Point --data-root at the data the run used"
+        )
+
+
+def _classification_panels(
+    scores: pd.DataFrame, dataset: str, split: str, data_root: str | None, top_k: int, out_dir: Path
+) -> list[Path]:
+    """Label-captioned image panels; adds `label` (if the tables had none) and `label_name` to `scores`."""
+    from tracking.data import load_split
+    from tracking.panels import classification_panels
+
+    split_data = load_split(dataset, split, data_root)
+    _check_ids_fit(scores, len(split_data.labels), dataset, split)
+    if "label" not in scores:
+        scores["label"] = split_data.labels[scores[contract.SAMPLE_ID].to_numpy()]
+    scores["label_name"] = [split_data.class_names[int(label)] for label in scores["label"]]
+    written = []
+    for objective, column in objectives(scores).items():
+        written += classification_panels(scores, split_data, column, top_k, out_dir / objective)
+    return written
+
+
+def _detection_panels(
+    scores: pd.DataFrame, dataset: str, split: str, data_root: str | None, top_k: int, out_dir: Path
+) -> list[Path]:
+    """Box-drawn image panels; adds `num_objects` and `median_box_size` (sqrt of box area / image side) to `scores`."""
+    from tracking.detection_data import load_detection_split
+    from tracking.panels import detection_panels
+
+    split_data = load_detection_split(dataset, split, data_root)
+    _check_ids_fit(scores, len(split_data.dataset), dataset, split)
+    counts, sizes = [], []
+    for sample_id in tqdm(scores[contract.SAMPLE_ID], desc=f"boxes {split}", unit="image"):
+        image, boxes, _ = split_data.dataset.scene(int(sample_id))
+        side = (image.shape[0] * image.shape[1]) ** 0.5
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        counts.append(len(boxes))
+        sizes.append(float(np.median(np.sqrt(areas)) / side) if len(boxes) else float("nan"))
+    scores["num_objects"] = np.asarray(counts, dtype=np.int64)
+    scores["median_box_size"] = sizes
+    written = []
+    for objective, column in objectives(scores).items():
+        written += detection_panels(scores, split_data, column, top_k, out_dir / objective)
+    return written
+
+
+RENDERERS = {"classification": _classification_panels, "detection": _detection_panels}
+
+
+def analyze_run(
+    tracker: Tracker,
+    run_id: str,
+    *,
+    top_k: int = 10,
+    force: bool = False,
+    data_root: str | None = None,
+    panels: bool = True,
+) -> AnalysisResult:
+    """Score every tracked split of one run and log scores, panels, metrics and the status tag.
+
+    A run already tagged done is skipped unless `force`. `data_root` overrides the data
+    folder the run recorded, for data that has moved.
+    """
+    if top_k <= 0:
+        raise ActionScoresError(f"top_k must be positive, got {top_k}")
+    tracker.attach(run_id)
+    if tracker.tags().get(contract.STATUS_TAG) == contract.STATUS_DONE and not force:
+        return AnalysisResult(run_id, "skipped", message="already analysed (use force to redo)")
+    files = tracker.list_files(contract.LOSSES_DIR)
+    by_split = epoch_files(files)
+    if not by_split:
+        raise ActionScoresError(
+            f"run {run_id} has no per-sample tables under {contract.LOSSES_DIR}/<split>/epoch_EEEE.parquet; "
+            "record them during training with tracking.LossRecorder"
+        )
+    params = tracker.params()
+    dataset = params.get(contract.DATASET_PARAM)
+    task = params.get(contract.TASK_PARAM, "classification")
+    if task not in RENDERERS:
+        raise ActionScoresError(f"run {run_id}: unknown {contract.TASK_PARAM} {task!r}; known: {sorted(RENDERERS)}")
+    data_root = data_root or params.get(contract.DATA_ROOT_PARAM) or None
+    result = AnalysisResult(run_id, "done")
+    with tempfile.TemporaryDirectory(prefix="action-scores-job-") as work:
+        local = download_all(tracker, [p for paths in by_split.values() for p in paths], Path(work) / "in")
+        out = Path(work) / "out"
+        metrics: dict[str, float] = {}
+        for split, paths in by_split.items():
+            scores = score_split(split, [(p, local[p]) for p in paths])
+            split_out = out / split
+            split_out.mkdir(parents=True)
+            if panels and dataset:
+                written = RENDERERS[task](scores, dataset, split, data_root, top_k, split_out)
+                result.panels += [f"{contract.scores_dir(split)}/{p.relative_to(split_out).as_posix()}" for p in written]
+            scores.to_parquet(split_out / contract.SCORES_FILE, index=False)
+            result.samples[split] = len(scores)
+            result.epochs[split] = int(scores["epochs"].iloc[0])
+            metrics |= {
+                f"action_scores.{split}.samples": len(scores),
+                f"action_scores.{split}.epochs": result.epochs[split],
+                f"action_scores.{split}.action_mean": float(scores["action"].mean()),
+                f"action_scores.{split}.action_max": float(scores["action"].max()),
+                f"action_scores.{split}.action_min": float(scores["action"].min()),
+            }
+        if panels and not dataset:
+            result.message = (
+                f"no panels: the run does not record the param {contract.DATASET_PARAM!r}, "
+                "so its images cannot be rebuilt"
+            )
+            log.warning(result.message)
+        tracker.log_artifacts(out, contract.SCORES_DIR)
+    tracker.log_metrics(metrics)
+    tracker.set_tags({contract.STATUS_TAG: contract.STATUS_DONE})
+    return result
+
+
+def analyze_experiment(tracker: Tracker, experiment: str, **options: object) -> list[AnalysisResult]:
+    """Analyse every finished run of `experiment` that has per-sample tables and needs it.
+
+    Runs without tables are left out; a run that fails is reported and the others go on.
+    """
+    results = []
+    for run_id in tracker.find_runs(experiment):
+        tracker.attach(run_id)
+        if not tracker.list_files(contract.LOSSES_DIR):
+            continue
+        try:
+            results.append(analyze_run(tracker, run_id, **options))  # type: ignore[arg-type]
+        except ActionScoresError as error:
+            results.append(AnalysisResult(run_id, "failed", message=str(error)))
+    return results

@@ -1,0 +1,98 @@
+"""`action-scores`: the command line of the post-hoc job.
+
+    action-scores analyze --run-id <id>              # one run
+    action-scores analyze --experiment <name>        # every finished run that needs it
+    action-scores analyze --experiment <name> --force
+
+Bad input ends with one line on stderr (`action-scores: error: ...`) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from tracking import contract
+from tracking.errors import ActionScoresError
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off", ""}
+
+
+def _flag(value: str) -> bool:
+    """Booleans as `mlflow run -P force=true` passes them."""
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="action-scores", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    analyze = commands.add_parser(
+        "analyze",
+        help="score a run's per-sample tables and log scores and panels back to it",
+        description=(
+            f"Reads {contract.LOSSES_DIR}/<split>/epoch_EEEE.parquet from a run, sums each sample's "
+            f"loss over epochs (its action), and writes {contract.SCORES_DIR}/<split>/scores.parquet, "
+            f"{contract.SCORES_DIR}/<split>/<objective>/hardest.png and easiest.png (plus by_class/), "
+            f"summary metrics and the tag {contract.STATUS_TAG}={contract.STATUS_DONE} back to the same run."
+        ),
+    )
+    target = analyze.add_argument_group("which runs (one of)")
+    target.add_argument("--run-id", default="", help="analyse this run")
+    target.add_argument("--experiment", default="", help="analyse every finished run of this experiment")
+    analyze.add_argument(
+        "--force", type=_flag, nargs="?", const=True, default=False, help="redo runs already analysed"
+    )
+    analyze.add_argument("--top-k", type=int, default=10, help="samples per panel row (default 10)")
+    analyze.add_argument("--data-root", default="", help="where the run's data lives now, if it moved")
+    analyze.add_argument("--no-panels", action="store_true", help="log scores only")
+    analyze.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"
+    )
+    return parser
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from tracking.analyze import analyze_experiment, analyze_run
+    from tracking.trackers import MLflowTracker
+
+    if bool(args.run_id) == bool(args.experiment):
+        raise ActionScoresError("give exactly one of --run-id or --experiment")
+    tracker = MLflowTracker(args.tracking_uri)
+    options = dict(top_k=args.top_k, force=args.force, data_root=args.data_root or None, panels=not args.no_panels)
+    if args.run_id:
+        results = [analyze_run(tracker, args.run_id, **options)]
+    else:
+        results = analyze_experiment(tracker, args.experiment, **options)
+        if not results:
+            print(f"experiment {args.experiment!r}: no finished run has per-sample tables")
+    for result in results:
+        splits = ", ".join(f"{s}: {n} samples x {result.epochs[s]} epochs" for s, n in result.samples.items())
+        print(f"run {result.run_id}: {result.status}" + (f" ({splits})" if splits else "")
+              + (f" - {result.message}" if result.message else ""))
+        overview = [p for p in result.panels if p.endswith(("/hardest.png", "/easiest.png"))]
+        if overview:
+            tracker.attach(result.run_id)
+            print("  panels:\n" + "\n".join(f"    {tracker.artifact_uri(p)}" for p in overview))
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `action-scores` console script."""
+    logging.basicConfig(level=logging.WARNING, format="action-scores: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        return _analyze(args)
+    except ActionScoresError as error:
+        print(f"action-scores: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

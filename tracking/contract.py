@@ -1,0 +1,90 @@
+"""The artifact contract: where per-sample tables and scores live in a run, and their columns.
+
+Anyone may write these files from any framework and use the post-hoc job; the README
+documents the same contract. Everything that builds or parses an artifact path goes
+through this module, so the layout is defined once.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+
+LOSSES_DIR = "per_sample_losses"
+SCORES_DIR = "action_scores"
+SCORES_FILE = "scores.parquet"
+STATUS_TAG = "action_scores.status"
+STATUS_DONE = "done"
+
+# Run params that let the post-hoc job rebuild the images of a split by sample_id,
+# and pick the panel renderer ("classification" or "detection").
+TASK_PARAM = "action_scores.task"
+DATASET_PARAM = "action_scores.dataset"
+DATA_ROOT_PARAM = "action_scores.data_root"
+
+SAMPLE_ID = "sample_id"
+LOSS = "loss"
+PART_PREFIX = "loss_"
+TARGET = "target"
+
+_EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.parquet$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Refuse split and part names that would not make a safe, single path component."""
+    if not _NAME.match(name):
+        raise ValueError(
+            f"{kind} name {name!r} is not allowed: use letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def epoch_file_name(epoch: int) -> str:
+    """`epoch_0003.parquet` for the zero-based epoch 3."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    return f"epoch_{epoch:04d}.parquet"
+
+
+def parse_epoch_file_name(name: str) -> int | None:
+    """The epoch of an `epoch_EEEE.parquet` file name, or None for any other name."""
+    match = _EPOCH_FILE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def losses_dir(split: str) -> str:
+    """Artifact folder of one split's per-epoch tables."""
+    return f"{LOSSES_DIR}/{check_name('split', split)}"
+
+
+def scores_dir(split: str) -> str:
+    """Artifact folder of one split's scores and panels."""
+    return f"{SCORES_DIR}/{check_name('split', split)}"
+
+
+def part_column(part: str) -> str:
+    """Column of one loss part: `loss_loc` for part `loc`."""
+    return PART_PREFIX + check_name("part", part)
+
+
+def parts_of(columns: list[str]) -> list[str]:
+    """Part names found in a table's columns (`loss_loc` -> `loc`), in column order."""
+    return [c[len(PART_PREFIX):] for c in columns if c.startswith(PART_PREFIX)]
+
+
+def split_of_artifact(path: str) -> tuple[str, str]:
+    """(split, file name) of a `per_sample_losses/<split>/<file>` artifact path.
+
+    Refuses paths that are absolute or climb out of the run (`..`), since the job
+    downloads what other people wrote.
+    """
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise ValueError(f"artifact path {path!r} escapes the run's artifact folder")
+    parts = pure.parts
+    if len(parts) != 3 or parts[0] != LOSSES_DIR:
+        raise ValueError(f"artifact path {path!r} is not of the form {LOSSES_DIR}/<split>/<file>")
+    check_name("split", parts[1])
+    return parts[1], parts[2]

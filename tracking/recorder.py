@@ -1,0 +1,164 @@
+"""Per-sample loss recorder: the training-side half of the method.
+
+Three lines in any PyTorch loop::
+
+    recorder = LossRecorder("test", num_samples=len(test_set), tracker=tracker)
+    recorder.update(batch["sample_id"], F.cross_entropy(logits, y, reduction="none"))
+    recorder.end_epoch(epoch)  # writes and logs per_sample_losses/test/epoch_EEEE.parquet
+
+Two ways to score a split, both served by the same recorder:
+- *evaluation pass*: after each epoch, run the split through the model in eval mode and
+  record the losses (what the paper did on the test set; costs one forward pass);
+- *training pass*: record the unreduced losses the optimiser already computed for its
+  batches (free; the losses are taken mid-epoch, in train mode, with dropout on).
+
+Rule for repeated ids within an epoch (a `DistributedSampler` pads its last shard with
+copies of the first samples): the first occurrence received is kept, later ones are
+dropped. A sample missing from the epoch or an id outside ``[0, num_samples)`` is an
+error at ``end_epoch`` that names the ids.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from tracking import contract
+from tracking.errors import ActionScoresError, preview
+
+if TYPE_CHECKING:
+    from tracking.trackers import Tracker
+
+Losses = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+class LossRecorder:
+    """Collects one split's unreduced per-sample losses over an epoch, then writes one table.
+
+    Batches stay on their device until ``end_epoch``: ``update`` only keeps references,
+    so recording never forces a device-to-host copy per batch.
+    """
+
+    def __init__(
+        self,
+        split: str,
+        num_samples: int,
+        tracker: Tracker | None = None,
+        local_dir: str | Path | None = None,
+    ) -> None:
+        if num_samples <= 0:
+            raise ActionScoresError(f"num_samples must be positive, got {num_samples}")
+        self.split = contract.check_name("split", split)
+        self.num_samples = int(num_samples)
+        self.tracker = tracker
+        self._local_dir = Path(local_dir) if local_dir is not None else None
+        self._parts: list[str] | None = None
+        self.reset()
+
+    @property
+    def local_dir(self) -> Path:
+        """Where tables are written before upload (a temporary folder unless given)."""
+        if self._local_dir is None:
+            self._local_dir = Path(tempfile.mkdtemp(prefix="action-scores-"))
+        return self._local_dir
+
+    def reset(self) -> None:
+        """Forget the batches of the current epoch."""
+        self._ids: list[torch.Tensor] = []
+        self._columns: dict[str, list[torch.Tensor]] = {}
+
+    def update(self, sample_ids: torch.Tensor | np.ndarray, losses: Losses, **columns: torch.Tensor) -> None:
+        """Add one batch: its sample ids and unreduced losses, plus optional per-sample columns.
+
+        ``losses`` is a 1-D tensor (one loss per sample), or a dict of part name -> 1-D
+        tensor for a loss made of parts; the recorded ``loss`` is then the sum of parts.
+        Extra keyword columns (for example ``target=y``) are stored as they come.
+        """
+        ids = torch.as_tensor(sample_ids).detach().reshape(-1)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ActionScoresError(f"sample_ids must be integers, got dtype {ids.dtype}")
+        if isinstance(losses, Mapping):
+            if not losses:
+                raise ActionScoresError("losses is an empty dict: give at least one part")
+            parts = sorted(losses)
+            for part in parts:
+                contract.part_column(part)
+            if self._parts is None:
+                self._parts = parts
+            elif parts != self._parts:
+                raise ActionScoresError(f"loss parts changed from {self._parts} to {parts}")
+            named = {contract.part_column(p): losses[p] for p in parts}
+        else:
+            if self._parts:
+                raise ActionScoresError(f"expected a dict with parts {self._parts}, got one tensor")
+            self._parts = []
+            named = {contract.LOSS: losses}
+        reserved = {contract.SAMPLE_ID, contract.LOSS} | set(named)
+        for name in columns:
+            if name in reserved or name.startswith(contract.PART_PREFIX):
+                raise ActionScoresError(f"extra column {name!r} clashes with a loss column")
+        for name, values in {**named, **columns}.items():
+            values = torch.as_tensor(values).detach()
+            if values.dim() == 0:
+                raise ActionScoresError(
+                    f"{name!r} is a scalar: the recorder needs unreduced losses, "
+                    "one per sample (use reduction='none')"
+                )
+            if values.dim() != 1 or values.shape[0] != ids.shape[0]:
+                raise ActionScoresError(
+                    f"{name!r} has shape {tuple(values.shape)}; expected ({ids.shape[0]},), "
+                    "one value per sample id"
+                )
+            self._columns.setdefault(name, []).append(values)
+        self._ids.append(ids)
+
+    def compute(self) -> pa.Table:
+        """The epoch's table: one row per sample, sorted by ``sample_id``, validated."""
+        if not self._ids:
+            raise ActionScoresError(f"split {self.split!r}: no batch was recorded this epoch")
+        ids = torch.cat(self._ids).cpu().numpy().astype(np.int64)
+        unique_ids, first = np.unique(ids, return_index=True)
+        out_of_range = unique_ids[(unique_ids < 0) | (unique_ids >= self.num_samples)]
+        if out_of_range.size:
+            raise ActionScoresError(
+                f"split {self.split!r}: sample ids out of range [0, {self.num_samples}): "
+                f"{preview(out_of_range)}"
+            )
+        if unique_ids.size != self.num_samples:
+            missing = np.setdiff1d(np.arange(self.num_samples), unique_ids)
+            raise ActionScoresError(
+                f"split {self.split!r}: {missing.size} of {self.num_samples} samples missing "
+                f"from this epoch: {preview(missing)}"
+            )
+        arrays: dict[str, np.ndarray] = {contract.SAMPLE_ID: unique_ids}
+        values = {name: torch.cat(chunks).cpu().numpy()[first] for name, chunks in self._columns.items()}
+        loss_names = [contract.part_column(p) for p in self._parts or []]
+        if loss_names:
+            arrays[contract.LOSS] = np.sum([values[n].astype(np.float64) for n in loss_names], axis=0)
+        for name, column in values.items():
+            arrays[name] = column
+        for name in [contract.LOSS, *loss_names]:
+            arrays[name] = arrays[name].astype(np.float32)
+        return pa.table(arrays)
+
+    def end_epoch(self, epoch: int) -> Path:
+        """Write the epoch's table, hand it to the tracker, and start a new epoch.
+
+        Returns the local parquet file, kept on disk after upload.
+        """
+        table = self.compute()
+        folder = self.local_dir / contract.losses_dir(self.split)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / contract.epoch_file_name(epoch)
+        pq.write_table(table, path, compression="zstd")
+        if self.tracker is not None:
+            self.tracker.log_artifact(path, contract.losses_dir(self.split))
+        self.reset()
+        return path

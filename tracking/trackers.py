@@ -1,0 +1,316 @@
+"""One small tracker interface, one class per backend, one registry.
+
+The recorder, the training loops and the post-hoc job speak only to `Tracker`; each
+backend hides its own quirks (MLflow's param length and batch limits, params that
+`mlflow run` already logged). Backends import their package lazily, so the library
+imports without them. The native client stays reachable through `Tracker.native`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tracking.errors import ActionScoresError
+
+
+class Tracker(ABC):
+    """A run on a tracking backend: the training side writes to it, the post-hoc job reads it."""
+
+    name: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def run_id(self) -> str:
+        """Id of the run this tracker writes to and reads from."""
+
+    @property
+    @abstractmethod
+    def native(self) -> Any:
+        """The backend's own client, as an escape hatch."""
+
+    # --- lifecycle -----------------------------------------------------------------
+    @abstractmethod
+    def start(self, experiment: str | None = None, run_name: str | None = None) -> str:
+        """Open a new run (or the one a launcher such as `mlflow run` opened); return its id."""
+
+    @abstractmethod
+    def attach(self, run_id: str) -> None:
+        """Point at an existing run, for the post-hoc job; unknown ids are an error."""
+
+    @abstractmethod
+    def finish(self, failed: bool = False) -> None:
+        """Close the run that `start` opened."""
+
+    # --- writing -------------------------------------------------------------------
+    @abstractmethod
+    def log_params(self, params: Mapping[str, object]) -> None:
+        """Record settings of the run (values become strings)."""
+
+    @abstractmethod
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record numeric results."""
+
+    @abstractmethod
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Record mutable labels of the run (the job's status lives here)."""
+
+    @abstractmethod
+    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+        """Upload one file into `artifact_dir` of the run, replacing a file of the same name."""
+
+    # --- reading -------------------------------------------------------------------
+    @abstractmethod
+    def params(self) -> dict[str, str]:
+        """The run's params."""
+
+    @abstractmethod
+    def tags(self) -> dict[str, str]:
+        """The run's tags."""
+
+    @abstractmethod
+    def list_files(self, artifact_dir: str) -> list[str]:
+        """Every file under `artifact_dir`, as run-relative posix paths; [] when absent."""
+
+    @abstractmethod
+    def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
+        """Fetch one file to `dst_dir/<artifact_path>` and return the local path."""
+
+    @abstractmethod
+    def find_runs(self, experiment: str) -> list[str]:
+        """Ids of the finished runs of an experiment, newest first."""
+
+    @abstractmethod
+    def artifact_uri(self, artifact_path: str) -> str:
+        """Where a file of the run can be found, for telling the user."""
+
+    def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
+        """Show a ranked set of samples natively where the backend has a view for it.
+
+        Each row holds `image` (uint8 array), `caption` and plain columns. MLflow has no
+        such view (the PNG panels are its view), so the default does nothing.
+        """
+
+    def log_artifacts(self, local_dir: str | Path, artifact_dir: str) -> None:
+        """Upload every file under `local_dir`, keeping the folder layout."""
+        root = Path(local_dir)
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            relative = path.parent.relative_to(root).as_posix()
+            self.log_artifact(path, artifact_dir if relative == "." else f"{artifact_dir}/{relative}")
+
+
+def redact(uri: str) -> str:
+    """A URI without its `user:password@` part, safe to print in errors."""
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
+class MLflowTracker(Tracker):
+    """MLflow backend; any tracking URI works (sqlite file, server, Databricks)."""
+
+    name = "mlflow"
+    _MAX_PARAM_LENGTH = 6000
+    _MAX_PARAMS_PER_BATCH = 100
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        import mlflow
+
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        self._run_id: str | None = None
+        self._started = False
+
+    @property
+    def run_id(self) -> str:
+        if self._run_id is None:
+            raise ActionScoresError("no run: call start() or attach() first")
+        return self._run_id
+
+    @property
+    def native(self) -> Any:
+        return self._client
+
+    def start(self, experiment: str | None = None, run_name: str | None = None) -> str:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        # `mlflow run` exports MLFLOW_RUN_ID: start_run() then resumes that run.
+        if experiment and "MLFLOW_RUN_ID" not in os.environ:
+            mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_name=run_name)
+        self._run_id = run.info.run_id
+        self._started = True
+        return self._run_id
+
+    def attach(self, run_id: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.get_run(run_id)
+        except MlflowException as error:
+            raise ActionScoresError(
+                f"run {run_id!r} not found at tracking URI {redact(self.tracking_uri)} "
+                f"({error.error_code})"
+            ) from None
+        self._run_id = run_id
+
+    def finish(self, failed: bool = False) -> None:
+        import mlflow
+
+        if self._started:
+            mlflow.end_run(status="FAILED" if failed else "FINISHED")
+            self._started = False
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        from mlflow.entities import Param
+
+        # Params are immutable in MLflow, and `mlflow run` logs the entry point's
+        # parameters itself: keep what is there rather than fail on a reformatted value.
+        existing = self.params()
+        fresh = [
+            Param(key, str(value)[: self._MAX_PARAM_LENGTH])
+            for key, value in params.items()
+            if key not in existing
+        ]
+        for start in range(0, len(fresh), self._MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=fresh[start : start + self._MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        entries = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+        for start in range(0, len(entries), 1000):
+            self._client.log_batch(self.run_id, metrics=entries[start : start + 1000])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+        self._client.log_artifact(self.run_id, str(local_path), artifact_dir)
+
+    def params(self) -> dict[str, str]:
+        return dict(self._client.get_run(self.run_id).data.params)
+
+    def tags(self) -> dict[str, str]:
+        return dict(self._client.get_run(self.run_id).data.tags)
+
+    def list_files(self, artifact_dir: str) -> list[str]:
+        files: list[str] = []
+        pending = [artifact_dir]
+        while pending:
+            for info in self._client.list_artifacts(self.run_id, pending.pop()):
+                (pending if info.is_dir else files).append(info.path)
+        return sorted(files)
+
+    def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
+        local = self._client.download_artifacts(self.run_id, artifact_path, str(dst_dir))
+        return Path(local)
+
+    def find_runs(self, experiment: str) -> list[str]:
+        found = self._client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ActionScoresError(
+                f"no experiment named {experiment!r} at tracking URI {redact(self.tracking_uri)}"
+            )
+        runs = self._client.search_runs(
+            [found.experiment_id],
+            filter_string="attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50000,
+        )
+        return [run.info.run_id for run in runs]
+
+    def artifact_uri(self, artifact_path: str) -> str:
+        return f"{self._client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+
+
+class FanOutTracker(Tracker):
+    """Several backends as one (`--tracker both`): every write goes to each, reads come from the first."""
+
+    name = "both"
+
+    def __init__(self, trackers: list[Tracker] | None = None) -> None:
+        self.trackers = trackers or [MLflowTracker(), WandbTracker()]
+
+    @property
+    def run_id(self) -> str:
+        return self.trackers[0].run_id
+
+    @property
+    def native(self) -> Any:
+        return [tracker.native for tracker in self.trackers]
+
+    def start(self, experiment: str | None = None, run_name: str | None = None) -> str:
+        for tracker in self.trackers:
+            tracker.start(experiment, run_name)
+        return self.run_id
+
+    def attach(self, run_id: str) -> None:
+        raise ActionScoresError("attach to one backend at a time: use the mlflow or the wandb tracker")
+
+    def finish(self, failed: bool = False) -> None:
+        for tracker in self.trackers:
+            tracker.finish(failed)
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        for tracker in self.trackers:
+            tracker.log_params(params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for tracker in self.trackers:
+            tracker.log_metrics(metrics, step)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for tracker in self.trackers:
+            tracker.set_tags(tags)
+
+    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+        for tracker in self.trackers:
+            tracker.log_artifact(local_path, artifact_dir)
+
+    def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
+        for tracker in self.trackers:
+            tracker.log_samples(key, rows)
+
+    def params(self) -> dict[str, str]:
+        return self.trackers[0].params()
+
+    def tags(self) -> dict[str, str]:
+        return self.trackers[0].tags()
+
+    def list_files(self, artifact_dir: str) -> list[str]:
+        return self.trackers[0].list_files(artifact_dir)
+
+    def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
+        return self.trackers[0].download(artifact_path, dst_dir)
+
+    def find_runs(self, experiment: str) -> list[str]:
+        return self.trackers[0].find_runs(experiment)
+
+    def artifact_uri(self, artifact_path: str) -> str:
+        return self.trackers[0].artifact_uri(artifact_path)
+
+
+# Imported here, after `Tracker` exists, because the W&B backend subclasses it; it does
+# not import wandb itself until a run starts.
+from tracking.wandb_backend import WandbTracker  # noqa: E402
+
+TRACKERS: dict[str, type[Tracker]] = {
+    MLflowTracker.name: MLflowTracker, WandbTracker.name: WandbTracker, FanOutTracker.name: FanOutTracker,
+}
+
+
+def make_tracker(name: str, **kwargs: Any) -> Tracker:
+    """The tracker registered under `name`; an unknown name lists the valid ones."""
+    try:
+        cls = TRACKERS[name]
+    except KeyError:
+        raise ActionScoresError(f"unknown tracker {name!r}; choose one of {sorted(TRACKERS)}") from None
+    return cls(**kwargs)

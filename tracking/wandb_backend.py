@@ -1,0 +1,242 @@
+"""Weights & Biases backend of `Tracker`, offline-first.
+
+Writing: files go into the run folder's `files/` (so an offline run folder holds every
+table whole and `wandb sync` uploads them) and, for per-epoch tables, also into a
+versioned artifact per split (`per_sample_losses-<split>`, version N = epoch N). Params
+become the run config; job status and summary values go to the run summary, and the
+status also becomes a run tag (`action_scores.status=done`).
+
+Reading: an offline run is a folder `offline-run-<time>-<id>`; a resumed offline run
+(the post-hoc job writing back) gets a folder of its own with the same id, so a run is
+read as the union of every folder with its id, the newest winning. Config and summary
+come from the `.wandb` records through `wandb leet inspect --json`, the CLI that wandb
+ships for exactly that (sturdier than importing wandb's private protobuf modules).
+Online runs (`entity/project/run_id`) are read through `wandb.Api`.
+
+No network call is made when the mode is offline (the default when WANDB_MODE is unset),
+and no login is needed for offline use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tracking.errors import ActionScoresError
+from tracking.trackers import Tracker
+
+STATUS_PREFIX = "action_scores."
+
+
+def _leet_records(wandb_file: Path) -> list[dict[str, Any]]:
+    """The records of one `.wandb` file, as JSON objects."""
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    command = [str(wandb_cli) if wandb_cli.exists() else "wandb", "leet", "inspect", "--json", str(wandb_file)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise ActionScoresError(f"cannot read W&B records of {wandb_file}: {result.stderr.strip()[-300:]}")
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+class OfflineRun:
+    """Every offline folder of one W&B run id, read without a server."""
+
+    def __init__(self, folder: str | Path) -> None:
+        folder = Path(folder).resolve()
+        runs = list(folder.glob("run-*.wandb"))
+        if not folder.is_dir() or not runs:
+            raise ActionScoresError(f"{folder} is not a W&B offline run folder (no run-<id>.wandb inside)")
+        self.run_id = runs[0].stem[len("run-"):]
+        self.root = folder.parent  # the `wandb/` folder holding every run folder
+        self.folders = sorted(self.root.glob(f"*-{self.run_id}"))  # oldest first (names start with the time)
+        self.project = ""
+        self.config: dict[str, Any] = {}
+        self.summary: dict[str, Any] = {}
+        for run_folder in self.folders:
+            for wandb_file in run_folder.glob("run-*.wandb"):
+                for record in _leet_records(wandb_file):
+                    kind = record.get("type")
+                    if kind == "run":
+                        self.project = record["run"].get("project", self.project)
+                        self.config |= record["run"].get("config", {}).get("update", {})
+                    elif kind == "config":
+                        self.config |= record["config"].get("update", {})
+                    elif kind == "summary":
+                        self.summary |= record["summary"].get("update", {})
+
+    def files(self, prefix: str) -> dict[str, Path]:
+        """Run-relative path -> newest local copy, for files under `prefix`."""
+        found: dict[str, Path] = {}
+        for run_folder in self.folders:
+            base = run_folder / "files"
+            for path in (base / prefix).rglob("*") if (base / prefix).is_dir() else []:
+                if path.is_file():
+                    found[path.relative_to(base).as_posix()] = path
+        return dict(sorted(found.items()))
+
+
+class WandbTracker(Tracker):
+    """W&B backend. `attach` takes an offline run folder, or `entity/project/run_id` with a server."""
+
+    name = "wandb"
+
+    def __init__(self, project: str | None = None, entity: str | None = None, mode: str | None = None) -> None:
+        self.project = project or os.environ.get("WANDB_PROJECT") or "action-scores"
+        self.entity = entity or os.environ.get("WANDB_ENTITY")
+        self.mode = mode or os.environ.get("WANDB_MODE") or "offline"
+        self._live: Any = None  # the wandb Run we write to
+        self._offline: OfflineRun | None = None
+        self._online: Any = None  # wandb.apis.public.Run
+        self._run_id: str | None = None
+        self._epoch_artifacts: dict[str, int] = {}
+
+    @property
+    def run_id(self) -> str:
+        if self._run_id is None:
+            raise ActionScoresError("no run: call start() or attach() first")
+        return self._run_id
+
+    @property
+    def native(self) -> Any:
+        return self._live
+
+    @property
+    def offline_folder(self) -> Path | None:
+        """The offline folder of the run being written, for `attach` and `wandb sync`."""
+        return Path(self._live.dir).parent if self._live is not None and self.mode == "offline" else None
+
+    def start(self, experiment: str | None = None, run_name: str | None = None) -> str:
+        import wandb
+
+        self._live = wandb.init(project=experiment or self.project, entity=self.entity, name=run_name,
+                                mode=self.mode)  # type: ignore[arg-type]
+        self._run_id = self._live.id
+        return self._run_id
+
+    def attach(self, run_id: str) -> None:
+        self.finish()
+        self._offline = self._online = None
+        if Path(run_id).exists():
+            self._offline = OfflineRun(run_id)
+            self._run_id = self._offline.run_id
+            return
+        if self.mode == "offline":
+            raise ActionScoresError(
+                f"W&B run {run_id!r}: no such offline run folder, and W&B is offline; "
+                "pass the run's offline folder (wandb/offline-run-<time>-<id>)"
+            )
+        import wandb
+
+        try:
+            self._online = wandb.Api().run(run_id)
+        except Exception as error:  # wandb raises its own CommError/ValueError variants
+            raise ActionScoresError(f"W&B run {run_id!r} not found: {error}") from None
+        self._run_id = self._online.id
+
+    def _writer(self) -> Any:
+        """The live run; for an attached run, resume it (offline: a new folder with the same id)."""
+        if self._live is None:
+            import wandb
+
+            project = self._offline.project if self._offline else self._online.project
+            entity = None if self._offline else self._online.entity
+            self._live = wandb.init(id=self.run_id, project=project or self.project, entity=entity,
+                                    resume="allow", mode=self.mode,
+                                    dir=str(self._offline.root.parent) if self._offline else None)
+        return self._live
+
+    def finish(self, failed: bool = False) -> None:
+        if self._live is not None:
+            self._live.finish(exit_code=1 if failed else 0)
+            self._live = None
+            if self._offline is not None:  # re-read, so that what was written back is visible
+                self._offline = OfflineRun(self._offline.folders[0])
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        self._writer().config.update({key: value for key, value in params.items()}, allow_val_change=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if step is None:
+            self._writer().summary.update(dict(metrics))
+        else:
+            self._writer().log(dict(metrics), step=step)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        run = self._writer()
+        run.summary.update(dict(tags))
+        run.tags = tuple(sorted(set(run.tags or ()) | {f"{k}={v}"[:64] for k, v in tags.items()}))
+
+    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+        import wandb
+
+        run = self._writer()
+        target = Path(run.dir) / artifact_dir / Path(local_path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local_path, target)
+        run.save(str(target), base_path=run.dir, policy="now")
+        if artifact_dir.startswith("per_sample_losses/"):
+            artifact = wandb.Artifact(artifact_dir.replace("/", "-"), type="per_sample_losses")
+            artifact.add_file(str(local_path), name=f"{artifact_dir}/{Path(local_path).name}")
+            run.log_artifact(artifact)
+
+    def params(self) -> dict[str, str]:
+        config = self._offline.config if self._offline else dict(self._online.config)
+        return {key: str(value) for key, value in config.items() if not key.startswith("_")}
+
+    def tags(self) -> dict[str, str]:
+        summary = self._offline.summary if self._offline else dict(self._online.summary)
+        return {key: value for key, value in summary.items()
+                if key.startswith(STATUS_PREFIX) and isinstance(value, str)}
+
+    def list_files(self, artifact_dir: str) -> list[str]:
+        if self._offline:
+            return list(self._offline.files(artifact_dir))
+        prefix = artifact_dir.rstrip("/") + "/"
+        return sorted(f.name for f in self._online.files() if f.name.startswith(prefix))
+
+    def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
+        target = Path(dst_dir) / artifact_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if self._offline:
+            source = self._offline.files(artifact_path.rsplit("/", 1)[0]).get(artifact_path)
+            if source is None:
+                raise ActionScoresError(f"{artifact_path} is not in the offline run {self.run_id}")
+            shutil.copyfile(source, target)
+        else:
+            self._online.file(artifact_path).download(root=str(dst_dir), replace=True)
+        return target
+
+    def find_runs(self, experiment: str) -> list[str]:
+        if self.mode == "offline":
+            root = Path(os.environ.get("WANDB_DIR", ".")) / "wandb"
+            ids: dict[str, Path] = {}
+            for folder in sorted(root.glob("offline-run-*"), reverse=True):
+                run = OfflineRun(folder)
+                if run.project == experiment and run.run_id not in ids:
+                    ids[run.run_id] = run.folders[0]
+            return [str(folder) for folder in ids.values()]
+        import wandb
+
+        path = f"{self.entity}/{experiment}" if self.entity else experiment
+        return [f"{path}/{run.id}" for run in wandb.Api().runs(path, filters={"state": "finished"})]
+
+    def artifact_uri(self, artifact_path: str) -> str:
+        if self._offline:
+            return str(self._offline.files(artifact_path.rsplit("/", 1)[0]).get(artifact_path, artifact_path))
+        return f"{self._online.url}/files/{artifact_path}"
+
+    def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
+        """W&B-native view of a ranked panel: captioned `wandb.Image`s and a table with the images."""
+        import wandb
+
+        images = [wandb.Image(row["image"], caption=row["caption"]) for row in rows]
+        columns = [c for c in rows[0] if c != "image"] if rows else []
+        table = wandb.Table(columns=["image", *columns],
+                            data=[[image, *(row[c] for c in columns)] for image, row in zip(images, rows)])
+        self._writer().log({f"{key}/images": images, f"{key}/table": table})
