@@ -106,7 +106,7 @@ def test_cli_bad_input_is_one_clear_line(mlflow_server: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("action-scores: error: run '00000000000000000000000000000000' not found")
     both = run_command([str(BIN / "action-scores"), "analyze"], env, check=False)
-    assert both.returncode == 2 and "exactly one of --run-id or --experiment" in both.stderr
+    assert both.returncode == 2 and "exactly one of --run-id, --experiment, --wandb-run or --wandb-dir" in both.stderr
 
 
 def test_mlflow_run_entry_points(mlflow_server: str, tmp_path: Path) -> None:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# MLflow's telemetry thread cannot reach its server here; when it gives up it removes an
+# environment variable while request threads copy os.environ, a race that fails requests
+# with KeyError('_MLFLOW_TELEMETRY_SESSION_ID'). It must be off before mlflow is imported.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 import uuid
 from pathlib import Path
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,30 +105,32 @@ def _check_ids_fit(scores: pd.DataFrame, size: int, dataset: str, split: str) ->
         )
 
 
-def _classification_panels(
-    scores: pd.DataFrame, dataset: str, split: str, data_root: str | None, top_k: int, out_dir: Path
-) -> list[Path]:
-    """Label-captioned image panels; adds `label` (if the tables had none) and `label_name` to `scores`."""
+@dataclass
+class SplitView:
+    """How to show a split's samples: their pictures, a caption line, and an optional grouping column."""
+
+    picture: Callable[[int], np.ndarray]
+    label: Callable[[pd.Series], str]
+    groups: str | None = None
+
+
+def _classification_view(scores: pd.DataFrame, dataset: str, split: str, data_root: str | None) -> SplitView:
+    """Images captioned with their true label, grouped by class; adds `label` and `label_name` to `scores`."""
     from tracking.data import load_split
-    from tracking.panels import classification_panels
 
     split_data = load_split(dataset, split, data_root)
     _check_ids_fit(scores, len(split_data.labels), dataset, split)
     if "label" not in scores:
         scores["label"] = split_data.labels[scores[contract.SAMPLE_ID].to_numpy()]
     scores["label_name"] = [split_data.class_names[int(label)] for label in scores["label"]]
-    written = []
-    for objective, column in objectives(scores).items():
-        written += classification_panels(scores, split_data, column, top_k, out_dir / objective)
-    return written
+    return SplitView(split_data.image, lambda row: str(row["label_name"]), groups="label_name")
 
 
-def _detection_panels(
-    scores: pd.DataFrame, dataset: str, split: str, data_root: str | None, top_k: int, out_dir: Path
-) -> list[Path]:
-    """Box-drawn image panels; adds `num_objects` and `median_box_size` (sqrt of box area / image side) to `scores`."""
+def _detection_view(scores: pd.DataFrame, dataset: str, split: str, data_root: str | None) -> SplitView:
+    """Images with their ground-truth boxes drawn; adds `num_objects` and `median_box_size`
+    (median sqrt(box area) / sqrt(image area)) to `scores`."""
     from tracking.detection_data import load_detection_split
-    from tracking.panels import detection_panels
+    from tracking.panels import draw_boxes
 
     split_data = load_detection_split(dataset, split, data_root)
     _check_ids_fit(scores, len(split_data.dataset), dataset, split)
@@ -140,13 +143,39 @@ def _detection_panels(
         sizes.append(float(np.median(np.sqrt(areas)) / side) if len(boxes) else float("nan"))
     scores["num_objects"] = np.asarray(counts, dtype=np.int64)
     scores["median_box_size"] = sizes
-    written = []
+
+    def picture(sample_id: int) -> np.ndarray:
+        image, boxes, labels = split_data.dataset.scene(sample_id)
+        return draw_boxes(image, boxes, [split_data.class_names[int(label)] for label in labels])
+
+    return SplitView(picture, lambda row: f"{int(row['num_objects'])} objects")
+
+
+VIEWS: dict[str, Callable[[pd.DataFrame, str, str, str | None], SplitView]] = {
+    "classification": _classification_view,
+    "detection": _detection_view,
+}
+
+
+def render_split(scores: pd.DataFrame, view: SplitView, top_k: int, out_dir: Path
+                 ) -> tuple[list[Path], dict[str, list[dict]]]:
+    """Panels for every objective, and the same hardest/easiest samples as rows for `Tracker.log_samples`."""
+    from tracking.panels import panel_items, ranked_panels
+    from tracking.rank import easiest, hardest
+
+    written: list[Path] = []
+    samples: dict[str, list[dict]] = {}
     for objective, column in objectives(scores).items():
-        written += detection_panels(scores, split_data, column, top_k, out_dir / objective)
-    return written
-
-
-RENDERERS = {"classification": _classification_panels, "detection": _detection_panels}
+        written += ranked_panels(scores, column, top_k, out_dir / objective, view.picture, view.label, view.groups)
+        for which, pick in (("hardest", hardest), ("easiest", easiest)):
+            chosen = pick(scores, column, top_k)
+            items = panel_items(chosen, column, view.picture, view.label)
+            samples[f"{objective}/{which}"] = [
+                {"image": item.image, "caption": item.caption, "sample_id": item.sample_id,
+                 "rank": int(row["rank"]), column: float(row[column]), "label": view.label(row)}
+                for item, (_, row) in zip(items, chosen.iterrows())
+            ]
+    return written, samples
 
 
 def analyze_run(
@@ -178,21 +207,24 @@ def analyze_run(
     params = tracker.params()
     dataset = params.get(contract.DATASET_PARAM)
     task = params.get(contract.TASK_PARAM, "classification")
-    if task not in RENDERERS:
-        raise ActionScoresError(f"run {run_id}: unknown {contract.TASK_PARAM} {task!r}; known: {sorted(RENDERERS)}")
+    if task not in VIEWS:
+        raise ActionScoresError(f"run {run_id}: unknown {contract.TASK_PARAM} {task!r}; known: {sorted(VIEWS)}")
     data_root = data_root or params.get(contract.DATA_ROOT_PARAM) or None
     result = AnalysisResult(run_id, "done")
     with tempfile.TemporaryDirectory(prefix="action-scores-job-") as work:
         local = download_all(tracker, [p for paths in by_split.values() for p in paths], Path(work) / "in")
         out = Path(work) / "out"
         metrics: dict[str, float] = {}
+        samples: dict[str, list[dict]] = {}
         for split, paths in by_split.items():
             scores = score_split(split, [(p, local[p]) for p in paths])
             split_out = out / split
             split_out.mkdir(parents=True)
             if panels and dataset:
-                written = RENDERERS[task](scores, dataset, split, data_root, top_k, split_out)
+                view = VIEWS[task](scores, dataset, split, data_root)
+                written, split_samples = render_split(scores, view, top_k, split_out)
                 result.panels += [f"{contract.scores_dir(split)}/{p.relative_to(split_out).as_posix()}" for p in written]
+                samples |= {f"{contract.scores_dir(split)}/{key}": rows for key, rows in split_samples.items()}
             scores.to_parquet(split_out / contract.SCORES_FILE, index=False)
             result.samples[split] = len(scores)
             result.epochs[split] = int(scores["epochs"].iloc[0])
@@ -210,6 +242,8 @@ def analyze_run(
             )
             log.warning(result.message)
         tracker.log_artifacts(out, contract.SCORES_DIR)
+    for key, rows in samples.items():
+        tracker.log_samples(key, rows)
     tracker.log_metrics(metrics)
     tracker.set_tags({contract.STATUS_TAG: contract.STATUS_DONE})
     return result

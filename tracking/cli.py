@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,7 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     target = analyze.add_argument_group("which runs (one of)")
     target.add_argument("--run-id", default="", help="analyse this run")
-    target.add_argument("--experiment", default="", help="analyse every finished run of this experiment")
+    target.add_argument("--experiment", default="", help="analyse every finished run of this experiment "
+                        "(W&B: a project)")
+    target.add_argument("--wandb-run", default="", help="a W&B run on a server: entity/project/run_id")
+    target.add_argument("--wandb-dir", default="", help="a W&B offline run folder (wandb/offline-run-<time>-<id>)")
     analyze.add_argument(
         "--force", type=_flag, nargs="?", const=True, default=False, help="redo runs already analysed"
     )
@@ -55,16 +59,24 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"
     )
+    analyze.add_argument("--tracker", default="mlflow", choices=["mlflow", "wandb"],
+                         help="where the runs live (--wandb-run and --wandb-dir imply wandb)")
     return parser
 
 
 def _analyze(args: argparse.Namespace) -> int:
     from tracking.analyze import analyze_experiment, analyze_run
-    from tracking.trackers import MLflowTracker
+    from tracking.trackers import MLflowTracker, WandbTracker
 
-    if bool(args.run_id) == bool(args.experiment):
-        raise ActionScoresError("give exactly one of --run-id or --experiment")
-    tracker = MLflowTracker(args.tracking_uri)
+    targets = [args.run_id, args.experiment, args.wandb_run, args.wandb_dir]
+    if sum(bool(t) for t in targets) != 1:
+        raise ActionScoresError("give exactly one of --run-id, --experiment, --wandb-run or --wandb-dir")
+    if args.wandb_run or args.wandb_dir:
+        args.tracker, args.run_id = "wandb", args.wandb_run or args.wandb_dir
+    if args.tracker == "wandb":
+        tracker = WandbTracker(mode="offline" if args.wandb_dir else None)
+    else:
+        tracker = MLflowTracker(args.tracking_uri)
     options = dict(top_k=args.top_k, force=args.force, data_root=args.data_root or None, panels=not args.no_panels)
     if args.run_id:
         results = [analyze_run(tracker, args.run_id, **options)]
@@ -86,6 +98,7 @@ def _analyze(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `action-scores` console script."""
     logging.basicConfig(level=logging.WARNING, format="action-scores: %(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar of our own instead
     args = _parser().parse_args(argv)
     try:
         return _analyze(args)

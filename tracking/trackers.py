@@ -210,8 +210,10 @@ class MLflowTracker(Tracker):
         return sorted(files)
 
     def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
-        local = self._client.download_artifacts(self.run_id, artifact_path, str(dst_dir))
-        return Path(local)
+        # MLflow writes a single file as dst/<file name>: give each folder its own dst.
+        folder = Path(dst_dir) / Path(artifact_path).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        return Path(self._client.download_artifacts(self.run_id, artifact_path, str(folder)))
 
     def find_runs(self, experiment: str) -> list[str]:
         found = self._client.get_experiment_by_name(experiment)

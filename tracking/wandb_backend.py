@@ -58,6 +58,7 @@ class OfflineRun:
         self.project = ""
         self.config: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
+        self.finished = False  # the training run (the oldest folder) exited with code 0
         for run_folder in self.folders:
             for wandb_file in run_folder.glob("run-*.wandb"):
                 for record in _leet_records(wandb_file):
@@ -69,6 +70,8 @@ class OfflineRun:
                         self.config |= record["config"].get("update", {})
                     elif kind == "summary":
                         self.summary |= record["summary"].get("update", {})
+                    elif kind == "exit" and run_folder == self.folders[0]:
+                        self.finished = record["exit"].get("exit_code", 0) == 0
 
     def files(self, prefix: str) -> dict[str, Path]:
         """Run-relative path -> newest local copy, for files under `prefix`."""
@@ -215,12 +218,11 @@ class WandbTracker(Tracker):
     def find_runs(self, experiment: str) -> list[str]:
         if self.mode == "offline":
             root = Path(os.environ.get("WANDB_DIR", ".")) / "wandb"
-            ids: dict[str, Path] = {}
-            for folder in sorted(root.glob("offline-run-*"), reverse=True):
-                run = OfflineRun(folder)
-                if run.project == experiment and run.run_id not in ids:
-                    ids[run.run_id] = run.folders[0]
-            return [str(folder) for folder in ids.values()]
+            oldest: dict[str, Path] = {}  # run id -> its first folder (folder names start with the time)
+            for folder in sorted(root.glob("offline-run-*")):
+                oldest.setdefault(folder.name.rsplit("-", 1)[1], folder)
+            runs = [OfflineRun(folder) for folder in oldest.values()]
+            return [str(run.folders[0]) for run in runs if run.project == experiment and run.finished]
         import wandb
 
         path = f"{self.entity}/{experiment}" if self.entity else experiment

@@ -1,0 +1,102 @@
+"""Scoring speed and memory against just reading the tables, and against pandas concat + groupby.
+
+    python bench/bench_scoring.py --samples 1000000 --epochs 100    # the issue's size (~3 GB of tmp disk)
+    python bench/bench_scoring.py --samples 100000 --epochs 20      # quick
+
+Writes synthetic per-epoch tables exactly as `LossRecorder` does (zstd parquet, sorted
+ids), then times in one run: (a) reading every table with pyarrow, (b) the job's
+scoring (`score_split`: read + check + sum, one epoch at a time), (c) the naive way:
+pandas concat of all epochs then groupby-sum, on a subset of epochs (extrapolated
+linearly) when the full concat would not fit. Prints ratios and each way's peak memory above what its imports take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_tables(folder: Path, samples: int, epochs: int) -> list[Path]:
+    """One parquet file per epoch, as the recorder writes them."""
+    rng = np.random.default_rng(0)
+    ids = np.arange(samples, dtype=np.int64)
+    paths = []
+    for epoch in range(epochs):
+        path = folder / f"epoch_{epoch:04d}.parquet"
+        loss = rng.exponential(1.0, samples).astype(np.float32)
+        pq.write_table(pa.table({"sample_id": ids, "loss": loss}), path, compression="zstd")
+        paths.append(path)
+    return paths
+
+
+def _child(mode: str, folder: str, epochs: int) -> None:
+    """Runs in a fresh process so that its peak RSS is its own."""
+    import pandas as pd
+
+    from tracking.analyze import score_split
+
+    paths = sorted(Path(folder).glob("epoch_*.parquet"))[:epochs]
+    baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after imports
+    start = time.perf_counter()
+    if mode == "read":
+        for path in paths:
+            pq.read_table(path)
+    elif mode == "score":
+        score_split("bench", [(p.name, p) for p in paths])
+    elif mode == "pandas":
+        frames = [pd.read_parquet(p) for p in paths]
+        pd.concat(frames).groupby("sample_id")["loss"].sum()
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{seconds} {peak_mb - baseline_mb}")
+
+
+def measure(mode: str, folder: Path, epochs: int) -> tuple[float, float]:
+    out = subprocess.run([sys.executable, __file__, "--child", mode, str(folder), str(epochs)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return float(out[-2]), float(out[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=1_000_000)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--pandas-epochs", type=int, default=20, help="epochs for the naive way (extrapolated)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child[0], args.child[1], int(args.child[2]))
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp:
+        folder = Path(tmp)
+        start = time.perf_counter()
+        paths = write_tables(folder, args.samples, args.epochs)
+        size = sum(p.stat().st_size for p in paths)
+        print(f"wrote {args.epochs} tables x {args.samples:,} samples in {time.perf_counter() - start:.1f}s: "
+              f"{size / (args.samples * args.epochs):.2f} bytes per sample per epoch")
+        read_s, read_mb = measure("read", folder, args.epochs)
+        score_s, score_mb = measure("score", folder, args.epochs)
+        pandas_epochs = min(args.pandas_epochs, args.epochs)
+        pandas_s, pandas_mb = measure("pandas", folder, pandas_epochs)
+        pandas_full = pandas_s * args.epochs / pandas_epochs
+        print(f"read with pyarrow : {read_s:8.2f}s  +{read_mb:6.0f} MB peak")
+        print(f"score (the job)   : {score_s:8.2f}s  +{score_mb:6.0f} MB peak   = {score_s / read_s:.2f}x reading")
+        print(f"pandas concat+sum : {pandas_full:8.2f}s  +{pandas_mb:6.0f} MB peak at {pandas_epochs} epochs"
+              f"{' (time extrapolated)' if pandas_epochs < args.epochs else ''}"
+              f"   = {pandas_full / score_s:.1f}x slower than the job")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Picture panels like the paper's figures: rows of the hardest and easiest samples, captioned.
+
+Render only: which samples go in a row comes from `tracking.rank`. Each PNG carries the
+ids it shows, in order, in a text chunk (`action_scores.rows`), so that a test or a
+user can check a panel without reading pixels. matplotlib is imported when drawing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tracking.rank import easiest, hardest
+
+ROWS_KEY = "action_scores.rows"
+MIN_SIDE = 96  # small images are upscaled (nearest neighbour) to at least this many pixels
+
+
+@dataclass
+class PanelItem:
+    """One picture of a panel: the sample, its uint8 image (HxW or HxWx3) and its caption."""
+
+    sample_id: int
+    image: np.ndarray
+    caption: str
+
+
+def upscale(image: np.ndarray, min_side: int = MIN_SIDE) -> np.ndarray:
+    """Nearest-neighbour upscaling by an integer factor, so that 8x8 digits stay crisp and readable."""
+    factor = max(1, -(-min_side // min(image.shape[:2])))
+    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def render_panel(rows: Sequence[tuple[str, Sequence[PanelItem]]], path: Path, title: str) -> Path:
+    """Draw a grid (one row per `(row_title, items)`) to a PNG with the shown ids in its metadata."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(len(items) for _, items in rows)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(1.6 * columns + 0.6, 2.0 * len(rows) + 0.5),
+                                squeeze=False)
+    for row, (row_title, items) in enumerate(rows):
+        for column in range(columns):
+            axis = axes[row][column]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column >= len(items):
+                axis.axis("off")
+                continue
+            item = items[column]
+            picture = upscale(item.image)
+            axis.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=255,
+                        interpolation="nearest")
+            axis.set_xlabel(item.caption, fontsize=8)
+        axes[row][0].set_ylabel(row_title, fontsize=10, fontweight="bold")
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    described = [{"title": t, "sample_ids": [int(i.sample_id) for i in items], "captions": [i.caption for i in items]}
+                 for t, items in rows]
+    figure.savefig(path, dpi=100, metadata={ROWS_KEY: json.dumps(described)})
+    plt.close(figure)
+    return path
+
+
+def read_panel_rows(path: str | Path) -> list[dict]:
+    """The rows a panel shows: `[{"title", "sample_ids", "captions"}, ...]`, from its PNG metadata."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return json.loads(image.text[ROWS_KEY])
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "class"
+
+
+def panel_items(chosen: pd.DataFrame, column: str, picture: Callable[[int], np.ndarray],
+                label: Callable[[pd.Series], str]) -> list[PanelItem]:
+    """Captioned pictures of the chosen rows, in their order: `<column> <score>` over `label(row)`."""
+    return [PanelItem(int(row.sample_id), picture(int(row.sample_id)), f"{column} {row[column]:.3g}\n{label(row)}")
+            for _, row in chosen.iterrows()]
+
+
+def ranked_panels(scores: pd.DataFrame, column: str, k: int, out_dir: Path,
+                  picture: Callable[[int], np.ndarray], label: Callable[[pd.Series], str],
+                  groups: str | None = None) -> list[Path]:
+    """`hardest.png` and `easiest.png` over all samples and, when `groups` names a column, one
+    two-row panel per group under `by_class/`. Captions: the score and `label(row)`."""
+    what = f"{column} over {len(scores)} samples (higher = harder)"
+    written = [
+        render_panel([("hardest", panel_items(hardest(scores, column, k), column, picture, label))],
+                     out_dir / "hardest.png", f"Hardest by {what}"),
+        render_panel([("easiest", panel_items(easiest(scores, column, k), column, picture, label))],
+                     out_dir / "easiest.png", f"Easiest by {what}"),
+    ]
+    if groups is not None:
+        for name, group in scores.groupby(groups, sort=True):
+            rows = [("hardest", panel_items(hardest(group, column, k), column, picture, label)),
+                    ("easiest", panel_items(easiest(group, column, k), column, picture, label))]
+            written.append(render_panel(rows, out_dir / "by_class" / f"{_safe_name(str(name))}.png",
+                                        f"{name}: {column} over its {len(group)} samples"))
+    return written
+
+
+def draw_boxes(image: np.ndarray, boxes: np.ndarray, names: Sequence[str], min_side: int = 256) -> np.ndarray:
+    """The image (upscaled if small) with its ground-truth boxes and class names drawn on it."""
+    from PIL import Image, ImageDraw
+
+    factor = max(1, -(-min_side // min(image.shape[:2])))
+    picture = Image.fromarray(upscale(image, min_side) if factor > 1 else image).convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    for (x1, y1, x2, y2), name in zip(boxes * factor, names):
+        draw.rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=2)
+        draw.text((x1 + 3, y1 + 1), name, fill=(255, 255, 0))
+    return np.asarray(picture)
