@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from experiments.loop import StepOutput, parse_track, train_and_record
 from experiments.models import ssd300, tiny_ssd
@@ -51,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--experiment", default="", help="MLflow experiment (default: the active one)")
     parser.add_argument("--tracker", default="mlflow", choices=sorted(TRACKERS))
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=0,
+                        help="use only the first N images of each split (0 = all); ids stay those of the full split")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -66,12 +69,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         params={
             "dataset": args.dataset, "data_root": args.data_root, "model": args.model, "weights": args.weights,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-            "track": args.track, "optimizer": "adam", "device": device.type,
+            "track": args.track, "limit": args.limit, "optimizer": "adam", "device": device.type,
             contract.TASK_PARAM: "detection", contract.DATASET_PARAM: args.dataset,
             contract.DATA_ROOT_PARAM: data_root or "",
         },
         model=model, step=detection_step, optimizer=torch.optim.Adam(model.parameters(), lr=args.lr),
-        datasets={name: split.dataset for name, split in splits.items()}, tracked_passes=tracked_passes,
+        datasets={name: Subset(split.dataset, range(min(args.limit, len(split.dataset)))) if args.limit
+                  else split.dataset for name, split in splits.items()},
+        tracked_passes=tracked_passes,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device,
         collate_fn=detection_collate, num_workers=args.num_workers,
     )

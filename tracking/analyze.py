@@ -148,7 +148,11 @@ def _detection_view(scores: pd.DataFrame, dataset: str, split: str, data_root: s
         image, boxes, labels = split_data.dataset.scene(sample_id)
         return draw_boxes(image, boxes, [split_data.class_names[int(label)] for label in labels])
 
-    return SplitView(picture, lambda row: f"{int(row['num_objects'])} objects")
+    def objects(row: pd.Series) -> str:
+        count = int(row["num_objects"])
+        return f"{count} object" + ("" if count == 1 else "s")
+
+    return SplitView(picture, objects)
 
 
 VIEWS: dict[str, Callable[[pd.DataFrame, str, str, str | None], SplitView]] = {
@@ -246,6 +250,7 @@ def analyze_run(
         tracker.log_samples(key, rows)
     tracker.log_metrics(metrics)
     tracker.set_tags({contract.STATUS_TAG: contract.STATUS_DONE})
+    tracker.finish()  # flushes a resumed W&B run; a no-op for an attached MLflow run
     return result
 
 

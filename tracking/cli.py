@@ -61,7 +61,47 @@ def _parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--tracker", default="mlflow", choices=["mlflow", "wandb"],
                          help="where the runs live (--wandb-run and --wandb-dir imply wandb)")
+    report = commands.add_parser(
+        "report",
+        help="lay out the panels of analysed W&B runs as a W&B report",
+        description=("Builds a report spec (one section per split and objective: the images and the table of the "
+                     "hardest and easiest samples) and writes it to --out; with --publish and a W&B server "
+                     "(WANDB_API_KEY), saves it as a report instead."),
+    )
+    report.add_argument("runs", nargs="+", help="W&B offline run folders, or entity/project/run_id on a server")
+    report.add_argument("--out", default="action-scores-report.json", help="where to write the spec")
+    report.add_argument("--title", default="")
+    report.add_argument("--publish", action="store_true", help="save the report on the W&B server")
     return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tracking.report import build_spec, publish, write_spec
+    from tracking.wandb_backend import OfflineRun
+
+    runs, project, entity = [], "", ""
+    for ref in args.runs:
+        if os.path.isdir(ref):
+            offline = OfflineRun(ref)
+            runs.append({"id": offline.run_id, "name": offline.run_id, "summary": offline.summary})
+            project = project or offline.project
+        else:
+            import wandb
+
+            try:
+                online = wandb.Api().run(ref)
+            except Exception as error:  # no server, no key, unknown run: wandb's own error types
+                raise ActionScoresError(f"W&B run {ref!r}: {error}") from None
+            runs.append({"id": online.id, "name": online.name, "summary": dict(online.summary)})
+            project, entity = project or online.project, entity or online.entity
+    spec = build_spec(runs, project, entity, args.title)
+    if args.publish:
+        print(f"report published: {publish(spec)}")
+        return 0
+    path = write_spec(spec, args.out)
+    print(f"report spec written to {path}; publishing needs a W&B server: "
+          f"sync the runs (`wandb sync <folder>`), then rerun with --publish and WANDB_API_KEY set")
+    return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -101,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar of our own instead
     args = _parser().parse_args(argv)
     try:
-        return _analyze(args)
+        return _report(args) if args.command == "report" else _analyze(args)
     except ActionScoresError as error:
         print(f"action-scores: error: {error}", file=sys.stderr)
         return 2

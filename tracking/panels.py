@@ -45,7 +45,9 @@ def render_panel(rows: Sequence[tuple[str, Sequence[PanelItem]]], path: Path, ti
     import matplotlib.pyplot as plt
 
     columns = max(len(items) for _, items in rows)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(1.6 * columns + 0.6, 2.0 * len(rows) + 0.5),
+    largest = max((max(item.image.shape[:2]) for _, items in rows for item in items), default=0)
+    tile = 1.6 if largest <= MIN_SIDE else 2.6  # inches: detection scenes need room for box labels
+    figure, axes = plt.subplots(len(rows), columns, figsize=(tile * columns + 0.6, (tile + 0.4) * len(rows) + 0.5),
                                 squeeze=False)
     for row, (row_title, items) in enumerate(rows):
         for column in range(columns):

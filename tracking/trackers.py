@@ -252,6 +252,8 @@ class FanOutTracker(Tracker):
     def start(self, experiment: str | None = None, run_name: str | None = None) -> str:
         for tracker in self.trackers:
             tracker.start(experiment, run_name)
+        # Each run names the others, so that the same training can be found on every backend.
+        self.set_tags({f"action_scores.{tracker.name}_run_id": tracker.run_id for tracker in self.trackers})
         return self.run_id
 
     def attach(self, run_id: str) -> None:
