@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.loop import StepOutput, parse_track, train_and_record
+from experiments.loop import StepOutput, add_experiment_arguments, parse_track, train_and_record
 from experiments.models import KerasCifarCNN
 from tracking import contract
 from tracking.data import DATASETS, load_split
 from tracking.errors import ActionScoresError
-from tracking.trackers import TRACKERS, make_tracker
+from tracking.trackers import make_tracker
 
 
 def classification_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
@@ -38,15 +38,7 @@ def classification_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Ste
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits", choices=sorted(DATASETS))
-    parser.add_argument("--data-root", default="", help="data folder (cifar10, imagefolder)")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--track", default="test", help="splits to record: test, train, train:eval, ...")
-    parser.add_argument("--experiment", default="", help="MLflow experiment (default: the active one)")
-    parser.add_argument("--tracker", default="mlflow", choices=sorted(TRACKERS))
-    parser.add_argument("--num-workers", type=int, default=0)
+    add_experiment_arguments(parser, epochs=20, batch_size=32, track="test")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -57,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     channels, height, _ = splits["train"].dataset[0][0].shape
     model = KerasCifarCNN(channels, len(splits["train"].class_names), height).to(device)
     tracker = make_tracker(args.tracker)
-    metrics = train_and_record(
+    train_and_record(
         tracker=tracker, experiment=args.experiment or None, run_name=f"classify-{args.dataset}",
         params={
             "dataset": args.dataset, "data_root": args.data_root, "epochs": args.epochs,
@@ -71,8 +63,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device,
         num_workers=args.num_workers,
     )
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
-    print(f"run {tracker.run_id} finished: {summary}")
 
 
 if __name__ == "__main__":

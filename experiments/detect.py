@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from experiments.loop import StepOutput, parse_track, train_and_record
+from experiments.loop import StepOutput, add_experiment_arguments, parse_track, train_and_record
 from experiments.models import ssd300, tiny_ssd
 from tracking import contract
 from tracking.detection_data import DETECTION_DATASETS, detection_collate, load_detection_split
 from tracking.errors import ActionScoresError
 from tracking.ssd import ssd_per_image_losses
-from tracking.trackers import TRACKERS, make_tracker
+from tracking.trackers import make_tracker
 
 SPLITS = ["train", "val"]
 
@@ -41,19 +41,11 @@ def detection_step(model: nn.Module, batch: dict) -> StepOutput:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digit-scenes", choices=sorted(DETECTION_DATASETS))
-    parser.add_argument("--data-root", default="", help="folder holding VOCdevkit/ (voc2007)")
     parser.add_argument("--model", default="tiny", choices=["tiny", "ssd300"])
     parser.add_argument("--weights", default="", help="local state dict for ssd300 (nothing is downloaded)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--track", default="val", help="splits to record: val, train, train:eval, ...")
-    parser.add_argument("--experiment", default="", help="MLflow experiment (default: the active one)")
-    parser.add_argument("--tracker", default="mlflow", choices=sorted(TRACKERS))
-    parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0,
                         help="use only the first N images of each split (0 = all); ids stay those of the full split")
+    add_experiment_arguments(parser, epochs=10, batch_size=16, track="val")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -64,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     num_classes = len(splits["train"].class_names)
     model = (ssd300(num_classes, args.weights or None) if args.model == "ssd300" else tiny_ssd(num_classes)).to(device)
     tracker = make_tracker(args.tracker)
-    metrics = train_and_record(
+    train_and_record(
         tracker=tracker, experiment=args.experiment or None, run_name=f"detect-{args.dataset}-{args.model}",
         params={
             "dataset": args.dataset, "data_root": args.data_root, "model": args.model, "weights": args.weights,
@@ -80,8 +72,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device,
         collate_fn=detection_collate, num_workers=args.num_workers,
     )
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
-    print(f"run {tracker.run_id} finished: {summary}")
 
 
 if __name__ == "__main__":

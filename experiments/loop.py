@@ -9,6 +9,7 @@ by an evaluation pass in eval mode after each epoch (what the paper did on the t
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from tracking.data import IndexedDataset
 from tracking.errors import ActionScoresError
 from tracking.recorder import LossRecorder
-from tracking.trackers import Tracker
+from tracking.trackers import TRACKERS, Tracker
 
 Pass = Literal["train", "eval"]
 
@@ -130,6 +131,19 @@ def fit(
     return metrics
 
 
+def add_experiment_arguments(parser: argparse.ArgumentParser, epochs: int, batch_size: int, track: str) -> None:
+    """The settings every experiment shares (the MLproject entry points pass the same names)."""
+    parser.add_argument("--data-root", default="", help="data folder, for datasets that are not embedded")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--track", default=track, help=f"splits to record, e.g. {track}, train, train:eval, {track},train")
+    parser.add_argument("--experiment", default="", help="experiment (MLflow) or project (W&B); default: the active one")
+    parser.add_argument("--tracker", default="mlflow", choices=sorted(TRACKERS))
+    parser.add_argument("--num-workers", type=int, default=0)
+
+
 def parse_track(spec: str, splits: Sequence[str], train_split: str = "train") -> dict[str, Pass]:
     """`test`, `train,test`, `train:eval`: the splits to record and how each is scored.
 
@@ -173,7 +187,8 @@ def train_and_record(
     """Open a run, log `params`, train with every tracked split recorded each epoch, close the run.
 
     `datasets` maps split name to a dataset of `(input, target)` items; sample ids are
-    positions in it. The run is marked failed if training raises.
+    positions in it. The run is marked failed if training raises. Prints
+    `run <id> finished: <last epoch's metrics>` and returns those metrics.
     """
     def loader(split: str, shuffle: bool) -> DataLoader:
         return DataLoader(IndexedDataset(datasets[split]), batch_size=batch_size, shuffle=shuffle,
@@ -193,4 +208,5 @@ def train_and_record(
         tracker.finish(failed=True)
         raise
     tracker.finish()
+    print(f"run {tracker.run_id} finished: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     return metrics

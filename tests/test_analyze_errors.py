@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import hashlib
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -148,28 +149,25 @@ def test_good_run_is_scored_then_skipped_then_redone_with_force(
     assert result.samples == {"test": 20} and result.epochs == {"test": 4}
     assert result.panels == []
 
-    run = client.get_run(run_id)
-    assert run.data.tags["action_scores.status"] == "done"
-    assert run.info.status == "FINISHED"
-    names = sorted(info.path for info in client.list_artifacts(run_id, "action_scores/test"))
-    assert names == ["action_scores/test/scores.parquet"]
+    before = snapshot_run(client, run_id)
+    assert before["tags"]["action_scores.status"] == "done"
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(before["files"]) == sorted([*files, "action_scores/test/scores.parquet"])
     scores = _scores(client, run_id, "test", tmp_path / "scores1")
     _check_scores(scores, losses, targets)
     action = losses.astype(np.float64).sum(axis=0)
-    metrics = run.data.metrics
-    assert metrics["action_scores.test.samples"] == 20
-    assert metrics["action_scores.test.epochs"] == 4
-    assert metrics["action_scores.test.action_mean"] == pytest.approx(action.mean(), rel=1e-12)
-    assert metrics["action_scores.test.action_max"] == pytest.approx(action.max(), rel=1e-12)
-    assert metrics["action_scores.test.action_min"] == pytest.approx(action.min(), rel=1e-12)
-    assert _metric_lengths(client, run_id) == {f"action_scores.test.{m}": 1 for m in METRICS}
+    metrics = before["metrics"]  # key -> [(step, value)]: one entry each
+    assert set(metrics) == {f"action_scores.test.{m}" for m in METRICS}
+    assert metrics["action_scores.test.samples"] == [(0, 20.0)]
+    assert metrics["action_scores.test.epochs"] == [(0, 4.0)]
+    assert metrics["action_scores.test.action_mean"] == [(0, pytest.approx(action.mean(), rel=1e-12))]
+    assert metrics["action_scores.test.action_max"] == [(0, pytest.approx(action.max(), rel=1e-12))]
+    assert metrics["action_scores.test.action_min"] == [(0, pytest.approx(action.min(), rel=1e-12))]
 
-    before = snapshot_run(client, run_id)
     again = analyze_run(tracker, run_id, panels=False)
     assert (again.status, again.samples, again.epochs) == ("skipped", {}, {})
     assert "already analysed" in again.message
-    assert snapshot_run(client, run_id) == before
-    assert _metric_lengths(client, run_id) == {f"action_scores.test.{m}": 1 for m in METRICS}
+    assert snapshot_run(client, run_id) == before  # same files and bytes, tags, params, metric histories
 
     redone = analyze_run(tracker, run_id, panels=False, force=True)
     assert (redone.status, redone.samples, redone.epochs) == ("done", {"test": 20}, {"test": 4})
@@ -288,35 +286,27 @@ def test_bad_run_raises_naming_the_problem_and_is_left_unchanged(
     assert "action_scores.status" not in client.get_run(run_id).data.tags
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a file directly under per_sample_losses/ (or nested deeper than <split>/) makes "
-    "contract.split_of_artifact raise a plain ValueError out of analyze_run instead of ActionScoresError",
-)
 @pytest.mark.parametrize("stray", ["per_sample_losses/notes.txt", "per_sample_losses/test/old/epoch_0000.parquet"])
 def test_stray_file_in_the_losses_folder_is_an_action_scores_error(
     stray: str, client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path
 ) -> None:
     run_id = _make_run(client, experiment_id, tmp_path, {**_good_files(), stray: b"x"})
     before = snapshot_run(client, run_id)
-    with pytest.raises(ActionScoresError, match=stray):
+    with pytest.raises(ActionScoresError, match=rf"artifact path '{re.escape(stray)}' is not of the form per_sample_losses/<split>/<file>"):
         analyze_run(tracker, run_id, panels=False)
     assert snapshot_run(client, run_id) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: epoch_files accepts two names for one epoch (epoch_0001.parquet and epoch_00001.parquet both "
-    "parse to 1) and silently keeps whichever is listed last instead of refusing",
-)
 def test_two_files_for_one_epoch_are_refused(
     client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path
 ) -> None:
     files = {**_good_files(), "per_sample_losses/test/epoch_00001.parquet": _table(list(range(6)), [100.0] * 6)}
     run_id = _make_run(client, experiment_id, tmp_path, files)
     before = snapshot_run(client, run_id)
-    with pytest.raises(ActionScoresError, match=r"epoch_0001\.parquet.*epoch_00001\.parquet"):
+    with pytest.raises(ActionScoresError, match=r"split 'test': two tables for epoch 1: ") as error:
         analyze_run(tracker, run_id, panels=False)
+    assert "per_sample_losses/test/epoch_0001.parquet" in str(error.value)
+    assert "per_sample_losses/test/epoch_00001.parquet" in str(error.value)
     assert snapshot_run(client, run_id) == before
 
 
@@ -357,11 +347,6 @@ def test_analyze_experiment_does_only_the_runs_that_need_it(
     assert [info.path for info in client.list_artifacts(no_tables)] == no_tables_files == ["model"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: analyze_experiment only catches ActionScoresError, so one run with a stray file under "
-    "per_sample_losses/ (plain ValueError from contract.split_of_artifact) aborts the whole experiment",
-)
 def test_analyze_experiment_goes_on_after_a_run_with_a_stray_file(
     client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path
 ) -> None:

@@ -240,8 +240,8 @@ def test_null_sample_ids_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: a column named 'loss_' (empty part name) makes read_epoch_table raise a plain ValueError "
-    "from contract.check_name instead of ActionScoresError naming the file",
+    reason="BUG: a column named 'loss_' (empty part name) makes read_epoch_table raise contract.check_name's "
+    "\"part name '' is not allowed\", which does not say which file holds the column",
 )
 def test_a_column_with_an_empty_part_name_is_refused_naming_the_file(tmp_path: Path) -> None:
     path = _write(tmp_path / "t.parquet", {"sample_id": [0, 1], "loss": [1.0, 2.0], "loss_": [1.0, 2.0]})

@@ -74,6 +74,22 @@ def test_start_opens_a_run_in_the_experiment_and_finish_closes_it(
     assert mlflow.active_run() is None
 
 
+def test_start_resumes_the_run_a_launcher_exported(
+    mlflow_server: str, client: mlflow.MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    experiment_id = client.create_experiment(f"launcher-{uuid.uuid4().hex[:8]}")
+    launched = client.create_run(experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched)  # what `mlflow run` exports; monkeypatch removes it after
+    tracker = MLflowTracker(mlflow_server)
+    other = f"ignored-{uuid.uuid4().hex[:8]}"
+    try:
+        assert tracker.start(experiment=other, run_name="x") == launched
+    finally:
+        tracker.finish()
+    assert client.get_run(launched).info.status == "FINISHED"
+    assert client.get_experiment_by_name(other) is None  # the launcher's experiment is kept
+
+
 def test_log_params_many_and_long_values_are_accepted(tracker: MLflowTracker, client: mlflow.MlflowClient) -> None:
     params = {f"p{i:03d}": i * 3 for i in range(250)}  # more than MLflow's 100 params per batch
     long_value = "".join(chr(ord("a") + i % 26) for i in range(7500))  # longer than MLflow's 6000 chars

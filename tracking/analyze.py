@@ -53,6 +53,8 @@ def epoch_files(files: list[str]) -> dict[str, list[str]]:
             if name.endswith(".parquet"):
                 raise ActionScoresError(f"{path}: not named epoch_EEEE.parquet (zero-based epoch, 4 digits)")
             continue
+        if epoch in by_split[split]:
+            raise ActionScoresError(f"split {split!r}: two tables for epoch {epoch}: {by_split[split][epoch]} and {path}")
         by_split[split][epoch] = path
     grouped = {}
     for split, epochs in sorted(by_split.items()):

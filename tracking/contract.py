@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 
+from tracking.errors import ActionScoresError
+
 LOSSES_DIR = "per_sample_losses"
 SCORES_DIR = "action_scores"
 SCORES_FILE = "scores.parquet"
@@ -34,7 +36,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def check_name(kind: str, name: str) -> str:
     """Refuse split and part names that would not make a safe, single path component."""
     if not _NAME.match(name):
-        raise ValueError(
+        raise ActionScoresError(
             f"{kind} name {name!r} is not allowed: use letters, digits, '_', '-' or '.', "
             "starting with a letter or digit"
         )
@@ -44,7 +46,7 @@ def check_name(kind: str, name: str) -> str:
 def epoch_file_name(epoch: int) -> str:
     """`epoch_0003.parquet` for the zero-based epoch 3."""
     if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch}")
+        raise ActionScoresError(f"epoch must be >= 0, got {epoch}")
     return f"epoch_{epoch:04d}.parquet"
 
 
@@ -82,9 +84,9 @@ def split_of_artifact(path: str) -> tuple[str, str]:
     """
     pure = PurePosixPath(path)
     if pure.is_absolute() or ".." in pure.parts:
-        raise ValueError(f"artifact path {path!r} escapes the run's artifact folder")
+        raise ActionScoresError(f"artifact path {path!r} escapes the run's artifact folder")
     parts = pure.parts
     if len(parts) != 3 or parts[0] != LOSSES_DIR:
-        raise ValueError(f"artifact path {path!r} is not of the form {LOSSES_DIR}/<split>/<file>")
+        raise ActionScoresError(f"artifact path {path!r} is not of the form {LOSSES_DIR}/<split>/<file>")
     check_name("split", parts[1])
     return parts[1], parts[2]

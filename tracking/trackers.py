@@ -22,11 +22,14 @@ class Tracker(ABC):
     """A run on a tracking backend: the training side writes to it, the post-hoc job reads it."""
 
     name: ClassVar[str]
+    _run_id: str | None = None
 
     @property
-    @abstractmethod
     def run_id(self) -> str:
         """Id of the run this tracker writes to and reads from."""
+        if self._run_id is None:
+            raise ActionScoresError("no run: call start() or attach() first")
+        return self._run_id
 
     @property
     @abstractmethod
@@ -120,14 +123,7 @@ class MLflowTracker(Tracker):
 
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
-        self._run_id: str | None = None
         self._started = False
-
-    @property
-    def run_id(self) -> str:
-        if self._run_id is None:
-            raise ActionScoresError("no run: call start() or attach() first")
-        return self._run_id
 
     @property
     def native(self) -> Any:

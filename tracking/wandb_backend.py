@@ -96,14 +96,6 @@ class WandbTracker(Tracker):
         self._live: Any = None  # the wandb Run we write to
         self._offline: OfflineRun | None = None
         self._online: Any = None  # wandb.apis.public.Run
-        self._run_id: str | None = None
-        self._epoch_artifacts: dict[str, int] = {}
-
-    @property
-    def run_id(self) -> str:
-        if self._run_id is None:
-            raise ActionScoresError("no run: call start() or attach() first")
-        return self._run_id
 
     @property
     def native(self) -> Any:
