@@ -29,14 +29,16 @@ sys.path.insert(0, str(ROOT))
 
 
 def write_tables(folder: Path, samples: int, epochs: int) -> list[Path]:
-    """One parquet file per epoch, as the recorder writes them."""
+    """One parquet file per epoch, written by the recorder's own writer."""
+    from tracking.recorder import write_table
+
     rng = np.random.default_rng(0)
     ids = np.arange(samples, dtype=np.int64)
     paths = []
     for epoch in range(epochs):
         path = folder / f"epoch_{epoch:04d}.parquet"
         loss = rng.exponential(1.0, samples).astype(np.float32)
-        pq.write_table(pa.table({"sample_id": ids, "loss": loss}), path, compression="zstd")
+        write_table(pa.table({"sample_id": ids, "loss": loss}), path)
         paths.append(path)
     return paths
 

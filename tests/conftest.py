@@ -15,6 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # keep test logs readable
+# Offline, MLflow's telemetry thread gives up and deletes an env var that request threads
+# copy at the same moment (an intermittent KeyError); no test needs telemetry.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 BIN = Path(sys.executable).parent
 
 
@@ -83,20 +86,20 @@ def run_command(args: list[str], env: dict[str, str], cwd: Path = ROOT, check: b
 
 
 def snapshot_run(client, run_id: str) -> dict:
-    """Everything a job could change on a run: artifact files with their bytes' hash, tags, params, metric histories."""
+    """Everything a job could change on a run: every artifact's bytes (hashed), tags, params, metric histories.
+
+    Artifacts come in one bulk download: one request per file costs a quarter of a second here.
+    """
     import hashlib
     import tempfile
 
-    files: dict[str, str] = {}
-    pending = [""]
     with tempfile.TemporaryDirectory() as tmp:
-        while pending:
-            for info in client.list_artifacts(run_id, pending.pop() or None):
-                if info.is_dir:
-                    pending.append(info.path)
-                else:
-                    local = client.download_artifacts(run_id, info.path, tmp)
-                    files[info.path] = hashlib.sha256(Path(local).read_bytes()).hexdigest()
+        root = Path(client.download_artifacts(run_id, "", tmp))
+        files = {
+            path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*"))
+            if path.is_file()
+        }
     run = client.get_run(run_id)
     metrics = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
     return {"files": files, "tags": dict(run.data.tags), "params": dict(run.data.params), "metrics": metrics}

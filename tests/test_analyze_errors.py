@@ -3,16 +3,9 @@ inputs that must raise a clear ActionScoresError and leave the run exactly as it
 
 from __future__ import annotations
 
-import os
 
-# MLflow's telemetry thread cannot reach its server here; when it gives up it removes an
-# environment variable while request threads copy os.environ, a race that fails requests
-# with KeyError('_MLFLOW_TELEMETRY_SESSION_ID'). It must be off before mlflow is imported.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import hashlib
 import re
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -23,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import snapshot_run
 from tracking.analyze import analyze_experiment, analyze_run
 from tracking.errors import ActionScoresError
 from tracking.trackers import MLflowTracker
@@ -110,24 +104,6 @@ def _check_scores(scores: pd.DataFrame, losses: np.ndarray, targets: np.ndarray)
     order = sorted(action, key=lambda i: (-action[i], i))
     assert scores["rank"].tolist() == [order.index(i) + 1 for i in range(n)]
     assert scores["label"].tolist() == targets.tolist()
-
-
-def snapshot_run(client: mlflow.MlflowClient, run_id: str) -> dict:
-    """Everything the job could change: every artifact's bytes (hashed), tags, params, metric histories.
-
-    Like tests.conftest.snapshot_run, but fetches the artifacts in one bulk download: one
-    request per file costs a quarter of a second against the test server.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(client.download_artifacts(run_id, "", tmp))
-        files = {
-            path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(root.rglob("*"))
-            if path.is_file()
-        }
-    run = client.get_run(run_id)
-    metrics = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
-    return {"files": files, "tags": dict(run.data.tags), "params": dict(run.data.params), "metrics": metrics}
 
 
 def _metric_lengths(client: mlflow.MlflowClient, run_id: str) -> dict[str, int]:

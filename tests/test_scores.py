@@ -226,11 +226,6 @@ def test_null_losses_are_reported_like_nan(tmp_path: Path) -> None:
         _score("test", [path])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: read_epoch_table accepts a null sample_id (to_numpy gives NaN, which passes the duplicate "
-    "check); ActionAccumulator casts it to int64 and scores a sample -9223372036854775808",
-)
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 def test_null_sample_ids_are_refused(tmp_path: Path) -> None:
     path = _write(tmp_path / "t.parquet", {"sample_id": pa.array([0, None, 2], pa.int64()), "loss": [1.0, 2.0, 3.0]})
@@ -238,11 +233,6 @@ def test_null_sample_ids_are_refused(tmp_path: Path) -> None:
         _score("test", [path])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a column named 'loss_' (empty part name) makes read_epoch_table raise contract.check_name's "
-    "\"part name '' is not allowed\", which does not say which file holds the column",
-)
 def test_a_column_with_an_empty_part_name_is_refused_naming_the_file(tmp_path: Path) -> None:
     path = _write(tmp_path / "t.parquet", {"sample_id": [0, 1], "loss": [1.0, 2.0], "loss_": [1.0, 2.0]})
     with pytest.raises(ActionScoresError, match=r"t\.parquet"):

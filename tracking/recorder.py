@@ -39,6 +39,16 @@ if TYPE_CHECKING:
 Losses = torch.Tensor | Mapping[str, torch.Tensor]
 
 
+def write_table(table: pa.Table, path: Path) -> None:
+    """Parquet laid out for size: sorted ids delta-packed (almost free), float losses
+    byte-stream-split then zstd, other columns dictionary-encoded. About 3.5 bytes per
+    sample per epoch for a one-part loss, against 12 raw and ~20 as CSV."""
+    floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
+    encodings = {contract.SAMPLE_ID: "DELTA_BINARY_PACKED", **{name: "BYTE_STREAM_SPLIT" for name in floats}}
+    others = [name for name in table.column_names if name not in encodings]
+    pq.write_table(table, path, compression="zstd", use_dictionary=others, column_encoding=encodings)
+
+
 class LossRecorder:
     """Collects one split's unreduced per-sample losses over an epoch, then writes one table.
 
@@ -88,36 +98,41 @@ class LossRecorder:
             if not losses:
                 raise ActionScoresError("losses is an empty dict: give at least one part")
             parts = sorted(losses)
-            for part in parts:
-                contract.part_column(part)
-            if self._parts is None:
-                self._parts = parts
-            elif parts != self._parts:
-                raise ActionScoresError(f"loss parts changed from {self._parts} to {parts}")
             named = {contract.part_column(p): losses[p] for p in parts}
+            if self._parts is not None and parts != self._parts:
+                raise ActionScoresError(f"loss parts changed from {self._parts or 'one tensor'} to {parts}")
         else:
+            parts = []
+            named = {contract.LOSS: losses}
             if self._parts:
                 raise ActionScoresError(f"expected a dict with parts {self._parts}, got one tensor")
-            self._parts = []
-            named = {contract.LOSS: losses}
         reserved = {contract.SAMPLE_ID, contract.LOSS} | set(named)
         for name in columns:
             if name in reserved or name.startswith(contract.PART_PREFIX):
                 raise ActionScoresError(f"extra column {name!r} clashes with a loss column")
-        for name, values in {**named, **columns}.items():
-            values = torch.as_tensor(values).detach()
-            if values.dim() == 0:
-                raise ActionScoresError(
-                    f"{name!r} is a scalar: the recorder needs unreduced losses, "
-                    "one per sample (use reduction='none')"
-                )
-            if values.dim() != 1 or values.shape[0] != ids.shape[0]:
-                raise ActionScoresError(
-                    f"{name!r} has shape {tuple(values.shape)}; expected ({ids.shape[0]},), "
-                    "one value per sample id"
-                )
+        # Check every column before keeping any, so that a refused batch leaves no trace.
+        checked = {name: self._checked(name, values, ids.shape[0], is_loss=name in named)
+                   for name, values in {**named, **columns}.items()}
+        self._parts = parts
+        for name, values in checked.items():
             self._columns.setdefault(name, []).append(values)
         self._ids.append(ids)
+
+    @staticmethod
+    def _checked(name: str, values: torch.Tensor, size: int, is_loss: bool) -> torch.Tensor:
+        """A detached 1-D column of `size` values; losses (and half floats numpy cannot take) as float32."""
+        values = torch.as_tensor(values).detach()
+        if values.dim() == 0:
+            raise ActionScoresError(
+                f"{name!r} is a scalar: the recorder needs unreduced losses, one per sample (use reduction='none')"
+            )
+        if values.dim() != 1 or values.shape[0] != size:
+            raise ActionScoresError(
+                f"{name!r} has shape {tuple(values.shape)}; expected ({size},), one value per sample id"
+            )
+        if is_loss or values.dtype in (torch.bfloat16, torch.float16):
+            values = values.float()  # on the device: still no host copy
+        return values
 
     def compute(self) -> pa.Table:
         """The epoch's table: one row per sample, sorted by ``sample_id``, validated."""
@@ -157,7 +172,7 @@ class LossRecorder:
         folder = self.local_dir / contract.losses_dir(self.split)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / contract.epoch_file_name(epoch)
-        pq.write_table(table, path, compression="zstd")
+        write_table(table, path)
         if self.tracker is not None:
             self.tracker.log_artifact(path, contract.losses_dir(self.split))
         self.reset()

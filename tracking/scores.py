@@ -40,11 +40,17 @@ def read_epoch_table(path: str | Path, name: str) -> pa.Table:
             raise ActionScoresError(f"{name} has no {required!r} column (columns: {columns})")
     if table.num_rows == 0:
         raise ActionScoresError(f"{name} is empty")
+    if table.column(contract.SAMPLE_ID).null_count:
+        raise ActionScoresError(f"{name}: column 'sample_id' has {table.column(contract.SAMPLE_ID).null_count} nulls")
     if not pa.types.is_integer(table.schema.field(contract.SAMPLE_ID).type):
         raise ActionScoresError(
             f"{name}: column 'sample_id' must be integer, got {table.schema.field(contract.SAMPLE_ID).type}"
         )
-    for column in [contract.LOSS] + [contract.part_column(p) for p in contract.parts_of(columns)]:
+    try:
+        loss_columns = [contract.LOSS] + [contract.part_column(p) for p in contract.parts_of(columns)]
+    except ActionScoresError as error:
+        raise ActionScoresError(f"{name}: {error}") from None
+    for column in loss_columns:
         if not pa.types.is_floating(table.schema.field(column).type):
             raise ActionScoresError(
                 f"{name}: column {column!r} must be float, got {table.schema.field(column).type}"

@@ -108,7 +108,7 @@ class Tracker(ABC):
 
 def redact(uri: str) -> str:
     """A URI without its `user:password@` part, safe to print in errors."""
-    return re.sub(r"//[^/@]+@", "//***@", uri)
+    return re.sub(r"//[^/]*@", "//***@", uri)  # up to the last '@' of the authority, as urllib does
 
 
 class MLflowTracker(Tracker):
