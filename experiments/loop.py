@@ -1,4 +1,4 @@
-"""The training loop every experiment shares (classification now, detection next).
+"""The training loop every experiment shares: classification and detection alike.
 
 A task brings a `step(model, batch) -> StepOutput` that returns unreduced per-sample
 losses (a tensor, or a dict of parts whose sum is the objective) plus any per-sample
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ class TrackedSplit:
     scored_by: Pass
 
 
-def _to(batch, device: torch.device):
+def _to(batch: Any, device: torch.device) -> Any:
     """Move a batch (tensors, or lists/dicts of them, as detection batches are) to the device."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -73,6 +73,7 @@ class _Means:
         self.count = 0
 
     def add(self, out: StepOutput) -> None:
+        # Labels are recorded per sample but their mean means nothing.
         values = {"loss": out.total.detach(), **{k: v.detach() for k, v in out.columns.items() if k != "target"}}
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0) + value.float().sum()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,9 @@ from tracking import contract
 from tracking.errors import ActionScoresError, preview
 from tracking.scores import ActionAccumulator, read_epoch_table
 from tracking.trackers import Tracker
+
+if TYPE_CHECKING:
+    from tracking.data import SplitData
 
 log = logging.getLogger(__name__)
 
@@ -109,23 +113,40 @@ def _check_ids_fit(scores: pd.DataFrame, size: int, dataset: str, split: str) ->
 
 @dataclass
 class SplitView:
-    """How to show a split's samples: their pictures, a caption line, and an optional grouping column."""
+    """How to show a split's samples: their pictures, a caption line, an optional grouping column,
+    and the split's size (named in panel titles when the scores cover only part of it)."""
 
     picture: Callable[[int], np.ndarray]
     label: Callable[[pd.Series], str]
     groups: str | None = None
+    size: int | None = None
 
 
-def _classification_view(scores: pd.DataFrame, dataset: str, split: str, data_root: str | None) -> SplitView:
-    """Images captioned with their true label, grouped by class; adds `label` and `label_name` to `scores`."""
-    from tracking.data import load_split
+def classification_view(scores: pd.DataFrame, split_data: SplitData, dataset: str, split: str) -> SplitView:
+    """Images captioned with their true label name, grouped by class.
 
-    split_data = load_split(dataset, split, data_root)
+    Adds `label` (from the data when the tables lack it) and `label_name` to `scores`;
+    refuses ids or labels that the data does not have.
+    """
     _check_ids_fit(scores, len(split_data.labels), dataset, split)
     if "label" not in scores:
         scores["label"] = split_data.labels[scores[contract.SAMPLE_ID].to_numpy()]
-    scores["label_name"] = [split_data.class_names[int(label)] for label in scores["label"]]
-    return SplitView(split_data.image, lambda row: str(row["label_name"]), groups="label_name")
+    labels = scores["label"].to_numpy()
+    unknown = labels[(labels < 0) | (labels >= len(split_data.class_names))]
+    if len(unknown):
+        raise ActionScoresError(
+            f"split {split!r}: labels {preview(np.unique(unknown))} have no class name (the {dataset!r} data has "
+            f"{len(split_data.class_names)} classes): are these tables from another dataset?"
+        )
+    scores["label_name"] = [split_data.class_names[int(label)] for label in labels]
+    return SplitView(split_data.image, lambda row: str(row["label_name"]), groups="label_name",
+                     size=len(split_data.labels))
+
+
+def _classification_view(scores: pd.DataFrame, dataset: str, split: str, data_root: str | None) -> SplitView:
+    from tracking.data import load_split
+
+    return classification_view(scores, load_split(dataset, split, data_root), dataset, split)
 
 
 def _detection_view(scores: pd.DataFrame, dataset: str, split: str, data_root: str | None) -> SplitView:
@@ -154,7 +175,7 @@ def _detection_view(scores: pd.DataFrame, dataset: str, split: str, data_root: s
         count = int(row["num_objects"])
         return f"{count} object" + ("" if count == 1 else "s")
 
-    return SplitView(picture, objects)
+    return SplitView(picture, objects, size=len(split_data.dataset))
 
 
 VIEWS: dict[str, Callable[[pd.DataFrame, str, str, str | None], SplitView]] = {
@@ -172,7 +193,8 @@ def render_split(scores: pd.DataFrame, view: SplitView, top_k: int, out_dir: Pat
     written: list[Path] = []
     samples: dict[str, list[dict]] = {}
     for objective, column in objectives(scores).items():
-        written += ranked_panels(scores, column, top_k, out_dir / objective, view.picture, view.label, view.groups)
+        written += ranked_panels(scores, column, top_k, out_dir / objective, view.picture, view.label, view.groups,
+                                 split_size=view.size)
         for which, pick in (("hardest", hardest), ("easiest", easiest)):
             chosen = pick(scores, column, top_k)
             items = panel_items(chosen, column, view.picture, view.label)

@@ -6,7 +6,7 @@ show sample 123 of a run long after training. Each loader returns a `SplitData`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 from tracking.errors import ActionScoresError
 
 SPLITS = ("train", "test")
+DIGITS_TEST_SIZE = 360  # of scikit-learn's 1797 digits; the rest is train
 IN_MEMORY_LIMIT = 200_000  # images per split decoded once into memory; larger splits decode per item
+IN_MEMORY_BYTES = 4 * 2**30  # ...unless their pixels would not fit comfortably in RAM
 
 
 @dataclass(frozen=True)
@@ -50,18 +52,22 @@ class IndexedDataset(Dataset):
 
 
 class _ArrayDataset(Dataset):
-    """uint8 NxHxW(xC) pictures served as float32 CxHxW in [0, 1] (or scaled by `scale`)."""
+    """Pictures held in memory (uint8 HxW or HxWxC each) served as float32 CxHxW, times `scale`."""
 
-    def __init__(self, pictures: np.ndarray, labels: np.ndarray, scale: float = 1 / 255) -> None:
+    def __init__(self, pictures: np.ndarray | Sequence[np.ndarray], labels: np.ndarray, scale: float = 1 / 255) -> None:
         self.pictures, self.labels, self.scale = pictures, labels, scale
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        picture = torch.from_numpy(np.ascontiguousarray(self.pictures[index])).float() * self.scale
-        picture = picture.unsqueeze(0) if picture.dim() == 2 else picture.permute(2, 0, 1)
-        return picture, int(self.labels[index])
+        return _to_input(self.pictures[index], self.scale), int(self.labels[index])
+
+
+def _to_input(picture: np.ndarray, scale: float = 1 / 255) -> torch.Tensor:
+    """uint8 HxW or HxWxC -> float32 CxHxW (what ToTensor gives for scale 1/255)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(picture)).float() * scale
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
 
 
 def _digits(split: str, root: str | None) -> SplitData:
@@ -70,62 +76,85 @@ def _digits(split: str, root: str | None) -> SplitData:
 
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.target))
-    chosen = np.sort(order[360:] if split == "train" else order[:360])
-    pictures = np.round(digits.images[chosen] * (255 / 16)).astype(np.uint8)
+    chosen = np.sort(order[DIGITS_TEST_SIZE:] if split == "train" else order[:DIGITS_TEST_SIZE])
+    pixels = digits.images[chosen].astype(np.uint8)  # integers 0..16
+    pictures = np.round(pixels * (255 / 16)).astype(np.uint8)
     labels = digits.target[chosen].astype(np.int64)
-    return SplitData(_ArrayDataset(pictures, labels), [str(d) for d in range(10)], labels,
+    return SplitData(_ArrayDataset(pixels, labels, scale=1 / 16), [str(d) for d in range(10)], labels,
                      lambda i: pictures[i])
 
 
 def _cifar10(split: str, root: str | None) -> SplitData:
-    """torchvision's CIFAR-10 loader; downloads where there is internet."""
+    """torchvision's CIFAR-10 loader; downloads where there is internet, else uses a local copy under root."""
     from torchvision.datasets import CIFAR10
 
     if not root:
-        raise ActionScoresError("cifar10 needs --data-root: the folder to hold (or that holds) cifar-10-batches-py")
+        raise ActionScoresError("cifar10 needs a data folder: pass --data-root (it holds, or will hold, "
+                                "cifar-10-batches-py)")
     try:
         cifar = CIFAR10(root, train=split == "train", download=True)
-    except Exception as error:  # URLError, RuntimeError, ...: anything the download raises
+    except Exception as error:  # noqa: BLE001 - URLError, RuntimeError, TarError...: any failure gets the remedy
         raise ActionScoresError(
-            f"cifar10: could not download or find CIFAR-10 under {root} ({type(error).__name__}: {error}); "
-            "without internet, put the python batches in <root>/cifar-10-batches-py, or use "
+            f"cifar10: could not download or find CIFAR-10 under {root}: the download failed (no internet?) "
+            f"({type(error).__name__}: {error}). To use a local copy, put the CIFAR-10 python batches in "
+            f"{Path(root) / 'cifar-10-batches-py'}, or use "
             "--dataset imagefolder --data-root <folder with train/<class>/ and test/<class>/>"
         ) from None
     labels = np.asarray(cifar.targets, dtype=np.int64)
     return SplitData(_ArrayDataset(cifar.data, labels), list(cifar.classes), labels, lambda i: cifar.data[i])
 
 
+class _LazyImages(Dataset):
+    """Decodes each image file when asked: for splits too large to hold in memory."""
+
+    def __init__(self, files: list[str], labels: np.ndarray) -> None:
+        self.files, self.labels = files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def picture(self, index: int) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.files[index]) as image:
+            return np.array(image.convert("RGB"))  # writable, so torch.from_numpy need not warn
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return _to_input(self.picture(index)), int(self.labels[index])
+
+
 def _imagefolder(split: str, root: str | None) -> SplitData:
-    """Any `<root>/<split>/<class>/<image>` layout; ids follow ImageFolder's sorted order."""
-    from PIL import Image
+    """Any `<root>/<split>/<class>/<image>` layout; ids follow ImageFolder's sorted order.
+
+    Training re-reads every image every epoch, so a split is decoded once into memory
+    unless it is too large; then each item is decoded when asked.
+    """
     from torchvision.datasets import ImageFolder
 
+    expected = "<root>/train/<class>/<image> and <root>/test/<class>/<image>"
     if not root:
-        raise ActionScoresError("imagefolder needs --data-root: a folder with train/<class>/ and test/<class>/")
+        raise ActionScoresError(f"imagefolder needs --data-root: a folder laid out as {expected}")
+    if not Path(root).is_dir():
+        raise ActionScoresError(f"imagefolder: data root {root} not found; pass --data-root a folder laid out as "
+                                f"{expected}")
     folder = Path(root) / split
     if not folder.is_dir():
         raise ActionScoresError(f"imagefolder: {folder} not found; expected {root}/{split}/<class>/<image>")
-    images = ImageFolder(str(folder))
+    try:
+        images = ImageFolder(str(folder))
+    except FileNotFoundError as error:  # no class folders, or no image files in them
+        raise ActionScoresError(f"imagefolder: no images under {folder} ({error}); "
+                                f"expected {folder}/<class>/<image>") from None
     labels = np.asarray(images.targets, dtype=np.int64)
+    lazy = _LazyImages([path for path, _ in images.samples], labels)
+    classes = list(images.classes)
+    if len(labels) > IN_MEMORY_LIMIT or lazy.picture(0).nbytes * len(labels) > IN_MEMORY_BYTES:
+        return SplitData(lazy, classes, labels, lazy.picture)
 
-    def load(index: int) -> np.ndarray:
-        with Image.open(images.samples[index][0]) as picture:
-            return np.asarray(picture.convert("RGB"))
-
-    if len(labels) <= IN_MEMORY_LIMIT:
-        decoded = [load(i) for i in tqdm(range(len(labels)), desc=f"decode {split}", unit="image", leave=False)]
-        if len({d.shape for d in decoded}) == 1:
-            pictures = np.stack(decoded)
-            return SplitData(_ArrayDataset(pictures, labels), list(images.classes), labels, lambda i: pictures[i])
-
-    class _Lazy(Dataset):
-        def __len__(self) -> int:
-            return len(labels)
-
-        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-            return torch.from_numpy(load(index)).permute(2, 0, 1).float() / 255, int(labels[index])
-
-    return SplitData(_Lazy(), list(images.classes), labels, load)
+    progress = tqdm(range(len(labels)), desc=f"decode {Path(root).name}/{split}", unit="image")
+    decoded = [lazy.picture(i) for i in progress]
+    pictures = np.stack(decoded) if len({d.shape for d in decoded}) == 1 else decoded
+    return SplitData(_ArrayDataset(pictures, labels), classes, labels, lambda i: pictures[i])
 
 
 DATASETS: dict[str, Callable[[str, str | None], SplitData]] = {

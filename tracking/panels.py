@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from tracking.contract import SAMPLE_ID
+from tracking.errors import ActionScoresError
 from tracking.rank import easiest, hardest
 
 ROWS_KEY = "action_scores.rows"
 MIN_SIDE = 96  # small images are upscaled (nearest neighbour) to at least this many pixels
+DPI = 100
 
 
 @dataclass
@@ -38,38 +41,40 @@ def upscale(image: np.ndarray, min_side: int = MIN_SIDE) -> np.ndarray:
 
 
 def render_panel(rows: Sequence[tuple[str, Sequence[PanelItem]]], path: Path, title: str) -> Path:
-    """Draw a grid (one row per `(row_title, items)`) to a PNG with the shown ids in its metadata."""
-    import matplotlib
+    """Draw a grid (one row per `(row_title, items)`) to a PNG with the shown ids in its metadata.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Uses a bare Agg canvas rather than pyplot, so drawing never changes the caller's backend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    columns = max(len(items) for _, items in rows)
+    if not rows:
+        raise ActionScoresError(f"panel {path}: no rows to draw; pass at least one (title, items) row")
+    columns = max([1, *(len(items) for _, items in rows)])
     largest = max((max(item.image.shape[:2]) for _, items in rows for item in items), default=0)
     tile = 1.6 if largest <= MIN_SIDE else 2.6  # inches: detection scenes need room for box labels
-    figure, axes = plt.subplots(len(rows), columns, figsize=(tile * columns + 0.6, (tile + 0.4) * len(rows) + 0.5),
-                                squeeze=False)
+    figure = Figure(figsize=(tile * columns + 0.6, (tile + 0.45) * len(rows) + 0.5))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(rows), columns, squeeze=False)
     for row, (row_title, items) in enumerate(rows):
-        for column in range(columns):
-            axis = axes[row][column]
+        for column, axis in enumerate(axes[row]):
             axis.set_xticks([])
             axis.set_yticks([])
             if column >= len(items):
                 axis.axis("off")
                 continue
-            item = items[column]
-            picture = upscale(item.image)
+            picture = upscale(items[column].image)
             axis.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=255,
                         interpolation="nearest")
-            axis.set_xlabel(item.caption, fontsize=8)
+            axis.set_xlabel(items[column].caption, fontsize=8)
+        axes[row][0].axis("on")  # keep the row title visible even on an empty row
         axes[row][0].set_ylabel(row_title, fontsize=10, fontweight="bold")
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     described = [{"title": t, "sample_ids": [int(i.sample_id) for i in items], "captions": [i.caption for i in items]}
                  for t, items in rows]
-    figure.savefig(path, dpi=100, metadata={ROWS_KEY: json.dumps(described)})
-    plt.close(figure)
+    figure.savefig(path, dpi=DPI, metadata={ROWS_KEY: json.dumps(described)})
     return path
 
 
@@ -78,38 +83,60 @@ def read_panel_rows(path: str | Path) -> list[dict]:
     from PIL import Image
 
     with Image.open(path) as image:
-        return json.loads(image.text[ROWS_KEY])
+        text = getattr(image, "text", {})
+    if ROWS_KEY not in text:
+        raise ActionScoresError(f"{path} has no {ROWS_KEY!r} text chunk: it was not written by render_panel")
+    return json.loads(text[ROWS_KEY])
 
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "class"
+def safe_file_names(names: Iterable[str]) -> dict[str, str]:
+    """A distinct file-system-safe stem for each name (`a/b` -> `a_b`; clashes get `-2`, `-3`...)."""
+    stems: dict[str, str] = {}
+    for name in names:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "class"
+        candidate, count = stem, 1
+        while candidate in stems.values():
+            count += 1
+            candidate = f"{stem}-{count}"
+        stems[name] = candidate
+    return stems
 
 
 def panel_items(chosen: pd.DataFrame, column: str, picture: Callable[[int], np.ndarray],
                 label: Callable[[pd.Series], str]) -> list[PanelItem]:
     """Captioned pictures of the chosen rows, in their order: `<column> <score>` over `label(row)`."""
-    return [PanelItem(int(row.sample_id), picture(int(row.sample_id)), f"{column} {row[column]:.3g}\n{label(row)}")
+    return [PanelItem(int(row[SAMPLE_ID]), picture(int(row[SAMPLE_ID])), f"{column} {row[column]:.3g}\n{label(row)}")
             for _, row in chosen.iterrows()]
 
 
 def ranked_panels(scores: pd.DataFrame, column: str, k: int, out_dir: Path,
                   picture: Callable[[int], np.ndarray], label: Callable[[pd.Series], str],
-                  groups: str | None = None) -> list[Path]:
+                  groups: str | None = None, *, split_size: int | None = None) -> list[Path]:
     """`hardest.png` and `easiest.png` over all samples and, when `groups` names a column, one
-    two-row panel per group under `by_class/`. Captions: the score and `label(row)`."""
-    what = f"{column} over {len(scores)} samples (higher = harder)"
+    two-row panel per group under `by_class/`. Captions: the score and `label(row)`.
+
+    `split_size`, when the scores cover only part of a split, is named in the titles.
+    """
+    if k < 1:
+        raise ActionScoresError(f"k must be at least 1 to draw a panel, got {k}")
+    if scores.empty:
+        raise ActionScoresError(f"no scores to draw panels of {column!r} from: the table is empty")
+    shown = f"{len(scores)}" if split_size in (None, len(scores)) else f"{len(scores)} of {split_size}"
+    what = f"{column} over {shown} samples (higher = harder)"
     written = [
         render_panel([("hardest", panel_items(hardest(scores, column, k), column, picture, label))],
-                     out_dir / "hardest.png", f"Hardest by {what}"),
+                     out_dir / "hardest.png", f"{min(k, len(scores))} hardest by {what}"),
         render_panel([("easiest", panel_items(easiest(scores, column, k), column, picture, label))],
-                     out_dir / "easiest.png", f"Easiest by {what}"),
+                     out_dir / "easiest.png", f"{min(k, len(scores))} easiest by {what}"),
     ]
     if groups is not None:
-        for name, group in scores.groupby(groups, sort=True):
+        grouped = list(scores.groupby(groups, sort=True))
+        stems = safe_file_names(str(name) for name, _ in grouped)
+        for name, group in grouped:
             rows = [("hardest", panel_items(hardest(group, column, k), column, picture, label)),
                     ("easiest", panel_items(easiest(group, column, k), column, picture, label))]
-            written.append(render_panel(rows, out_dir / "by_class" / f"{_safe_name(str(name))}.png",
-                                        f"{name}: {column} over its {len(group)} samples"))
+            written.append(render_panel(rows, out_dir / "by_class" / f"{stems[str(name)]}.png",
+                                        f"{name}: {column} over its {len(group)} samples (higher = harder)"))
     return written
 
 
