@@ -31,10 +31,11 @@ def action_query(loss_columns: list[str], label: str | None) -> str:
         f"sum({_quoted(column)}::DOUBLE) AS {_quoted('action' + column[len(contract.LOSS):])}"
         for column in loss_columns
     )
+    # The file name only orders the label's epochs: a string per row, so only read when needed.
     first_label = f", arg_min({_quoted(label)}, filename) AS label" if label else ""
     return (
         f"SELECT {_quoted(contract.SAMPLE_ID)}, count(*) AS epochs, {sums}{first_label}\n"
-        f"FROM read_parquet($files, filename = true)\n"
+        f"FROM read_parquet($files{', filename = true' if label else ''})\n"
         f"GROUP BY {_quoted(contract.SAMPLE_ID)}\n"
         f"ORDER BY {_quoted(contract.SAMPLE_ID)}"
     )
