@@ -22,7 +22,13 @@ from tracking.trackers import MLflowTracker
 SAMPLES, EPOCHS = 500, 4
 
 
-def test_duckdb_scores_equal_the_default_engine_on_a_recorded_run(mlflow_server: str, tmp_path: Path) -> None:
+def test_duckdb_scores_equal_the_default_engine_on_a_recorded_run(
+        mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Starting a run exports MLFLOW_EXPERIMENT_ID (mlflow.set_experiment): have monkeypatch
+    # put the variable back as it was, or later tests' `mlflow run` would get two experiments.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     rng = np.random.default_rng(3)
     tracker = MLflowTracker(mlflow_server)
     tracker.start(experiment=f"duckdb-{uuid.uuid4().hex[:8]}")
