@@ -5,9 +5,13 @@
 
 Writes synthetic per-epoch tables exactly as `LossRecorder` does (zstd parquet, sorted
 ids), then times in one run: (a) reading every table with pyarrow, (b) the job's
-scoring (`score_split`: read + check + sum, one epoch at a time), (c) the naive way:
+scoring (`score_split`: read + check + sum, one epoch at a time), (c) the DuckDB engine
+(`tracking.duckdb_scoring`: one query over all the files), (d) the naive way:
 pandas concat of all epochs then groupby-sum, on a subset of epochs (extrapolated
-linearly) when the full concat would not fit. Prints ratios and each way's peak memory above what its imports take.
+linearly) when the full concat would not fit. Prints ratios and each way's peak memory
+above what its imports take (ru_maxrss of a fresh process per way); the job and DuckDB
+also score a fifth of the epochs, to show that their peak follows the number of samples,
+not samples x epochs.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ def _child(mode: str, folder: str, epochs: int) -> None:
     import pandas as pd
 
     from tracking.analyze import score_split
+    if mode == "duckdb":
+        import duckdb  # noqa: F401 - imported before the baseline, like the other ways' libraries
 
     paths = sorted(Path(folder).glob("epoch_*.parquet"))[:epochs]
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after imports
@@ -57,6 +63,10 @@ def _child(mode: str, folder: str, epochs: int) -> None:
             pq.read_table(path)
     elif mode == "score":
         score_split("bench", [(p.name, p) for p in paths])
+    elif mode == "duckdb":
+        from tracking.duckdb_scoring import score_tables_duckdb
+
+        score_tables_duckdb(paths, "bench")
     elif mode == "pandas":
         frames = [pd.read_parquet(p) for p in paths]
         pd.concat(frames).groupby("sample_id")["loss"].sum()
@@ -90,14 +100,23 @@ def main() -> None:
               f"{size / (args.samples * args.epochs):.2f} bytes per sample per epoch")
         read_s, read_mb = measure("read", folder, args.epochs)
         score_s, score_mb = measure("score", folder, args.epochs)
+        duck_s, duck_mb = measure("duckdb", folder, args.epochs)
+        fifth = max(1, args.epochs // 5)
+        _, score_fifth_mb = measure("score", folder, fifth)
+        _, duck_fifth_mb = measure("duckdb", folder, fifth)
         pandas_epochs = min(args.pandas_epochs, args.epochs)
         pandas_s, pandas_mb = measure("pandas", folder, pandas_epochs)
         pandas_full = pandas_s * args.epochs / pandas_epochs
         print(f"read with pyarrow : {read_s:8.2f}s  +{read_mb:6.0f} MB peak")
-        print(f"score (the job)   : {score_s:8.2f}s  +{score_mb:6.0f} MB peak   = {score_s / read_s:.2f}x reading")
+        print(f"score (the job)   : {score_s:8.2f}s  +{score_mb:6.0f} MB peak   = {score_s / read_s:.2f}x reading"
+              f"; +{score_fifth_mb:.0f} MB peak at {fifth} epochs")
+        print(f"score (DuckDB)    : {duck_s:8.2f}s  +{duck_mb:6.0f} MB peak   = {duck_s / read_s:.2f}x reading"
+              f"; +{duck_fifth_mb:.0f} MB peak at {fifth} epochs")
         print(f"pandas concat+sum : {pandas_full:8.2f}s  +{pandas_mb:6.0f} MB peak at {pandas_epochs} epochs"
               f"{' (time extrapolated)' if pandas_epochs < args.epochs else ''}"
               f"   = {pandas_full / score_s:.1f}x slower than the job")
+        print(f"for scale         : all ids + losses would take {args.samples * args.epochs * 12 / 2**20:.0f} MB in "
+              f"memory; the sums take {args.samples * 16 / 2**20:.0f} MB (id + float64 per sample)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch import nn
 
 from experiments.loop import StepOutput, add_experiment_arguments, parse_track, train_and_record
 from experiments.models import KerasCifarCNN
-from tracking import contract
+from tracking import contract, distributed
 from tracking.data import DATASETS, load_split
 from tracking.errors import ActionScoresError
 from tracking.trackers import make_tracker
@@ -42,15 +43,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.local_device()  # under torchrun: this rank's GPU
     data_root = os.path.abspath(args.data_root) if args.data_root else None
     tracked_passes = parse_track(args.track, ["train", "test"])
     splits = {name: load_split(args.dataset, name, data_root) for name in {"train", *tracked_passes}}
     channels, height, _ = splits["train"].dataset[0][0].shape
     model = KerasCifarCNN(channels, len(splits["train"].class_names), height).to(device)
-    tracker = make_tracker(args.tracker)
     train_and_record(
-        tracker=tracker, experiment=args.experiment or None, run_name=f"classify-{args.dataset}",
+        tracker=partial(make_tracker, args.tracker), experiment=args.experiment or None, run_name=f"classify-{args.dataset}",
         params={
             "dataset": args.dataset, "data_root": args.data_root, "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "track": args.track,
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model=model, step=classification_step, optimizer=torch.optim.Adam(model.parameters(), lr=args.lr),
         datasets={name: split.dataset for name, split in splits.items()}, tracked_passes=tracked_passes,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers, save_model=args.save_model,
     )
 
 

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from torch.utils.data import Subset
 
 from experiments.loop import StepOutput, add_experiment_arguments, parse_track, train_and_record
 from experiments.models import ssd300, tiny_ssd
-from tracking import contract
+from tracking import contract, distributed
 from tracking.detection_data import DETECTION_DATASETS, detection_collate, load_detection_split
 from tracking.errors import ActionScoresError
 from tracking.ssd import ssd_per_image_losses
@@ -49,15 +50,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.local_device()  # under torchrun: this rank's GPU
     data_root = os.path.abspath(args.data_root) if args.data_root else None
     tracked_passes = parse_track(args.track, SPLITS)
     splits = {name: load_detection_split(args.dataset, name, data_root) for name in {"train", *tracked_passes}}
     num_classes = len(splits["train"].class_names)
     model = (ssd300(num_classes, args.weights or None) if args.model == "ssd300" else tiny_ssd(num_classes)).to(device)
-    tracker = make_tracker(args.tracker)
     train_and_record(
-        tracker=tracker, experiment=args.experiment or None, run_name=f"detect-{args.dataset}-{args.model}",
+        tracker=partial(make_tracker, args.tracker), experiment=args.experiment or None, run_name=f"detect-{args.dataset}-{args.model}",
         params={
             "dataset": args.dataset, "data_root": args.data_root, "model": args.model, "weights": args.weights,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                   else split.dataset for name, split in splits.items()},
         tracked_passes=tracked_passes,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device,
-        collate_fn=detection_collate, num_workers=args.num_workers,
+        collate_fn=detection_collate, num_workers=args.num_workers, save_model=args.save_model,
     )
 
 

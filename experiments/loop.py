@@ -5,6 +5,11 @@ losses (a tensor, or a dict of parts whose sum is the objective) plus any per-sa
 columns worth recording; the loop optimises the mean of the per-sample total and feeds
 the recorders. Tracked splits are scored either by the training pass itself (free) or
 by an evaluation pass in eval mode after each epoch (what the paper did on the test set).
+
+Launched with `torchrun`, the loop joins the process group, trains a
+DistributedDataParallel model on a DistributedSampler's share of every split, and lets
+only rank 0 open the run; each recorder gathers the ranks' shares to rank 0 at the end
+of every epoch (see `tracking.distributed`).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from tracking import distributed
 from tracking.data import IndexedDataset
 from tracking.errors import ActionScoresError
 from tracking.recorder import LossRecorder
@@ -43,6 +50,20 @@ class StepOutput:
 
 
 Step = Callable[[nn.Module, dict[str, torch.Tensor]], StepOutput]
+
+
+class _StepModule(nn.Module):
+    """A model and its step as one module: DistributedDataParallel then sees the whole step
+    (any task's, detection's included) as its forward, and syncs the gradients of the
+    per-sample objective."""
+
+    def __init__(self, model: nn.Module, step: Step) -> None:
+        super().__init__()
+        self.model = model
+        self.step = step
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        return self.step(self.model, batch)
 
 
 @dataclass
@@ -80,7 +101,15 @@ class _Means:
         self.count += out.total.shape[0]
 
     def read(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_{key}": float(total) / max(self.count, 1) for key, total in self.sums.items()}
+        """Means over every rank's samples (under torchrun, padded duplicates included)."""
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        device = self.sums[keys[0]].device
+        count = torch.tensor(float(self.count), device=device)
+        totals = distributed.all_reduce_sum(torch.stack([*(self.sums[k].double() for k in keys), count.double()]))
+        *sums, total_count = totals.tolist()
+        return {f"{prefix}_{key}": value / max(total_count, 1) for key, value in zip(keys, sums)}
 
 
 def evaluate(model: nn.Module, step: Step, loader: DataLoader, recorder: LossRecorder | None,
@@ -105,18 +134,26 @@ def fit(
     train_loader: DataLoader,
     tracked: Mapping[str, TrackedSplit],
     epochs: int,
-    tracker: Tracker,
+    tracker: Tracker | None,
     device: torch.device,
 ) -> dict[str, float]:
-    """Train for `epochs`, record every tracked split each epoch, log epoch metrics; return the last."""
+    """Train for `epochs`, record every tracked split each epoch, log epoch metrics; return the last.
+
+    `tracker` is None on the ranks other than 0 of a torchrun launch: they record, rank 0 logs.
+    """
     train_recorder = next((t.recorder for t in tracked.values() if t.scored_by == "train"), None)
+    runner: nn.Module = _StepModule(model, step)
+    if distributed.active():
+        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     metrics: dict[str, float] = {}
-    for epoch in tqdm(range(epochs), desc="epochs"):
-        model.train()
+    for epoch in tqdm(range(epochs), desc="epochs", disable=not distributed.is_main()):
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
+        runner.train()
         means = _Means()
         for batch in tqdm(train_loader, desc="train", leave=False):
             batch = _to(batch, device)
-            out = step(model, batch)
+            out = runner(batch)
             optimizer.zero_grad(set_to_none=True)
             out.total.mean().backward()
             optimizer.step()
@@ -128,7 +165,8 @@ def fit(
             if spec.scored_by == "eval":
                 metrics |= evaluate(model, step, spec.loader, spec.recorder, device, split)
             spec.recorder.end_epoch(epoch)
-        tracker.log_metrics(metrics, step=epoch)
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=epoch)
     return metrics
 
 
@@ -143,6 +181,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, epochs: int, batch
     parser.add_argument("--experiment", default="", help="experiment (MLflow) or project (W&B); default: the active one")
     parser.add_argument("--tracker", default="mlflow", choices=sorted(TRACKERS))
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--save-model", default="", help="write the trained weights (a state dict) to this file")
 
 
 def parse_track(spec: str, splits: Sequence[str], train_split: str = "train") -> dict[str, Pass]:
@@ -168,7 +207,7 @@ def parse_track(spec: str, splits: Sequence[str], train_split: str = "train") ->
 
 def train_and_record(
     *,
-    tracker: Tracker,
+    tracker: Callable[[], Tracker],
     experiment: str | None,
     run_name: str,
     params: Mapping[str, object],
@@ -184,30 +223,54 @@ def train_and_record(
     collate_fn: Callable | None = None,
     num_workers: int = 0,
     train_split: str = "train",
+    save_model: str = "",
 ) -> dict[str, float]:
     """Open a run, log `params`, train with every tracked split recorded each epoch, close the run.
 
     `datasets` maps split name to a dataset of `(input, target)` items; sample ids are
     positions in it. The run is marked failed if training raises. Prints
-    `run <id> finished: <last epoch's metrics>` and returns those metrics.
+    `run <id> finished: <last epoch's metrics>` and returns those metrics. `save_model`:
+    a file for the trained weights. Under torchrun (WORLD_SIZE > 1) every rank trains on
+    its share and records it, and only rank 0 opens the run, logs, saves and prints:
+    `tracker` makes the tracker, and is called on rank 0 only, so that the other ranks
+    never touch the tracking store.
     """
-    def loader(split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(IndexedDataset(datasets[split]), batch_size=batch_size, shuffle=shuffle,
-                          num_workers=num_workers, collate_fn=collate_fn,
-                          generator=torch.Generator().manual_seed(seed))
+    joined = distributed.init_from_env(device)
+    main = distributed.is_main()
 
-    tracker.start(experiment=experiment, run_name=run_name)
+    def loader(split: str, shuffle: bool) -> DataLoader:
+        indexed = IndexedDataset(datasets[split])
+        if distributed.active():  # pads each rank's share with copies: the recorder keeps the first
+            return DataLoader(indexed, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
+                              sampler=DistributedSampler(indexed, shuffle=shuffle, seed=seed))
+        return DataLoader(indexed, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                          collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
+
+    run_tracker = tracker() if main else None
     try:
-        tracker.log_params({**params, **{f"action_scores.scored_by.{s}": p for s, p in tracked_passes.items()}})
-        tracked = {
-            split: TrackedSplit(loader(split, shuffle=False), LossRecorder(split, len(datasets[split]), tracker),
-                                scored_by)
-            for split, scored_by in tracked_passes.items()
-        }
-        metrics = fit(model, step, optimizer, loader(train_split, shuffle=True), tracked, epochs, tracker, device)
-    except BaseException:
-        tracker.finish(failed=True)
-        raise
-    tracker.finish()
-    print(f"run {tracker.run_id} finished: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+        if run_tracker is not None:
+            run_tracker.start(experiment=experiment, run_name=run_name)
+        try:
+            if run_tracker is not None:
+                run_tracker.log_params(
+                    {**params, **{f"action_scores.scored_by.{s}": p for s, p in tracked_passes.items()}})
+            tracked = {
+                split: TrackedSplit(loader(split, shuffle=False),
+                                    LossRecorder(split, len(datasets[split]), run_tracker), scored_by)
+                for split, scored_by in tracked_passes.items()
+            }
+            metrics = fit(model, step, optimizer, loader(train_split, shuffle=True), tracked, epochs, run_tracker,
+                          device)
+            if save_model and main:
+                torch.save(model.state_dict(), save_model)
+        except BaseException:
+            if run_tracker is not None:
+                run_tracker.finish(failed=True)
+            raise
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+    if run_tracker is not None:
+        run_tracker.finish()
+        print(f"run {run_tracker.run_id} finished: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     return metrics

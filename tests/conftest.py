@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -42,16 +43,16 @@ def wait_until_healthy(uri: str, process: subprocess.Popen, timeout: float = 120
     raise RuntimeError(f"mlflow server at {uri} not healthy after {timeout}s")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URI of a real tracking server: sqlite backend, served artifact store in a temp dir."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+@contextmanager
+def local_mlflow_server(root: Path, workers: int = 2) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts under `root`) for the
+    block's duration; yields its URI. Tests and benchmarks share it."""
     port = _free_port()
     log = open(root / "server.log", "wb")
     process = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "2"],
+         "--artifacts-destination", str(root / "artifacts"), "--workers", str(workers)],
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
     )
     uri = f"http://127.0.0.1:{port}"
@@ -65,6 +66,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URI of a real tracking server: sqlite backend, served artifact store in a temp dir."""
+    with local_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri
 
 
 @pytest.fixture()

@@ -91,6 +91,20 @@ def score_split(split: str, tables: list[tuple[str, Path]]) -> pd.DataFrame:
     return accumulator.compute()
 
 
+def score_split_duckdb(split: str, tables: list[tuple[str, Path]]) -> pd.DataFrame:
+    """The same scores from one DuckDB query over the split's files: for runs whose sums outgrow memory."""
+    from tracking.duckdb_scoring import score_tables_duckdb
+
+    return score_tables_duckdb([local for _, local in tables], split)
+
+
+# Scoring engines by name (`--engine`): both give the scores table of the contract.
+ENGINES: dict[str, Callable[[str, list[tuple[str, Path]]], pd.DataFrame]] = {
+    "arrow": score_split,
+    "duckdb": score_split_duckdb,
+}
+
+
 def objectives(scores: pd.DataFrame) -> dict[str, str]:
     """Panel folder name -> score column: `loss` -> `action`, part `loc` -> `action_loc`."""
     found = {contract.LOSS: "action"}
@@ -214,14 +228,17 @@ def analyze_run(
     force: bool = False,
     data_root: str | None = None,
     panels: bool = True,
+    engine: str = "arrow",
 ) -> AnalysisResult:
     """Score every tracked split of one run and log scores, panels, metrics and the status tag.
 
     A run already tagged done is skipped unless `force`. `data_root` overrides the data
-    folder the run recorded, for data that has moved.
+    folder the run recorded, for data that has moved. `engine`: a name in `ENGINES`.
     """
     if top_k <= 0:
         raise ActionScoresError(f"top_k must be positive, got {top_k}")
+    if engine not in ENGINES:
+        raise ActionScoresError(f"unknown scoring engine {engine!r}; choose one of {sorted(ENGINES)}")
     tracker.attach(run_id)
     if tracker.tags().get(contract.STATUS_TAG) == contract.STATUS_DONE and not force:
         return AnalysisResult(run_id, "skipped", message="already analysed (use force to redo)")
@@ -245,7 +262,7 @@ def analyze_run(
         metrics: dict[str, float] = {}
         samples: dict[str, list[dict]] = {}
         for split, paths in by_split.items():
-            scores = score_split(split, [(p, local[p]) for p in paths])
+            scores = ENGINES[engine](split, [(p, local[p]) for p in paths])
             split_out = out / split
             split_out.mkdir(parents=True)
             if panels and dataset:

@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--top-k", type=int, default=10, help="samples per panel row (default 10)")
     analyze.add_argument("--data-root", default="", help="where the run's data lives now, if it moved")
     analyze.add_argument("--no-panels", action="store_true", help="log scores only")
+    analyze.add_argument("--engine", default="arrow", choices=["arrow", "duckdb"],
+                         help="scoring engine: arrow (default, one epoch at a time) or duckdb (one query; "
+                              "spills to disk when a run's sums outgrow memory)")
     analyze.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"
     )
@@ -117,7 +120,8 @@ def _analyze(args: argparse.Namespace) -> int:
         tracker = WandbTracker(mode="offline" if args.wandb_dir else None)
     else:
         tracker = MLflowTracker(args.tracking_uri)
-    options = dict(top_k=args.top_k, force=args.force, data_root=args.data_root or None, panels=not args.no_panels)
+    options = dict(top_k=args.top_k, force=args.force, data_root=args.data_root or None, panels=not args.no_panels,
+                   engine=args.engine)
     if args.run_id:
         results = [analyze_run(tracker, args.run_id, **options)]
     else:

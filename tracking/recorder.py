@@ -16,6 +16,11 @@ Rule for repeated ids within an epoch (a `DistributedSampler` pads its last shar
 copies of the first samples): the first occurrence received is kept, later ones are
 dropped. A sample missing from the epoch or an id outside ``[0, num_samples)`` is an
 error at ``end_epoch`` that names the ids.
+
+Under `torchrun` every rank records its own share of the epoch; ``end_epoch`` gathers the
+shares to rank 0, which alone writes the table and hands it to the tracker (give the
+other ranks no tracker). "First occurrence" then means rank order: rank 0's batches in
+the order received, then rank 1's, and so on.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from tracking import contract
+from tracking import contract, distributed
 from tracking.errors import ActionScoresError, preview
 
 if TYPE_CHECKING:
@@ -134,11 +139,34 @@ class LossRecorder:
             values = values.float()  # on the device: still no host copy
         return values
 
-    def compute(self) -> pa.Table:
-        """The epoch's table: one row per sample, sorted by ``sample_id``, validated."""
+    def _local_share(self) -> distributed.Share:
+        """This process's ids and columns of the epoch, copied to the host in one go."""
         if not self._ids:
             raise ActionScoresError(f"split {self.split!r}: no batch was recorded this epoch")
         ids = torch.cat(self._ids).cpu().numpy().astype(np.int64)
+        return ids, {name: torch.cat(chunks).cpu().numpy() for name, chunks in self._columns.items()}
+
+    def _merged(self, shares: list[distributed.Share]) -> distributed.Share:
+        """The ranks' shares end to end, in rank order; all must carry the same columns."""
+        names = list(shares[0][1])  # in the order recorded: the table's column order
+        for position, (_, columns) in enumerate(shares):
+            if sorted(columns) != sorted(names):
+                raise ActionScoresError(
+                    f"split {self.split!r}: rank {position} recorded columns {sorted(columns)}, rank 0 {sorted(names)}"
+                )
+        ids = np.concatenate([share_ids for share_ids, _ in shares])
+        return ids, {name: np.concatenate([columns[name] for _, columns in shares]) for name in names}
+
+    def compute(self) -> pa.Table | None:
+        """The epoch's table: one row per sample, sorted by ``sample_id``, validated.
+
+        Under torchrun the ranks' shares are gathered first: rank 0 gets the whole
+        table, the other ranks None.
+        """
+        shares = distributed.gather_shares(self._local_share())
+        if shares is None:
+            return None
+        ids, values = self._merged(shares)
         unique_ids, first = np.unique(ids, return_index=True)
         out_of_range = unique_ids[(unique_ids < 0) | (unique_ids >= self.num_samples)]
         if out_of_range.size:
@@ -153,7 +181,7 @@ class LossRecorder:
                 f"from this epoch: {preview(missing)}"
             )
         arrays: dict[str, np.ndarray] = {contract.SAMPLE_ID: unique_ids}
-        values = {name: torch.cat(chunks).cpu().numpy()[first] for name, chunks in self._columns.items()}
+        values = {name: column[first] for name, column in values.items()}
         loss_names = [contract.part_column(p) for p in self._parts or []]
         if loss_names:
             arrays[contract.LOSS] = np.sum([values[n].astype(np.float64) for n in loss_names], axis=0)
@@ -163,12 +191,16 @@ class LossRecorder:
             arrays[name] = arrays[name].astype(np.float32)
         return pa.table(arrays)
 
-    def end_epoch(self, epoch: int) -> Path:
+    def end_epoch(self, epoch: int) -> Path | None:
         """Write the epoch's table, hand it to the tracker, and start a new epoch.
 
-        Returns the local parquet file, kept on disk after upload.
+        Returns the local parquet file, kept on disk after upload; under torchrun only
+        rank 0 writes, and the other ranks get None.
         """
         table = self.compute()
+        if table is None:
+            self.reset()
+            return None
         folder = self.local_dir / contract.losses_dir(self.split)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / contract.epoch_file_name(epoch)

@@ -205,11 +205,22 @@ class MLflowTracker(Tracker):
                 (pending if info.is_dir else files).append(info.path)
         return sorted(files)
 
+    def _artifact_repository(self) -> Any:
+        """The run's artifact store, resolved once per run: `client.download_artifacts` resolves
+        it again for every file (three tracking requests per file before the one that fetches)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        cached = getattr(self, "_repository", None)
+        if cached is None or cached[0] != self.run_id:
+            uri = self._client.get_run(self.run_id).info.artifact_uri
+            cached = (self.run_id, get_artifact_repository(uri, tracking_uri=self.tracking_uri))
+            self._repository = cached
+        return cached[1]
+
     def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
-        # MLflow writes a single file as dst/<file name>: give each folder its own dst.
-        folder = Path(dst_dir) / Path(artifact_path).parent
-        folder.mkdir(parents=True, exist_ok=True)
-        return Path(self._client.download_artifacts(self.run_id, artifact_path, str(folder)))
+        # The store's repository keeps the artifact path under dst: dst/<artifact_path>.
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+        return Path(self._artifact_repository().download_artifacts(artifact_path, str(dst_dir)))
 
     def find_runs(self, experiment: str) -> list[str]:
         found = self._client.get_experiment_by_name(experiment)

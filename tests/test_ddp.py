@@ -1,0 +1,131 @@
+"""torchrun with two CPU processes (gloo) against the real MLflow server: one run, one table per
+epoch with every sample once, and losses that a single process computes again from the weights."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from experiments.models import KerasCifarCNN
+from tests.conftest import BIN, run_command
+from tracking.analyze import analyze_run
+from tracking.data import load_split
+from tracking.recorder import LossRecorder
+from tracking.trackers import MLflowTracker
+
+EPOCHS = 2
+SIZES = {"train": 1437, "test": 360}  # 1437 is odd: DistributedSampler pads rank 1 with a copy
+
+
+def _record_share(rank: int, init_file: str, out_dir: str) -> None:
+    """One of two ranks: record this rank's share of a 6-sample split, then end the epoch."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        recorder = LossRecorder("test", num_samples=6, local_dir=Path(out_dir) / f"rank{rank}")
+        if rank == 0:
+            recorder.update(torch.tensor([0, 2, 4]), torch.tensor([0.0, 2.0, 4.0]), target=torch.tensor([0, 0, 0]))
+        else:  # a copy of 0, as DistributedSampler pads, and 5 twice within the rank
+            recorder.update(torch.tensor([1, 3, 5]), torch.tensor([1.0, 3.0, 5.0]), target=torch.tensor([1, 1, 1]))
+            recorder.update(torch.tensor([5, 0]), torch.tensor([55.0, 99.0]), target=torch.tensor([1, 1]))
+        path = recorder.end_epoch(0)
+        (Path(out_dir) / f"rank{rank}.result").write_text(str(path))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shares_are_gathered_to_rank_0_and_the_first_occurrence_in_rank_order_is_kept(tmp_path: Path) -> None:
+    mp.spawn(_record_share, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank1.result").read_text() == "None"
+    assert not (tmp_path / "rank1").exists()  # rank 1 wrote nothing
+    written = Path((tmp_path / "rank0.result").read_text())
+    table = pq.read_table(written).to_pydict()
+    assert table["sample_id"] == [0, 1, 2, 3, 4, 5]
+    assert table["loss"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # rank 0's 0 beats rank 1's copy; 5's first value
+    assert table["target"] == [0, 1, 0, 1, 0, 1]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Path]:
+    """`torchrun --nproc_per_node=2 -m experiments.classify` on digits: (run id, experiment, saved weights)."""
+    weights = tmp_path_factory.mktemp("ddp") / "model.pt"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_RUN_ID", None)
+    experiment = f"ddp-{uuid.uuid4().hex[:8]}"
+    result = run_command(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "experiments.classify",
+         "--epochs", str(EPOCHS), "--track", "train,test", "--experiment", experiment, "--batch-size", "64",
+         "--save-model", str(weights)],
+        env,
+    )
+    finished = re.findall(r"run (\w+) finished", result.stdout)
+    assert len(finished) == 1, result.stdout  # only rank 0 speaks for the run
+    return finished[0], experiment, weights
+
+
+def _tables(client: mlflow.MlflowClient, run_id: str, split: str, dst: Path) -> list[pd.DataFrame]:
+    local = Path(client.download_artifacts(run_id, f"per_sample_losses/{split}", str(dst)))
+    return [pd.read_parquet(path) for path in sorted(local.glob("epoch_*.parquet"))]
+
+
+def test_torchrun_opens_one_run_with_one_table_per_epoch_holding_every_sample_once(
+        mlflow_server: str, ddp_run, tmp_path: Path) -> None:
+    run_id, experiment, _ = ddp_run
+    client = mlflow.MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert [run.info.run_id for run in runs] == [run_id]
+    assert runs[0].info.status == "FINISHED"
+    for split, size in SIZES.items():
+        names = [info.path for info in client.list_artifacts(run_id, f"per_sample_losses/{split}")]
+        assert names == [f"per_sample_losses/{split}/epoch_{e:04d}.parquet" for e in range(EPOCHS)]
+        for table in _tables(client, run_id, split, tmp_path):
+            assert table["sample_id"].tolist() == list(range(size))
+            assert np.isfinite(table["loss"]).all()
+            assert (table["target"].to_numpy() == load_split("digits", split).labels).all()
+
+
+def test_torchrun_losses_equal_a_single_process_pass_and_scores_equal_the_tables_sum(
+        mlflow_server: str, ddp_run, tmp_path: Path) -> None:
+    """The last epoch's test table was computed by both ranks, each with its own replica: a
+    single process with rank 0's saved weights must get the same loss for every sample,
+    which fails if gradients were not synchronised or shares were mixed up."""
+    run_id, _, weights = ddp_run
+    client = mlflow.MlflowClient(mlflow_server)
+    test = load_split("digits", "test")
+    model = KerasCifarCNN(1, 10, 8)
+    model.load_state_dict(torch.load(weights))
+    model.eval()
+    inputs = torch.stack([test.dataset[i][0] for i in range(len(test.labels))])
+    with torch.no_grad():
+        logits = model(inputs)
+        expected = F.cross_entropy(logits, torch.as_tensor(test.labels), reduction="none").numpy()
+    tables = {split: _tables(client, run_id, split, tmp_path / "in") for split in SIZES}
+    last = tables["test"][-1]
+    np.testing.assert_allclose(last["loss"], expected, rtol=1e-4, atol=1e-6)
+    assert (last["correct"].to_numpy() == (logits.argmax(1).numpy() == test.labels)).all()
+    # Metrics are means over both ranks' samples, not rank 0's half.
+    logged = client.get_metric_history(run_id, "test_loss")
+    assert [m.step for m in logged] == list(range(EPOCHS))
+    assert logged[-1].value == pytest.approx(float(expected.mean()), rel=1e-4)
+
+    tracker = MLflowTracker(mlflow_server)
+    result = analyze_run(tracker, run_id, panels=False)
+    assert result.status == "done" and result.epochs == {"train": EPOCHS, "test": EPOCHS}
+    for split, split_tables in tables.items():
+        summed = sum(t.set_index("sample_id")["loss"].astype(np.float64) for t in split_tables)
+        local = client.download_artifacts(run_id, f"action_scores/{split}/scores.parquet", str(tmp_path / "out"))
+        scores = pd.read_parquet(local).set_index("sample_id")
+        assert scores.index.tolist() == list(range(SIZES[split]))
+        np.testing.assert_allclose(scores["action"], summed.loc[scores.index], rtol=1e-12)
+

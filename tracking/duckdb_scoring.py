@@ -1,0 +1,113 @@
+"""DuckDB as the fallback scoring engine, for runs whose per-sample sums would not fit in memory.
+
+The per-epoch tables of a split are one parquet dataset to DuckDB: one query sums `loss`
+and every `loss_<part>` per `sample_id` and counts the epochs, spilling to disk when
+its hash table outgrows memory. The result has the columns of the default engine
+(`tracking.scores`), so either can feed ranks, panels and the scores artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tracking import contract
+from tracking.errors import ActionScoresError, preview
+from tracking.rank import rank_desc
+from tracking.scores import read_epoch_table
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def action_query(loss_columns: list[str], label: str | None) -> str:
+    """The query over `read_parquet($files)`: sums as float64, epochs per sample, label of the first file."""
+    sums = ", ".join(
+        f"sum({_quoted(column)}::DOUBLE) AS {_quoted('action' + column[len(contract.LOSS):])}"
+        for column in loss_columns
+    )
+    # The file name only orders the label's epochs: a string per row, so only read when needed.
+    first_label = f", arg_min({_quoted(label)}, filename) AS label" if label else ""
+    return (
+        f"SELECT {_quoted(contract.SAMPLE_ID)}, count(*) AS epochs, {sums}{first_label}\n"
+        f"FROM read_parquet($files{', filename = true' if label else ''})\n"
+        f"GROUP BY {_quoted(contract.SAMPLE_ID)}\n"
+        f"ORDER BY {_quoted(contract.SAMPLE_ID)}"
+    )
+
+
+def epoch_paths(folder: str | Path, split: str) -> list[Path]:
+    """The split's `epoch_EEEE.parquet` files in `folder`, in epoch order, refusing gaps."""
+    from tracking.analyze import epoch_files
+
+    root = Path(folder)
+    names = [f"{contract.losses_dir(split)}/{path.name}" for path in sorted(root.iterdir()) if path.is_file()]
+    grouped = epoch_files(names)
+    if split not in grouped:
+        raise ActionScoresError(f"{root}: no epoch_EEEE.parquet tables for split {split!r}")
+    return [root / Path(name).name for name in grouped[split]]
+
+
+def _check_loss_columns(path: Path, expected: list[str]) -> None:
+    """Refuse a later epoch whose loss columns differ from epoch 0's (DuckDB would ignore extras)."""
+    try:
+        columns = pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as error:
+        raise ActionScoresError(f"{path.name} is not a readable parquet file: {error}") from None
+    found = [contract.LOSS] + [contract.part_column(p) for p in contract.parts_of(columns)]
+    if contract.LOSS not in columns or sorted(found) != sorted(expected):
+        raise ActionScoresError(f"{path.name}: loss columns {sorted(c for c in found if c in columns)} differ "
+                                f"from epoch 0's {sorted(expected)}")
+
+
+def score_folder_duckdb(folder: str | Path, split: str, memory_limit: str | None = None) -> pd.DataFrame:
+    """Score the `epoch_EEEE.parquet` tables of one split downloaded to `folder` (see `score_tables_duckdb`)."""
+    return score_tables_duckdb(epoch_paths(folder, split), split, memory_limit)
+
+
+def score_tables_duckdb(paths: list[Path], split: str, memory_limit: str | None = None) -> pd.DataFrame:
+    """Score one split's tables (in epoch order) with one DuckDB query; same columns as `ActionAccumulator.compute`.
+
+    `memory_limit` (e.g. "2GB") caps DuckDB's memory; past it the aggregation spills to disk.
+    Epoch 0 is read and checked as the default engine checks it (types, duplicates); every
+    later file's footer must name the same loss columns, and every sample must
+    appear once per epoch: a count that differs from the number of epochs is an error
+    naming the samples, and so are NaN or infinite sums.
+    """
+    import duckdb
+
+    first = read_epoch_table(paths[0], paths[0].name)
+    loss_columns = [contract.LOSS] + [contract.part_column(p) for p in contract.parts_of(first.column_names)]
+    label = contract.TARGET if contract.TARGET in first.column_names else None
+    for path in paths[1:]:
+        _check_loss_columns(path, loss_columns)
+    connection = duckdb.connect(config={"memory_limit": memory_limit} if memory_limit else {})
+    try:
+        scores = connection.execute(action_query(loss_columns, label),
+                                    {"files": [str(p) for p in paths]}).df()
+    except duckdb.Error as error:
+        raise ActionScoresError(f"split {split!r}: DuckDB could not read the tables {paths[0].parent}: {error}") from None
+    finally:
+        connection.close()
+    counts = scores["epochs"].to_numpy()
+    wrong = scores.loc[counts != len(paths), contract.SAMPLE_ID]
+    if len(wrong):
+        raise ActionScoresError(
+            f"split {split!r}: samples {preview(wrong)} are not in every one of the {len(paths)} epoch tables "
+            "exactly once"
+        )
+    action_columns = ["action" + column[len(contract.LOSS):] for column in loss_columns]
+    bad = scores.loc[~np.isfinite(scores[action_columns].to_numpy()).all(axis=1), contract.SAMPLE_ID]
+    if len(bad):
+        raise ActionScoresError(f"split {split!r} has NaN or infinite losses in samples {preview(bad)}")
+    scores[contract.SAMPLE_ID] = scores[contract.SAMPLE_ID].astype(np.int64)
+    scores["epochs"] = scores["epochs"].astype(np.int64)
+    scores["mean_loss"] = scores["action"] / len(paths)
+    scores["rank"] = rank_desc(scores, "action")
+    ordered = [contract.SAMPLE_ID, "epochs", *action_columns, "mean_loss", "rank"] + (["label"] if label else [])
+    return scores[ordered]
