@@ -211,8 +211,11 @@ def markdown(table: pd.DataFrame, command: str) -> str:
         lines.append(f"| {score} | " + " | ".join(cells) + " |")
     reference = wide[wide["score"] == CLEANLAB]
     lines += ["", "cleanlab `find_label_issues` (flagged / precision / recall): " + "; ".join(
-        f"{r.setting}: {r.issues_found} / {r.issues_precision:.3f} / {r.issues_recall:.3f}"
+        f"{r.setting}: {r.issues_found:.0f} / {r.issues_precision:.3f} / {r.issues_recall:.3f}"
         for r in reference.itertuples())]
+    lines += ["", "`action` and `mean_loss` rank alike (mean_loss = action / epochs), so only `action` is listed. "
+              "`variability` is scored as Cartography reads it (higher = more ambiguous); below 0.5 means that "
+              "flipped samples have *low* variability (Cartography's hard-to-learn region)."]
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +233,11 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
+    store = Path(tempfile.mkdtemp(prefix="label-noise-mlflow-"))  # the runs are a means here, not a result
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    import mlflow
+
+    mlflow.MlflowClient(uri).create_experiment("label-noise", artifact_location=(store / "artifacts").as_uri())
     torch.set_num_threads(2)
     rows = []
     for name in args.datasets.split(","):

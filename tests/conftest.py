@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,24 @@ def tracking_env(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[st
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PYTHONPATH=str(ROOT))
     env.pop("MLFLOW_RUN_ID", None)
     return env
+
+
+@contextmanager
+def in_process_training(uri: str) -> Iterator[None]:
+    """Train in this process against `uri`, then put back the environment: MLflow's `set_experiment`
+    exports the active experiment, which would leak into later tests' `mlflow run` subprocesses."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def run_command(args: list[str], env: dict[str, str], cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from experiments.classify import main as classify
-from tests.conftest import BIN, run_command
+from tests.conftest import BIN, in_process_training, run_command
 from tracking.analyze import analyze_run
 from tracking.trackers import MLflowTracker
 
@@ -26,23 +26,14 @@ TOP_K = 30
 @pytest.fixture(scope="module")
 def analysed_runs(mlflow_server: str) -> tuple[str, list[str]]:
     """Three 2-epoch digits runs (seeds 0, 1, 2; test split by eval pass), analysed: (experiment, run ids)."""
-    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
-    os.environ.pop("MLFLOW_RUN_ID", None)
     experiment = f"compare-{uuid.uuid4().hex[:8]}"
     run_ids = []
-    try:
+    with in_process_training(mlflow_server):
         for seed in range(3):
             classify(["--epochs", "2", "--seed", str(seed), "--experiment", experiment])
             run_id = mlflow.last_active_run().info.run_id
             analyze_run(MLflowTracker(mlflow_server), run_id, panels=seed == 0)
             run_ids.append(run_id)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return experiment, run_ids
 
 
@@ -118,3 +109,18 @@ def test_analyze_logs_the_action_distribution_per_class(mlflow_server: str, anal
         assert image.format == "PNG" and image.width >= 600  # ten boxes, one per digit class
     # The run analysed without panels has none: the plot travels with the panels.
     assert not client.list_artifacts(run_ids[1], "action_scores/test/loss")
+
+
+def test_mlflow_run_compare_entry_point(mlflow_server: str, analysed_runs: tuple[str, list[str]]) -> None:
+    """`mlflow run . -e compare -P run_ids=a,b`, as the README says: the launched run is the new run."""
+    experiment, run_ids = analysed_runs
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(key, None)
+    result = run_command([str(BIN / "mlflow"), "run", ".", "-e", "compare", "--env-manager", "local",
+                          "--experiment-name", experiment, "-P", f"run_ids={run_ids[0]},{run_ids[2]}",
+                          "-P", "top_k=20"], env)
+    new_run = re.search(r"logged to run (\w+)", result.stdout).group(1)
+    run = mlflow.MlflowClient(mlflow_server).get_run(new_run)
+    assert run.data.tags["action_scores.compare.sources"] == f"{run_ids[0]},{run_ids[2]}"
+    assert run.data.params["top_k"] in ("20", "20.0") and "spearman_mean" in run.data.metrics

@@ -3,7 +3,6 @@ real MLflow server, against reference implementations fed the very logits the lo
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from aum import AUMCalculator
 from experiments.classify import classification_step
 from experiments.loop import train_and_record
 from experiments.models import KerasCifarCNN
+from tests.conftest import in_process_training
 from tracking.analyze import analyze_run
 from tracking.data import load_split
 from tracking.errors import ActionScoresError
@@ -43,7 +43,6 @@ class Recorded:
 
 @pytest.fixture(scope="module")
 def recorded(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Recorded:
-    os.environ.pop("MLFLOW_RUN_ID", None)
     tmp = tmp_path_factory.mktemp("dynamics")
     torch.manual_seed(0)
     train = load_split("digits", "train", None)
@@ -67,12 +66,13 @@ def recorded(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Re
         return out
 
     tracker = MLflowTracker(mlflow_server)
-    train_and_record(
-        tracker=tracker, experiment=f"dynamics-{uuid.uuid4().hex[:8]}", run_name="dynamics",
-        params={"action_scores.task": "classification"}, model=model, step=step,
-        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), datasets={"train": train.dataset},
-        tracked_passes={"train": "train"}, epochs=EPOCHS, batch_size=64, seed=0, device=torch.device("cpu"),
-    )
+    with in_process_training(mlflow_server):
+        train_and_record(
+            tracker=tracker, experiment=f"dynamics-{uuid.uuid4().hex[:8]}", run_name="dynamics",
+            params={"action_scores.task": "classification"}, model=model, step=step,
+            optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), datasets={"train": train.dataset},
+            tracked_passes={"train": "train"}, epochs=EPOCHS, batch_size=64, seed=0, device=torch.device("cpu"),
+        )
     calculator.finalize()
     result = Recorded()
     result.run_id = tracker.run_id
