@@ -230,9 +230,15 @@ def main() -> None:
     parser.add_argument("--cifar-root", default="/tmp/data/cifar10")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/label_noise")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only redo the markdown and plot from the CSV already in --out (after an interruption)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
+    if args.report_only:
+        report(pd.read_csv(out / "label_noise.csv"), out, command)
+        return
     store = Path(tempfile.mkdtemp(prefix="label-noise-mlflow-"))  # the runs are a means here, not a result
     uri = f"sqlite:///{store / 'mlflow.db'}"
     import mlflow
@@ -256,7 +262,11 @@ def main() -> None:
                 rows += run_setting(data, kind, rate, epochs, uri, args.seed)
                 table = pd.DataFrame(rows)
                 table.to_csv(out / "label_noise.csv", index=False)  # partial results survive an interruption
-    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
+    report(table, out, command)
+
+
+def report(table: pd.DataFrame, out: Path, command: str) -> None:
+    """label_noise.md and label_noise.png from the results table."""
     (out / "label_noise.md").write_text(markdown(table, command))
     plot(table, out / "label_noise.png")
     print((out / "label_noise.md").read_text())
