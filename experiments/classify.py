@@ -4,7 +4,7 @@
     python -m experiments.classify --dataset imagefolder --data-root /tmp/data/cifar10 --epochs 15
 
 Writes to the run: per_sample_losses/<split>/epoch_EEEE.parquet every epoch (columns
-sample_id, loss, target, correct), per-epoch metrics, and the params the post-hoc job
+sample_id, loss, target, correct, p_true, margin, el2n), per-epoch metrics, and the params the post-hoc job
 needs to rebuild images (action_scores.dataset, action_scores.data_root). Then run
 `action-scores analyze --run-id <id>` (or `mlflow run . -e analyze -P run_id=<id>`).
 """
@@ -26,14 +26,16 @@ from experiments.models import KerasCifarCNN
 from tracking import contract, distributed
 from tracking.data import DATASETS, load_split
 from tracking.errors import ActionScoresError
+from tracking.scores import classification_columns
 from tracking.trackers import make_tracker
 
 
 def classification_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-    """Cross-entropy per sample, plus the label and whether the prediction was right."""
+    """Cross-entropy per sample, plus the label and what the dynamics scores need from the same logits
+    (whether the prediction was right, p of the true class, margin, EL2N)."""
     logits = model(batch["input"])
     losses = F.cross_entropy(logits, batch["target"], reduction="none")
-    return StepOutput(losses, {"target": batch["target"], "correct": logits.argmax(dim=1) == batch["target"]})
+    return StepOutput(losses, {"target": batch["target"], **classification_columns(logits, batch["target"])})
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -84,6 +84,24 @@ def tracking_env(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[st
     return env
 
 
+@contextmanager
+def in_process_training(uri: str) -> Iterator[None]:
+    """Train in this process against `uri`, then put back the environment: MLflow's `set_experiment`
+    exports the active experiment, which would leak into later tests' `mlflow run` subprocesses."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_command(args: list[str], env: dict[str, str], cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
     """Run a project command as a user would, with the venv's executables first on PATH."""
     env = dict(env, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
-from tracking.scores import ActionAccumulator, read_epoch_table
+from tracking.plots import class_distribution
+from tracking.scores import ActionAccumulator, default_el2n_epoch, read_epoch_table
 from tracking.trackers import Tracker
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DOWNLOAD_THREADS = 8
+CLASS_DISTRIBUTION = "by_class_distribution.png"  # box plot of action per class, classification splits
 
 
 @dataclass
@@ -83,23 +85,41 @@ def download_all(tracker: Tracker, paths: list[str], dst: Path) -> dict[str, Pat
     return local
 
 
-def score_split(split: str, tables: list[tuple[str, Path]]) -> pd.DataFrame:
-    """Action scores of one split from its (artifact path, local file) pairs, in epoch order."""
-    accumulator = ActionAccumulator(split)
+def score_split(split: str, tables: list[tuple[str, Path]], el2n_epoch: int | None = None) -> pd.DataFrame:
+    """Scores of one split from its (artifact path, local file) pairs, in epoch order.
+
+    `el2n_epoch` (zero-based) picks the table `el2n` comes from; None: `default_el2n_epoch`.
+    Scores the tables lack columns for are left out, with a warning that says why.
+    """
+    chosen = default_el2n_epoch(len(tables)) if el2n_epoch is None else el2n_epoch
+    accumulator = ActionAccumulator(split, el2n_epoch=chosen)
     for epoch, (name, local) in enumerate(tqdm(tables, desc=f"score {split}", unit="epoch")):
         accumulator.update(epoch, read_epoch_table(local, name), name)
-    return accumulator.compute()
+    scores = accumulator.compute()
+    if accumulator.missing:
+        reasons = defaultdict(list)
+        for score, why in accumulator.missing.items():
+            reasons[why].append(score)
+        scores.attrs["missing"] = "; ".join(f"no {', '.join(names)}: {why}" for why, names in reasons.items())
+        log.warning("split %r: %s", split, scores.attrs["missing"])
+    return scores
 
 
-def score_split_duckdb(split: str, tables: list[tuple[str, Path]]) -> pd.DataFrame:
-    """The same scores from one DuckDB query over the split's files: for runs whose sums outgrow memory."""
+def score_split_duckdb(split: str, tables: list[tuple[str, Path]], el2n_epoch: int | None = None) -> pd.DataFrame:
+    """The loss sums from one DuckDB query over the split's files: for runs whose sums outgrow memory.
+
+    Only `action`, `action_<part>` and `mean_loss`: the dynamics scores need the arrow engine.
+    """
     from tracking.duckdb_scoring import score_tables_duckdb
 
-    return score_tables_duckdb([local for _, local in tables], split)
+    scores = score_tables_duckdb([local for _, local in tables], split)
+    scores.attrs["missing"] = "no training-dynamics scores: the duckdb engine sums losses only (use --engine arrow)"
+    log.warning("split %r: %s", split, scores.attrs["missing"])
+    return scores
 
 
 # Scoring engines by name (`--engine`): both give the scores table of the contract.
-ENGINES: dict[str, Callable[[str, list[tuple[str, Path]]], pd.DataFrame]] = {
+ENGINES: dict[str, Callable[[str, list[tuple[str, Path]], int | None], pd.DataFrame]] = {
     "arrow": score_split,
     "duckdb": score_split_duckdb,
 }
@@ -229,11 +249,13 @@ def analyze_run(
     data_root: str | None = None,
     panels: bool = True,
     engine: str = "arrow",
+    el2n_epoch: int | None = None,
 ) -> AnalysisResult:
     """Score every tracked split of one run and log scores, panels, metrics and the status tag.
 
     A run already tagged done is skipped unless `force`. `data_root` overrides the data
-    folder the run recorded, for data that has moved. `engine`: a name in `ENGINES`.
+    folder the run recorded, for data that has moved. `engine`: a name in `ENGINES`;
+    `el2n_epoch`: see `score_split`.
     """
     if top_k <= 0:
         raise ActionScoresError(f"top_k must be positive, got {top_k}")
@@ -262,12 +284,18 @@ def analyze_run(
         metrics: dict[str, float] = {}
         samples: dict[str, list[dict]] = {}
         for split, paths in by_split.items():
-            scores = ENGINES[engine](split, [(p, local[p]) for p in paths])
+            scores = ENGINES[engine](split, [(p, local[p]) for p in paths], el2n_epoch)
+            if scores.attrs.get("missing"):
+                result.message = "; ".join(filter(None, [result.message, f"split {split}: {scores.attrs['missing']}"]))
             split_out = out / split
             split_out.mkdir(parents=True)
             if panels and dataset:
                 view = VIEWS[task](scores, dataset, split, data_root)
                 written, split_samples = render_split(scores, view, top_k, split_out)
+                if view.groups:
+                    written.append(class_distribution(
+                        scores, "action", view.groups, split_out / contract.LOSS / CLASS_DISTRIBUTION,
+                        f"{split}: action per class ({len(scores)} samples, {scores['epochs'].iloc[0]} epochs)"))
                 result.panels += [f"{contract.scores_dir(split)}/{p.relative_to(split_out).as_posix()}" for p in written]
                 samples |= {f"{contract.scores_dir(split)}/{key}": rows for key, rows in split_samples.items()}
             scores.to_parquet(split_out / contract.SCORES_FILE, index=False)
@@ -281,11 +309,10 @@ def analyze_run(
                 f"action_scores.{split}.action_min": float(scores["action"].min()),
             }
         if panels and not dataset:
-            result.message = (
-                f"no panels: the run does not record the param {contract.DATASET_PARAM!r}, "
-                "so its images cannot be rebuilt"
-            )
-            log.warning(result.message)
+            why = (f"no panels: the run does not record the param {contract.DATASET_PARAM!r}, "
+                   "so its images cannot be rebuilt")
+            result.message = "; ".join(filter(None, [result.message, why]))
+            log.warning(why)
         tracker.log_artifacts(out, contract.SCORES_DIR)
     for key, rows in samples.items():
         tracker.log_samples(key, rows)

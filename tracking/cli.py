@@ -31,6 +31,15 @@ def _flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def _epoch_or_default(value: str) -> int | None:
+    """A zero-based epoch, or "" for the default (as `mlflow run -P el2n_epoch=` passes it)."""
+    if value == "":
+        return None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a zero-based epoch number, got {value!r}")
+    return int(value)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="action-scores", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,11 +68,26 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--engine", default="arrow", choices=["arrow", "duckdb"],
                          help="scoring engine: arrow (default, one epoch at a time) or duckdb (one query; "
                               "spills to disk when a run's sums outgrow memory)")
+    analyze.add_argument("--el2n-epoch", type=_epoch_or_default, default=None,
+                         help="zero-based epoch whose table gives el2n (default: epochs // 10, a tenth into training)")
     analyze.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"
     )
     analyze.add_argument("--tracker", default="mlflow", choices=["mlflow", "wandb"],
                          help="where the runs live (--wandb-run and --wandb-dir imply wandb)")
+    compare = commands.add_parser(
+        "compare",
+        help="rank correlation and top-k overlap of several analysed runs' actions, logged to a new run",
+        description=("Reads action_scores/<split>/scores.parquet of each run (same dataset and split), and logs to a "
+                     "new run tagged with its sources: the Spearman correlation matrix and top-k hardest overlap "
+                     "(CSV and a heatmap PNG) and a combined score, each sample's mean rank "
+                     "(action_scores_compare/<split>/)."),
+    )
+    compare.add_argument("runs", nargs="+", help="run ids (space or comma separated), at least two")
+    compare.add_argument("--split", default="", help="split to compare (default: the one every run has scored)")
+    compare.add_argument("--top-k", type=int, default=50, help="how many hardest samples to overlap (default 50)")
+    compare.add_argument("--experiment", default="", help="experiment of the new run (default: the active one)")
+    compare.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     report = commands.add_parser(
         "report",
         help="lay out the panels of analysed W&B runs as a W&B report",
@@ -107,6 +131,19 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from tracking.compare import compare_runs
+    from tracking.trackers import MLflowTracker
+
+    run_ids = [run_id for item in args.runs for run_id in item.replace(",", " ").split()]
+    result = compare_runs(MLflowTracker(args.tracking_uri), run_ids, split=args.split or None, top_k=args.top_k,
+                          experiment=args.experiment or None)
+    print(f"compared {len(run_ids)} runs on split {result.split!r}; logged to run {result.run_id}")
+    print("Spearman correlation of action:\n" + result.spearman.round(3).to_string())
+    print(f"top-{args.top_k} hardest overlap:\n" + result.overlap.round(3).to_string())
+    return 0
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from tracking.analyze import analyze_experiment, analyze_run
     from tracking.trackers import MLflowTracker, WandbTracker
@@ -121,7 +158,7 @@ def _analyze(args: argparse.Namespace) -> int:
     else:
         tracker = MLflowTracker(args.tracking_uri)
     options = dict(top_k=args.top_k, force=args.force, data_root=args.data_root or None, panels=not args.no_panels,
-                   engine=args.engine)
+                   engine=args.engine, el2n_epoch=args.el2n_epoch)
     if args.run_id:
         results = [analyze_run(tracker, args.run_id, **options)]
     else:
@@ -145,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar of our own instead
     args = _parser().parse_args(argv)
     try:
-        return _report(args) if args.command == "report" else _analyze(args)
+        return {"report": _report, "compare": _compare}.get(args.command, _analyze)(args)
     except ActionScoresError as error:
         print(f"action-scores: error: {error}", file=sys.stderr)
         return 2

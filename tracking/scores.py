@@ -5,14 +5,22 @@ Scores"): A(x) = sum_n L(y, m(x; theta_n)), the sample's loss summed over epochs
 Higher = harder or mislabeled; lowest = easy, often a dataset bias. For a loss made of
 parts, each part gets its own action (`action_loc` = sum of `loss_loc`).
 
+The same pass computes the rest of the training-dynamics family from the per-sample
+columns a classification step records beside `loss` (`classification_columns`):
+Dataset Cartography's `confidence`, `variability`, `correctness` (Swayamdipta et al. 2020),
+`forgetting` events (Toneva et al. 2019), `aum`, the area under the margin (Pleiss et al.
+2020) and `el2n` at one early epoch (Paul et al. 2021). A score whose column a run lacks
+is left out, and `ActionAccumulator.missing` says why.
+
 The sums run table by table, so memory grows with the number of samples, never with
-samples x epochs (1M samples x 100 epochs: one float64 per sample and part).
+samples x epochs (1M samples x 100 epochs: a few float64 per sample and part).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,6 +30,48 @@ import pyarrow.parquet as pq
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
 from tracking.rank import rank_desc
+
+if TYPE_CHECKING:
+    import torch
+
+# Score column -> the recorded column it needs.
+DYNAMICS_SOURCES = {
+    "confidence": contract.P_TRUE,
+    "variability": contract.P_TRUE,
+    "correctness": contract.CORRECT,
+    "forgetting": contract.CORRECT,
+    "aum": contract.MARGIN,
+    "el2n": contract.EL2N,
+}
+_FLOAT_SOURCES = (contract.P_TRUE, contract.MARGIN, contract.EL2N)
+
+
+def classification_columns(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-sample columns the dynamics scores need, from the logits the loss already used.
+
+    No second forward pass and no logits stored: four numbers per sample, kept on the device.
+    """
+    import torch
+
+    with torch.no_grad():
+        logits = logits.detach().float()
+        targets = targets.long()
+        probabilities = logits.softmax(dim=1)
+        true_logit = logits.gather(1, targets[:, None]).squeeze(1)
+        others = logits.scatter(1, targets[:, None], float("-inf"))
+        one_hot = torch.nn.functional.one_hot(targets, logits.shape[1]).float()
+        return {
+            contract.CORRECT: logits.argmax(dim=1) == targets,
+            contract.P_TRUE: probabilities.gather(1, targets[:, None]).squeeze(1),
+            contract.MARGIN: true_logit - others.max(dim=1).values,
+            contract.EL2N: (probabilities - one_hot).norm(dim=1),
+        }
+
+
+def default_el2n_epoch(epochs: int) -> int:
+    """Zero-based epoch whose table gives `el2n` by default: a tenth into training, as the
+    paper's epoch 20 of 200 (epoch 0 for runs under 10 epochs)."""
+    return epochs // 10
 
 
 def read_epoch_table(path: str | Path, name: str) -> pa.Table:
@@ -75,11 +125,15 @@ class ActionAccumulator:
     """
 
     split: str
+    el2n_epoch: int = 0
     sample_ids: np.ndarray | None = None
     labels: np.ndarray | None = None
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     epochs: int = 0
     non_finite: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    non_finite_columns: set[str] = field(default_factory=set)
+    dynamics: _Dynamics | None = None
+    missing: dict[str, str] = field(default_factory=dict)  # score left out -> why
 
     def update(self, epoch: int, table: pa.Table, name: str) -> None:
         """Add the (checked, sorted) table of `epoch`, which must be the next epoch."""
@@ -92,19 +146,28 @@ class ActionAccumulator:
             self.sums = {column: np.zeros(ids.size, dtype=np.float64) for column in loss_columns}
             if contract.TARGET in table.column_names:
                 self.labels = table.column(contract.TARGET).to_numpy(zero_copy_only=False)
+            self.dynamics = _Dynamics(ids.size, _dynamics_sources(table, name))
         else:
             _check_same_ids(self.split, self.sample_ids, ids, name)
             if sorted(loss_columns) != sorted(self.sums):
                 raise ActionScoresError(
                     f"{name}: loss columns {sorted(loss_columns)} differ from epoch 0's {sorted(self.sums)}"
                 )
-        for column in loss_columns:
+            sources = _dynamics_sources(table, name)
+            if sources != self.dynamics.sources:
+                raise ActionScoresError(
+                    f"{name}: per-sample columns {sorted(sources)} differ from epoch 0's {sorted(self.dynamics.sources)}"
+                )
+        for column in loss_columns + [c for c in _FLOAT_SOURCES if c in self.dynamics.sources]:
             values = table.column(column).to_numpy(zero_copy_only=False)
             bad = ~np.isfinite(values)
             if bad.any():
                 self.non_finite.append((epoch, ids[bad]))
+                self.non_finite_columns.add(column)
                 values = np.where(bad, 0.0, values)
-            self.sums[column] += values
+            if column in self.sums:
+                self.sums[column] += values
+        self.dynamics.update(table, epoch == self.el2n_epoch)
         self.epochs += 1
 
     def compute(self) -> pd.DataFrame:
@@ -114,19 +177,113 @@ class ActionAccumulator:
         if self.non_finite:
             details = "; ".join(f"epoch {epoch}: samples {preview(ids)}" for epoch, ids in self.non_finite[:5])
             more = f"; and {len(self.non_finite) - 5} more epochs" if len(self.non_finite) > 5 else ""
+            dynamics = sorted(self.non_finite_columns & set(_FLOAT_SOURCES))
+            what = f"values in {dynamics + sorted(self.non_finite_columns & set(self.sums))}" if dynamics else "losses"
             raise ActionScoresError(
-                f"split {self.split!r} has NaN or infinite losses, which would corrupt the sums: "
-                f"{details}{more}"
+                f"split {self.split!r} has NaN or infinite {what}, which would corrupt the sums: {details}{more}"
+            )
+        if self.el2n_epoch < 0 or (contract.EL2N in self.dynamics.sources and self.el2n_epoch >= self.epochs):
+            raise ActionScoresError(
+                f"split {self.split!r}: el2n epoch {self.el2n_epoch} is not one of the run's epochs 0..{self.epochs - 1}"
             )
         scores = pd.DataFrame({contract.SAMPLE_ID: self.sample_ids})
         scores["epochs"] = np.int64(self.epochs)
         for column, total in self.sums.items():
             scores["action" + column[len(contract.LOSS):]] = total
         scores["mean_loss"] = scores["action"] / self.epochs
+        for column, values in self.dynamics.compute(self.epochs).items():
+            scores[column] = values
+        self.missing = {
+            score: f"the tables have no {source!r} column (recorded by tracking.scores.classification_columns)"
+            for score, source in DYNAMICS_SOURCES.items() if source not in self.dynamics.sources
+        }
         scores["rank"] = rank_desc(scores, "action")
         if self.labels is not None:
             scores["label"] = self.labels
         return scores
+
+
+def _dynamics_sources(table: pa.Table, name: str) -> frozenset[str]:
+    """Which of the dynamics' source columns a table has, checking their types."""
+    found = frozenset(set(DYNAMICS_SOURCES.values()) & set(table.column_names))
+    for column in found:
+        kind = table.schema.field(column).type
+        good = pa.types.is_boolean(kind) if column == contract.CORRECT else pa.types.is_floating(kind)
+        if not good:
+            expected = "bool" if column == contract.CORRECT else "float"
+            raise ActionScoresError(f"{name}: column {column!r} must be {expected}, got {kind}")
+    return found
+
+
+@dataclass
+class _Dynamics:
+    """Running per-sample state of the dynamics scores, one epoch table at a time.
+
+    Variability uses Welford's update of mean and squared deviations (no catastrophic
+    cancellation), giving the population standard deviation (ddof=0) as Cartography's
+    `np.std` does.
+    """
+
+    size: int
+    sources: frozenset[str]
+    epochs: int = 0
+    p_mean: np.ndarray | None = None
+    p_m2: np.ndarray | None = None
+    right: np.ndarray | None = None
+    previous: np.ndarray | None = None
+    ever_right: np.ndarray | None = None
+    forgotten: np.ndarray | None = None
+    margin_sum: np.ndarray | None = None
+    el2n: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        zeros = lambda dtype: np.zeros(self.size, dtype=dtype)  # noqa: E731
+        if contract.P_TRUE in self.sources:
+            self.p_mean, self.p_m2 = zeros(np.float64), zeros(np.float64)
+        if contract.CORRECT in self.sources:
+            self.right, self.forgotten = zeros(np.int64), zeros(np.int64)
+            self.previous, self.ever_right = zeros(bool), zeros(bool)
+        if contract.MARGIN in self.sources:
+            self.margin_sum = zeros(np.float64)
+
+    def update(self, table: pa.Table, take_el2n: bool) -> None:
+        """Fold in one epoch's (sorted, checked) table."""
+        def column(name: str) -> np.ndarray:
+            values = table.column(name).to_numpy(zero_copy_only=False)
+            return np.where(np.isfinite(values), values, 0.0) if name in _FLOAT_SOURCES else values
+
+        self.epochs += 1
+        if self.p_mean is not None:
+            p = column(contract.P_TRUE).astype(np.float64)
+            delta = p - self.p_mean
+            self.p_mean += delta / self.epochs
+            self.p_m2 += delta * (p - self.p_mean)
+        if self.right is not None:
+            correct = column(contract.CORRECT).astype(bool)
+            self.forgotten += self.previous & ~correct
+            self.right += correct
+            self.ever_right |= correct
+            self.previous = correct
+        if self.margin_sum is not None:
+            self.margin_sum += column(contract.MARGIN)
+        if take_el2n and contract.EL2N in self.sources:
+            self.el2n = column(contract.EL2N).astype(np.float64)
+
+    def compute(self, epochs: int) -> dict[str, np.ndarray]:
+        """Score columns this run's tables allow, in the contract's order."""
+        out: dict[str, np.ndarray] = {}
+        if self.p_mean is not None:
+            out["confidence"] = self.p_mean.copy()
+            out["variability"] = np.sqrt(self.p_m2 / epochs)
+        if self.right is not None:
+            out["correctness"] = self.right / epochs
+            # Never learned: `epochs`, above any learned sample's count (at most epochs // 2).
+            out["forgetting"] = np.where(self.ever_right, self.forgotten, epochs).astype(np.int64)
+        if self.margin_sum is not None:
+            out["aum"] = self.margin_sum / epochs
+        if self.el2n is not None:
+            out["el2n"] = self.el2n
+        return out
 
 
 def _check_same_ids(split: str, reference: np.ndarray, ids: np.ndarray, name: str) -> None:

@@ -1,0 +1,151 @@
+"""Compare the actions of several analysed runs of one split: how stable is "hard" across seeds and models?
+
+Reads each run's `action_scores/<split>/scores.parquet`, then logs to a NEW run (tagged with its
+sources): the Spearman rank correlation matrix of the actions, the overlap of their top-k hardest,
+both as a heatmap PNG, and a combined score, each sample's mean rank over the runs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from tracking import contract
+from tracking.errors import ActionScoresError, preview
+from tracking.plots import matrices
+from tracking.rank import hardest, rank_desc
+from tracking.trackers import Tracker
+
+COMPARE_DIR = "action_scores_compare"
+SOURCES_TAG = "action_scores.compare.sources"
+SOURCE_TAG = "action_scores.compare.source.{index}"
+SCORE = "action"
+
+
+@dataclass
+class Comparison:
+    """What `compare_runs` found and where it logged it."""
+
+    run_id: str  # the new run
+    split: str
+    spearman: pd.DataFrame  # run x run
+    overlap: pd.DataFrame  # run x run: |top-k of both| / k
+    combined: pd.DataFrame  # sample_id, one rank per run, mean_rank, rank (1 = hardest by mean rank)
+    artifacts: list[str]
+
+
+def _scored_splits(tracker: Tracker, run_id: str) -> set[str]:
+    """Splits of a run that the job has scored."""
+    tracker.attach(run_id)
+    suffix = f"/{contract.SCORES_FILE}"
+    return {path[len(contract.SCORES_DIR) + 1:-len(suffix)] for path in tracker.list_files(contract.SCORES_DIR)
+            if path.endswith(suffix) and path.count("/") == 2}
+
+
+def _pick_split(tracker: Tracker, run_ids: list[str], split: str | None) -> str:
+    """The split to compare: the one asked for, or the only one every run has scored."""
+    found = {run_id: _scored_splits(tracker, run_id) for run_id in run_ids}
+    unscored = [run_id for run_id, splits in found.items() if not splits]
+    if unscored:
+        raise ActionScoresError(f"runs {preview(unscored)} have no {contract.SCORES_DIR}/<split>/{contract.SCORES_FILE}: "
+                                "run `action-scores analyze` on them first")
+    if split is not None:
+        lacking = [run_id for run_id, splits in found.items() if split not in splits]
+        if lacking:
+            raise ActionScoresError(f"split {split!r} is not scored in runs {preview(lacking)}")
+        return split
+    common = set.intersection(*found.values())
+    if len(common) != 1:
+        raise ActionScoresError(f"the runs share the scored splits {sorted(common)}: name one with --split")
+    return common.pop()
+
+
+def _read_actions(tracker: Tracker, run_ids: list[str], split: str, work: Path) -> pd.DataFrame:
+    """One action column per run, indexed by sample_id; the runs must score the same samples."""
+    columns = {}
+    for run_id in tqdm(run_ids, desc="read scores", unit="run"):
+        tracker.attach(run_id)
+        local = tracker.download(f"{contract.scores_dir(split)}/{contract.SCORES_FILE}", work / run_id)
+        scores = pd.read_parquet(local, columns=[contract.SAMPLE_ID, SCORE]).set_index(contract.SAMPLE_ID)
+        columns[run_id] = scores[SCORE]
+    reference = next(iter(columns.values())).index
+    for run_id, column in columns.items():
+        if not column.index.sort_values().equals(reference.sort_values()):
+            raise ActionScoresError(
+                f"run {run_id} scores other samples of split {split!r} than run {run_ids[0]}: "
+                f"missing {preview(reference.difference(column.index))}, "
+                f"unexpected {preview(column.index.difference(reference))}; compare runs of the same dataset and split"
+            )
+    return pd.DataFrame(columns).sort_index()
+
+
+def spearman(actions: pd.DataFrame) -> pd.DataFrame:
+    """Spearman rank correlation of every pair of columns (Pearson on average ranks, ties averaged)."""
+    return actions.rank().corr(method="pearson")
+
+
+def top_k_overlap(actions: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Fraction of the k hardest samples (ties by lower sample_id) that two runs share."""
+    tops = {}
+    for run_id in actions.columns:
+        frame = actions[run_id].rename(SCORE).reset_index()
+        tops[run_id] = set(hardest(frame, SCORE, k)[contract.SAMPLE_ID])
+    return pd.DataFrame({a: {b: len(tops[a] & tops[b]) / k for b in actions.columns} for a in actions.columns},
+                        index=actions.columns)[actions.columns]
+
+
+def combined_ranks(actions: pd.DataFrame) -> pd.DataFrame:
+    """Each run's rank (1 = hardest), their mean, and the rank by that mean: a consensus difficulty."""
+    frame = actions.reset_index()
+    combined = pd.DataFrame({contract.SAMPLE_ID: frame[contract.SAMPLE_ID]})
+    for run_id in actions.columns:
+        combined[f"rank_{run_id}"] = rank_desc(frame.rename(columns={run_id: SCORE}), SCORE)
+    combined["mean_rank"] = combined[[f"rank_{r}" for r in actions.columns]].mean(axis=1)
+    combined["rank"] = rank_desc(combined.assign(negated=-combined["mean_rank"]), "negated")
+    return combined
+
+
+def compare_runs(tracker: Tracker, run_ids: list[str], *, split: str | None = None, top_k: int = 50,
+                 experiment: str | None = None) -> Comparison:
+    """Read the runs' actions, compare them, and log the comparison to a new run of `experiment`."""
+    if len(run_ids) < 2 or len(set(run_ids)) != len(run_ids):
+        raise ActionScoresError(f"compare needs at least two different runs, got {run_ids}")
+    if top_k <= 0:
+        raise ActionScoresError(f"top_k must be positive, got {top_k}")
+    chosen = _pick_split(tracker, run_ids, split)
+    with tempfile.TemporaryDirectory(prefix="action-scores-compare-") as work:
+        actions = _read_actions(tracker, run_ids, chosen, Path(work) / "in")
+        if top_k > len(actions):
+            raise ActionScoresError(f"top_k {top_k} is more than the {len(actions)} samples of split {chosen!r}")
+        correlation, overlap = spearman(actions), top_k_overlap(actions, top_k)
+        combined = combined_ranks(actions)
+        out = Path(work) / "out"
+        out.mkdir()
+        correlation.to_csv(out / "spearman.csv")
+        overlap.to_csv(out / "top_k_overlap.csv")
+        combined.to_parquet(out / "combined.parquet", index=False)
+        short = {run_id: run_id[:8] for run_id in run_ids}
+        matrices([("Spearman rank correlation of action", correlation.rename(index=short, columns=short)),
+                  (f"overlap of the top {top_k} hardest", overlap.rename(index=short, columns=short))],
+                 out / "heatmap.png", f"split {chosen}: {len(actions)} samples, {len(run_ids)} runs")
+        off_diagonal = ~np.eye(len(run_ids), dtype=bool)
+        tracker.start(experiment=experiment, run_name=f"compare-{chosen}")
+        try:
+            tracker.log_params({"split": chosen, "top_k": top_k, "runs": len(run_ids)})
+            tracker.set_tags({SOURCES_TAG: ",".join(run_ids),
+                              **{SOURCE_TAG.format(index=i): run_id for i, run_id in enumerate(run_ids)}})
+            tracker.log_metrics({"spearman_mean": float(correlation.to_numpy()[off_diagonal].mean()),
+                                 "spearman_min": float(correlation.to_numpy()[off_diagonal].min()),
+                                 "top_k_overlap_mean": float(overlap.to_numpy()[off_diagonal].mean())})
+            tracker.log_artifacts(out, f"{COMPARE_DIR}/{chosen}")
+        except BaseException:
+            tracker.finish(failed=True)
+            raise
+        tracker.finish()
+        artifacts = sorted(f"{COMPARE_DIR}/{chosen}/{p.name}" for p in out.iterdir())
+    return Comparison(tracker.run_id, chosen, correlation, overlap, combined, artifacts)
