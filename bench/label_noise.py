@@ -108,7 +108,7 @@ def train_scores(data: Data, noisy: np.ndarray, epochs: int, uri: str, seed: int
     model = KerasCifarCNN(data.inputs.shape[1], data.classes, data.inputs.shape[2])
     tracker = MLflowTracker(uri)
     train_and_record(
-        tracker=tracker, experiment="label-noise", run_name=data.name, params={"action_scores.task": "classification"},
+        tracker=lambda: tracker, experiment="label-noise", run_name=data.name, params={"action_scores.task": "classification"},
         model=model, step=classification_step, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
         datasets={"train": TensorDataset(data.inputs, torch.from_numpy(noisy))}, tracked_passes={"train": "train"},
         epochs=epochs, batch_size=32, seed=seed, device=torch.device("cpu"),

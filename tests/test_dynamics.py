@@ -68,7 +68,7 @@ def recorded(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Re
     tracker = MLflowTracker(mlflow_server)
     with in_process_training(mlflow_server):
         train_and_record(
-            tracker=tracker, experiment=f"dynamics-{uuid.uuid4().hex[:8]}", run_name="dynamics",
+            tracker=lambda: tracker, experiment=f"dynamics-{uuid.uuid4().hex[:8]}", run_name="dynamics",
             params={"action_scores.task": "classification"}, model=model, step=step,
             optimizer=torch.optim.Adam(model.parameters(), lr=1e-3), datasets={"train": train.dataset},
             tracked_passes={"train": "train"}, epochs=EPOCHS, batch_size=64, seed=0, device=torch.device("cpu"),
