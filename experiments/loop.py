@@ -128,7 +128,7 @@ def fit(
             if spec.scored_by == "eval":
                 metrics |= evaluate(model, step, spec.loader, spec.recorder, device, split)
             spec.recorder.end_epoch(epoch)
-        tracker.log_metrics(metrics, step=epoch)
+        tracker.log_metrics_later(metrics, step=epoch)  # never waits for the network
     return metrics
 
 

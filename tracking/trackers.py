@@ -8,6 +8,8 @@ imports without them. The native client stays reachable through `Tracker.native`
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import re
 from abc import ABC, abstractmethod
@@ -16,6 +18,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from tracking.errors import ActionScoresError
+from tracking.uploads import Operation, Uploader, left_behind_message, spool_root
+
+log = logging.getLogger(__name__)
 
 
 class Tracker(ABC):
@@ -98,6 +103,25 @@ class Tracker(ABC):
         such view (the PNG panels are its view), so the default does nothing.
         """
 
+    # --- writes during training: never block the loop -----------------------------------
+    @property
+    def spool_dir(self) -> Path:
+        """This run's local spool folder (`$ACTION_SCORES_SPOOL/<backend>-<run id>`): where the
+        recorder writes tables, kept until they are uploaded."""
+        return spool_root() / f"{self.name}-{self.run_id}"
+
+    def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
+        """Hand a finished file over for upload without waiting for the network.
+
+        Backends that write to local disk (W&B offline, a folder) just log it now; a
+        network backend queues it (see `tracking.uploads`) and `finish` waits for it.
+        """
+        self.log_artifact(local_path, artifact_dir)
+
+    def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
+        """`log_metrics` without waiting for the network, in order with `upload_later`."""
+        self.log_metrics(metrics, step)
+
     def log_artifacts(self, local_dir: str | Path, artifact_dir: str) -> None:
         """Upload every file under `local_dir`, keeping the folder layout."""
         root = Path(local_dir)
@@ -112,7 +136,11 @@ def redact(uri: str) -> str:
 
 
 class MLflowTracker(Tracker):
-    """MLflow backend; any tracking URI works (sqlite file, server, Databricks)."""
+    """MLflow backend; any tracking URI works (sqlite file, server, Databricks).
+
+    Writes made during training through `upload_later` and `log_metrics_later` go through
+    one background `Uploader` per run, so a server outage never blocks or kills training.
+    """
 
     name = "mlflow"
     _MAX_PARAM_LENGTH = 6000
@@ -124,6 +152,8 @@ class MLflowTracker(Tracker):
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         self._started = False
+        self._uploader: Uploader | None = None
+        self.left_behind = ""  # what `finish` said about writes the server did not take in time
 
     @property
     def native(self) -> Any:
@@ -154,11 +184,63 @@ class MLflowTracker(Tracker):
         self._run_id = run_id
 
     def finish(self, failed: bool = False) -> None:
+        """Wait (bounded) for queued writes, then end the run.
+
+        If the server does not take them in time, the run is left as the server has it
+        and a warning names the spool folder and the command that finishes the job.
+        """
         import mlflow
 
+        status = "FAILED" if failed else "FINISHED"
+        if self._uploader is not None:
+            uploader, self._uploader = self._uploader, None
+            if self._started:
+                uploader.submit("end", status=status)
+            left = uploader.close()
+            if left:
+                self.left_behind = left_behind_message(uploader.spool, left, redact(uploader.last_error),
+                                                       redact(self.tracking_uri))
+                log.warning(self.left_behind)
+                self._started = False
+                return
         if self._started:
-            mlflow.end_run(status="FAILED" if failed else "FINISHED")
+            mlflow.end_run(status=status)
             self._started = False
+
+    def _uploads(self) -> Uploader:
+        """The background uploader of the current run, started on first use."""
+        if self._uploader is None or self._uploader.spool != self.spool_dir:
+            record = {"backend": self.name, "run_id": self.run_id, "tracking_uri": redact(self.tracking_uri)}
+            self._uploader = Uploader(self.spool_dir, record, functools.partial(self.perform, self.run_id))
+        return self._uploader
+
+    def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
+        self._uploads().submit("artifact", path=str(Path(local_path).resolve()), artifact_dir=artifact_dir)
+
+    def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
+        self._uploads().submit("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=int(step))
+
+    def perform(self, run_id: str, operation: Operation, maybe_done: bool) -> None:
+        """Do one queued write to `run_id`; raises on any failure.
+
+        `maybe_done`: the write may have reached the server already (a retry, a replay), so
+        metric values already in the history at that step are not logged twice.
+        """
+        payload = operation.payload
+        if operation.kind == "artifact":
+            if not Path(payload["path"]).is_file():
+                raise ActionScoresError(f"spooled table {payload['path']} is gone")
+            self._client.log_artifact(run_id, payload["path"], payload["artifact_dir"])
+        elif operation.kind == "metrics":
+            metrics, step = payload["metrics"], payload["step"]
+            if maybe_done:
+                metrics = {key: value for key, value in metrics.items()
+                           if (step, value) not in {(m.step, m.value) for m in self._client.get_metric_history(run_id, key)}}
+            self._log_metrics(run_id, metrics, step)
+        elif operation.kind == "end":
+            self._client.set_terminated(run_id, payload["status"])
+        else:
+            raise ActionScoresError(f"{operation.file}: unknown operation {operation.kind!r}")
 
     def log_params(self, params: Mapping[str, object]) -> None:
         from mlflow.entities import Param
@@ -175,6 +257,9 @@ class MLflowTracker(Tracker):
             self._client.log_batch(self.run_id, params=fresh[start : start + self._MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._log_metrics(self.run_id, metrics, step)
+
+    def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None) -> None:
         import time
 
         from mlflow.entities import Metric
@@ -182,7 +267,7 @@ class MLflowTracker(Tracker):
         now = int(time.time() * 1000)
         entries = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
         for start in range(0, len(entries), 1000):
-            self._client.log_batch(self.run_id, metrics=entries[start : start + 1000])
+            self._client.log_batch(run_id, metrics=entries[start : start + 1000])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
@@ -274,6 +359,14 @@ class FanOutTracker(Tracker):
     def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
         for tracker in self.trackers:
             tracker.log_artifact(local_path, artifact_dir)
+
+    def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
+        for tracker in self.trackers:
+            tracker.upload_later(local_path, artifact_dir)
+
+    def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log_metrics_later(metrics, step)
 
     def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
         for tracker in self.trackers:
