@@ -218,13 +218,27 @@ def analyze_run(
     """Score every tracked split of one run and log scores, panels, metrics and the status tag.
 
     A run already tagged done is skipped unless `force`. `data_root` overrides the data
-    folder the run recorded, for data that has moved.
+    folder the run recorded, for data that has moved. The run is held with
+    `Tracker.job_lock` meanwhile: a second job on it fails, naming the first.
     """
     if top_k <= 0:
         raise ActionScoresError(f"top_k must be positive, got {top_k}")
     tracker.attach(run_id)
-    if tracker.tags().get(contract.STATUS_TAG) == contract.STATUS_DONE and not force:
-        return AnalysisResult(run_id, "skipped", message="already analysed (use force to redo)")
+
+    def skipped() -> AnalysisResult | None:
+        if tracker.tags().get(contract.STATUS_TAG) == contract.STATUS_DONE and not force:
+            return AnalysisResult(run_id, "skipped", message="already analysed (use force to redo)")
+        return None
+
+    if done := skipped():
+        return done
+    with tracker.job_lock():
+        return skipped() or _analyze_locked(tracker, run_id, top_k, data_root, panels)  # a job may just have finished
+
+
+def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, panels: bool
+                    ) -> AnalysisResult:
+    """The job's work on a run it holds: read and check everything, compute, then write, status last."""
     files = tracker.list_files(contract.LOSSES_DIR)
     by_split = epoch_files(files)
     if not by_split:

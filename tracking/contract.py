@@ -17,6 +17,8 @@ SCORES_DIR = "action_scores"
 SCORES_FILE = "scores.parquet"
 STATUS_TAG = "action_scores.status"
 STATUS_DONE = "done"
+# Held by a running post-hoc job: "<host>:<pid>:<nonce> <UTC ISO time>"; removed when it ends.
+LOCK_TAG = "action_scores.lock"
 
 # Run params that let the post-hoc job rebuild the images of a split by sample_id,
 # and pick the panel renderer ("classification" or "detection").

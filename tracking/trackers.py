@@ -12,11 +12,17 @@ import functools
 import logging
 import os
 import re
+import socket
+import time
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tracking import contract
 from tracking.errors import ActionScoresError
 from tracking.uploads import Operation, Uploader, left_behind_message, spool_root
 
@@ -122,12 +128,41 @@ class Tracker(ABC):
         """`log_metrics` without waiting for the network, in order with `upload_later`."""
         self.log_metrics(metrics, step)
 
+    @contextmanager
+    def job_lock(self) -> Iterator[None]:
+        """Hold the run for one post-hoc job, so that two jobs never write it at once.
+
+        The default holds nothing: a W&B offline run is a local folder the job resumes by
+        itself. MLflow runs are locked with a tag (see `MLflowTracker.job_lock`).
+        """
+        yield
+
     def log_artifacts(self, local_dir: str | Path, artifact_dir: str) -> None:
         """Upload every file under `local_dir`, keeping the folder layout."""
         root = Path(local_dir)
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             relative = path.parent.relative_to(root).as_posix()
             self.log_artifact(path, artifact_dir if relative == "." else f"{artifact_dir}/{relative}")
+
+
+def _stale_lock(held: str) -> bool:
+    """Whether a lock tag's job is gone: its process has exited (same host), or the tag is older than the TTL."""
+    owner, _, since = held.partition(" ")
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    try:
+        age = (datetime.now(timezone.utc) - datetime.fromisoformat(since)).total_seconds()
+    except ValueError:
+        return True  # not a lock this library wrote
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, someone else's
+    ttl = os.environ.get("ACTION_SCORES_LOCK_TTL", "")
+    return age > (float(ttl) if ttl else 6 * 3600)
 
 
 def redact(uri: str) -> str:
@@ -145,6 +180,7 @@ class MLflowTracker(Tracker):
     name = "mlflow"
     _MAX_PARAM_LENGTH = 6000
     _MAX_PARAMS_PER_BATCH = 100
+    LOCK_SETTLE_SECONDS = 0.5
 
     def __init__(self, tracking_uri: str | None = None) -> None:
         import mlflow
@@ -241,6 +277,38 @@ class MLflowTracker(Tracker):
             self._client.set_terminated(run_id, payload["status"])
         else:
             raise ActionScoresError(f"{operation.file}: unknown operation {operation.kind!r}")
+
+    @contextmanager
+    def job_lock(self) -> Iterator[None]:
+        """Hold the run with the tag `action_scores.lock` = "<host>:<pid>:<nonce> <UTC time>".
+
+        A lock held by another live job is an error that names it. A lock is stale, and
+        taken over, when its process is gone (same host) or it is older than
+        `$ACTION_SCORES_LOCK_TTL` seconds (6 h). MLflow has no compare-and-set, so after
+        setting the tag the job waits a moment and reads it back: of two jobs that set it
+        at once, only the last writer goes on. The tag is removed when the job ends.
+        """
+        held = self.tags().get(contract.LOCK_TAG)
+        if held and not _stale_lock(held):
+            raise ActionScoresError(
+                f"run {self.run_id} is being analysed by another job ({contract.LOCK_TAG} = {held!r}); "
+                "try again when it has finished. If that job is gone, delete the tag (MLflow UI, or "
+                f"MlflowClient().delete_tag(run_id, {contract.LOCK_TAG!r}))"
+            )
+        mine = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]} {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+        self._client.set_tag(self.run_id, contract.LOCK_TAG, mine)
+        time.sleep(self.LOCK_SETTLE_SECONDS)
+        now_held = self.tags().get(contract.LOCK_TAG)
+        if now_held != mine:
+            raise ActionScoresError(
+                f"run {self.run_id}: another job took it at the same moment ({contract.LOCK_TAG} = {now_held!r}); "
+                "it does the work"
+            )
+        try:
+            yield
+        finally:
+            if self.tags().get(contract.LOCK_TAG) == mine:
+                self._client.delete_tag(self.run_id, contract.LOCK_TAG)
 
     def log_params(self, params: Mapping[str, object]) -> None:
         from mlflow.entities import Param
