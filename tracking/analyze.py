@@ -6,6 +6,7 @@ leaves the run exactly as it was; the `action_scores.status` tag is set last.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
 from collections import defaultdict
@@ -62,11 +63,14 @@ def epoch_files(files: list[str]) -> dict[str, list[str]]:
         by_split[split][epoch] = path
     grouped = {}
     for split, epochs in sorted(by_split.items()):
-        missing = sorted(set(range(max(epochs) + 1)) - set(epochs))
-        if missing:
-            names = preview(contract.epoch_file_name(e) for e in missing)
+        last = max(epochs)
+        if len(epochs) != last + 1:
+            # Never materialise 0..last: a file named epoch_99999999.parquet must not cost 100M entries.
+            first = list(itertools.islice((e for e in range(last + 1) if e not in epochs), 10))
+            more = last + 1 - len(epochs) - len(first)
+            names = f"[{', '.join(contract.epoch_file_name(e) for e in first)}]" + (f" and {more} more" if more else "")
             raise ActionScoresError(
-                f"split {split!r}: epoch tables missing: {names} (found {len(epochs)} of epochs 0..{max(epochs)})"
+                f"split {split!r}: epoch tables missing: {names} (found {len(epochs)} of epochs 0..{last})"
             )
         grouped[split] = [epochs[e] for e in sorted(epochs)]
     return grouped

@@ -360,7 +360,7 @@ class MLflowTracker(Tracker):
 
     def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
         # MLflow writes a single file as dst/<file name>: give each folder its own dst.
-        folder = Path(dst_dir) / Path(artifact_path).parent
+        folder = Path(dst_dir) / contract.relative_artifact_path(artifact_path).parent
         folder.mkdir(parents=True, exist_ok=True)
         return Path(self._client.download_artifacts(self.run_id, artifact_path, str(folder)))
 
