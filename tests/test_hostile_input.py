@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -17,6 +16,7 @@ import torch
 
 from tests.conftest import ROOT, snapshot_run
 from tests.test_analyze_errors import _files_with, _good_files, _make_run, _table
+from tests.test_analyze_errors import client, experiment_id, tracker  # noqa: F401 (shared fixtures)
 from tracking.analyze import analyze_run, epoch_files
 from tracking.errors import ActionScoresError
 from tracking.trackers import MLflowTracker
@@ -30,22 +30,6 @@ class Payload:
 
     def __reduce__(self):
         return os.makedirs, (str(self.marker),)
-
-
-@pytest.fixture()
-def client(mlflow_server: str) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(mlflow_server)
-
-
-@pytest.fixture()
-def tracker(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> MLflowTracker:
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    return MLflowTracker(mlflow_server)
-
-
-@pytest.fixture()
-def experiment_id(client: mlflow.MlflowClient) -> str:
-    return client.create_experiment(f"hostile-{uuid.uuid4().hex[:10]}")
 
 
 ESCAPING = [

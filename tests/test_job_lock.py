@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,21 +16,12 @@ import pytest
 
 from tests.conftest import BIN, ROOT, run_command, snapshot_run
 from tests.test_analyze_errors import _check_scores, _make_run, _metric_lengths, _random_epochs, _scores
+from tests.test_analyze_errors import client, experiment_id  # noqa: F401 (shared fixtures)
 from tracking.analyze import analyze_run
 from tracking.trackers import MLflowTracker
 
 LOCK = "action_scores.lock"
 METRICS = ("samples", "epochs", "action_mean", "action_max", "action_min")
-
-
-@pytest.fixture()
-def client(mlflow_server: str) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(mlflow_server)
-
-
-@pytest.fixture()
-def experiment_id(client: mlflow.MlflowClient) -> str:
-    return client.create_experiment(f"lock-{uuid.uuid4().hex[:10]}")
 
 
 def _analyze(run_id: str, env: dict[str, str]) -> subprocess.Popen:
