@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import BIN, ROOT, run_command, wait_until_healthy
+from tests.conftest import BIN, _free_port, ROOT, run_command, start_server, stop_server
 from tracking.analyze import analyze_run
 from tracking.recorder import LossRecorder
 from tracking.trackers import MLflowTracker
@@ -30,30 +30,16 @@ class RestartableServer:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = _free_port()  # fixed for the test: a restart serves the same URI
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        with open(self.root / "server.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                 "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-            )
-        wait_until_healthy(self.uri, self.process)
+        self.process = start_server(self.root, self.port)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_server(self.process)
         self.process = None
         with socket.socket() as sock:  # refused from now on: the outage is real
             assert sock.connect_ex(("127.0.0.1", self.port)) != 0

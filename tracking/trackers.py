@@ -213,6 +213,11 @@ class MLflowTracker(Tracker):
         try:
             self._client.get_run(run_id)
         except MlflowException as error:
+            if error.error_code == "UNAUTHENTICATED":
+                raise ActionScoresError(
+                    f"authentication failed at tracking URI {redact(self.tracking_uri)}: check "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                ) from None
             raise ActionScoresError(
                 f"run {run_id!r} not found at tracking URI {redact(self.tracking_uri)} "
                 f"({error.error_code})"
@@ -295,8 +300,18 @@ class MLflowTracker(Tracker):
                 "try again when it has finished. If that job is gone, delete the tag (MLflow UI, or "
                 f"MlflowClient().delete_tag(run_id, {contract.LOCK_TAG!r}))"
             )
+        from mlflow.exceptions import MlflowException
+
         mine = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]} {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
-        self._client.set_tag(self.run_id, contract.LOCK_TAG, mine)
+        try:  # the job's first write, before anything is downloaded or computed
+            self._client.set_tag(self.run_id, contract.LOCK_TAG, mine)
+        except MlflowException as error:
+            if error.error_code != "PERMISSION_DENIED":
+                raise
+            raise ActionScoresError(
+                f"permission denied: the MLflow user (MLFLOW_TRACKING_USERNAME) may read run {self.run_id} but not "
+                "write to it; the job needs EDIT permission on the run's experiment. Nothing was computed or written"
+            ) from None
         time.sleep(self.LOCK_SETTLE_SECONDS)
         now_held = self.tags().get(contract.LOCK_TAG)
         if now_held != mine:
