@@ -165,6 +165,28 @@ def _stale_lock(held: str) -> bool:
     return age > (float(ttl) if ttl else 6 * 3600)
 
 
+def _end_run_without_waiting(status: str) -> None:
+    """Close this process's active MLflow run while the server is unreachable: one quick try (the
+    spooled `end` operation is what really ends it), so that neither this call nor MLflow's own
+    end-of-process hook waits minutes on retries, and a later `start` in this process works."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {key: os.environ.get(key) for key in quick}
+    os.environ.update(quick)
+    try:
+        mlflow.end_run(status=status)  # forgets the run locally first, then tries the server once
+    except MlflowException:
+        pass
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def redact(uri: str) -> str:
     """A URI without its `user:password@` part, safe to print in errors."""
     return re.sub(r"//[^/]*@", "//***@", uri)  # up to the last '@' of the authority, as urllib does
@@ -242,7 +264,9 @@ class MLflowTracker(Tracker):
                 self.left_behind = left_behind_message(uploader.spool, left, redact(uploader.last_error),
                                                        redact(self.tracking_uri))
                 log.warning(self.left_behind)
-                self._started = False
+                if self._started:
+                    self._started = False
+                    _end_run_without_waiting(status)
                 return
         if self._started:
             mlflow.end_run(status=status)
