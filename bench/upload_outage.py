@@ -4,7 +4,7 @@
 
 Starts a local `mlflow server`, records `--epochs` epochs of `--samples` per-sample losses
 with it up, then stops it and records as many again; prints the median `end_epoch` time of
-each phase and their ratio, then restarts the server and prints how long the queue took
+each phase (and without a tracker, the baseline) and the down/up ratio, then restarts the server and prints how long the queue took
 to drain (`finish`). The loop never waits for the network, so the two medians should match.
 """
 
@@ -69,6 +69,13 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         return times
 
+    alone = LossRecorder("train", args.samples, local_dir=root / "no-tracker")  # the baseline: nothing to upload
+    baseline = []
+    for epoch in range(args.epochs):
+        alone.update(ids, torch.rand(args.samples))
+        start = time.perf_counter()
+        alone.end_epoch(epoch)
+        baseline.append(time.perf_counter() - start)
     up = epoch_times(0)
     server.terminate()
     server.wait()
@@ -79,7 +86,8 @@ def main() -> None:
     drained = time.perf_counter() - start
     server.terminate()
     up_ms, down_ms = statistics.median(up) * 1e3, statistics.median(down) * 1e3
-    print(f"{args.samples} samples: end_epoch median {up_ms:.1f} ms with the server up, {down_ms:.1f} ms with it "
+    print(f"{args.samples} samples: end_epoch median {statistics.median(baseline) * 1e3:.1f} ms without a tracker, "
+          f"{up_ms:.1f} ms with the server up, {down_ms:.1f} ms with it "
           f"down (ratio {down_ms / up_ms:.2f}); finish drained {args.epochs} queued tables in {drained:.1f} s "
           f"after the restart; left behind: {tracker.left_behind or 'nothing'}")
 
