@@ -166,7 +166,7 @@ def fit(
                 metrics |= evaluate(model, step, spec.loader, spec.recorder, device, split)
             spec.recorder.end_epoch(epoch)
         if tracker is not None:
-            tracker.log_metrics(metrics, step=epoch)
+            tracker.log_metrics_later(metrics, step=epoch)  # never waits for the network
     return metrics
 
 

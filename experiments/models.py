@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
+
 import torch
 from torch import nn
+
+from tracking.errors import ActionScoresError
 
 
 class KerasCifarCNN(nn.Module):
@@ -81,5 +85,12 @@ def ssd300(num_classes: int, weights: str | None = None) -> nn.Module:
 
     model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes)
     if weights:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:  # objects other than tensors and plain containers
+            raise ActionScoresError(
+                f"{weights} is not a plain state dict: it holds objects that only unpickling arbitrary code "
+                f"could rebuild, which is never done ({str(error).splitlines()[0]})"
+            ) from None
+        model.load_state_dict(state)
     return model

@@ -43,29 +43,43 @@ def wait_until_healthy(uri: str, process: subprocess.Popen, timeout: float = 120
     raise RuntimeError(f"mlflow server at {uri} not healthy after {timeout}s")
 
 
-@contextmanager
-def local_mlflow_server(root: Path, workers: int = 2) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts under `root`) for the
-    block's duration; yields its URI. Tests and benchmarks share it."""
-    port = _free_port()
-    log = open(root / "server.log", "wb")
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", str(workers)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root,
-    )
-    uri = f"http://127.0.0.1:{port}"
+def start_server(root: Path, port: int, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:`port`: sqlite backend and served artifact store under `root`,
+    output appended to root/server.log; healthy when this returns."""
+    with open(root / "server.log", "ab") as log:
+        process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--workers", "2", *options],
+            stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env,
+        )
     try:
-        wait_until_healthy(uri, process)
-        yield uri
+        wait_until_healthy(f"http://127.0.0.1:{port}", process)
+    except BaseException:
+        stop_server(process)
+        raise
+    return process
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """Terminate a server, killing it if it does not stop within 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextmanager
+def local_mlflow_server(root: Path) -> Iterator[str]:
+    """A real `mlflow server` on a free port of 127.0.0.1 for the block's duration; yields its URI.
+    Tests and benchmarks share it."""
+    process = start_server(root, port := _free_port())
+    try:
+        yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        stop_server(process)
 
 
 @pytest.fixture(scope="session")

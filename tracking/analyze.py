@@ -6,6 +6,7 @@ leaves the run exactly as it was; the `action_scores.status` tag is set last.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
 from collections import defaultdict
@@ -64,11 +65,14 @@ def epoch_files(files: list[str]) -> dict[str, list[str]]:
         by_split[split][epoch] = path
     grouped = {}
     for split, epochs in sorted(by_split.items()):
-        missing = sorted(set(range(max(epochs) + 1)) - set(epochs))
-        if missing:
-            names = preview(contract.epoch_file_name(e) for e in missing)
+        last = max(epochs)
+        if len(epochs) != last + 1:
+            # Never materialise 0..last: a file named epoch_99999999.parquet must not cost 100M entries.
+            first = list(itertools.islice((e for e in range(last + 1) if e not in epochs), 10))
+            more = last + 1 - len(epochs) - len(first)
+            names = f"[{', '.join(contract.epoch_file_name(e) for e in first)}]" + (f" and {more} more" if more else "")
             raise ActionScoresError(
-                f"split {split!r}: epoch tables missing: {names} (found {len(epochs)} of epochs 0..{max(epochs)})"
+                f"split {split!r}: epoch tables missing: {names} (found {len(epochs)} of epochs 0..{last})"
             )
         grouped[split] = [epochs[e] for e in sorted(epochs)]
     return grouped
@@ -255,15 +259,30 @@ def analyze_run(
 
     A run already tagged done is skipped unless `force`. `data_root` overrides the data
     folder the run recorded, for data that has moved. `engine`: a name in `ENGINES`;
-    `el2n_epoch`: see `score_split`.
+    `el2n_epoch`: see `score_split`. The run is held with `Tracker.job_lock` meanwhile:
+    a second job on it fails, naming the first.
     """
     if top_k <= 0:
         raise ActionScoresError(f"top_k must be positive, got {top_k}")
     if engine not in ENGINES:
         raise ActionScoresError(f"unknown scoring engine {engine!r}; choose one of {sorted(ENGINES)}")
     tracker.attach(run_id)
-    if tracker.tags().get(contract.STATUS_TAG) == contract.STATUS_DONE and not force:
-        return AnalysisResult(run_id, "skipped", message="already analysed (use force to redo)")
+
+    def skipped() -> AnalysisResult | None:
+        if tracker.tags().get(contract.STATUS_TAG) == contract.STATUS_DONE and not force:
+            return AnalysisResult(run_id, "skipped", message="already analysed (use force to redo)")
+        return None
+
+    if done := skipped():
+        return done
+    with tracker.job_lock():
+        return skipped() or _analyze_locked(tracker, run_id, top_k, data_root, panels, engine,  # a job may just have finished
+                                          el2n_epoch)
+
+
+def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, panels: bool,
+                    engine: str, el2n_epoch: int | None) -> AnalysisResult:
+    """The job's work on a run it holds: read and check everything, compute, then write, status last."""
     files = tracker.list_files(contract.LOSSES_DIR)
     by_split = epoch_files(files)
     if not by_split:

@@ -3,6 +3,7 @@
     action-scores analyze --run-id <id>              # one run
     action-scores analyze --experiment <name>        # every finished run that needs it
     action-scores analyze --experiment <name> --force
+    action-scores upload --spool <folder>            # what a tracking outage left behind
 
 Bad input ends with one line on stderr (`action-scores: error: ...`) and exit code 2.
 """
@@ -99,7 +100,38 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="action-scores-report.json", help="where to write the spec")
     report.add_argument("--title", default="")
     report.add_argument("--publish", action="store_true", help="save the report on the W&B server")
+    upload = commands.add_parser(
+        "upload",
+        help="log the tables and metrics that training could not upload (the tracker was unreachable)",
+        description=("Performs the writes left in a run's spool folder (named at the end of training) in "
+                     "order: tables replace files of the same name, metrics already logged are not repeated, "
+                     "and the run is ended as training ended it. Safe to run again."),
+    )
+    upload.add_argument("--spool", required=True, help="the run's spool folder ($ACTION_SCORES_SPOOL/mlflow-<run id>)")
+    upload.add_argument("--run-id", default="", help="refuse a spool folder of another run")
+    upload.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     return parser
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tracking.trackers import MLflowTracker
+    from tracking.uploads import read_run_record, replay
+
+    spool = Path(args.spool)
+    record = read_run_record(spool)
+    if record.get("backend") != MLflowTracker.name:
+        raise ActionScoresError(f"{spool} holds writes for {record.get('backend')!r}; only MLflow spools are uploaded")
+    if args.run_id and args.run_id != record["run_id"]:
+        raise ActionScoresError(f"{spool} belongs to run {record['run_id']}, not {args.run_id}")
+    tracker = MLflowTracker(args.tracking_uri)
+    tracker.attach(record["run_id"])
+    done = replay(spool, lambda operation, maybe_done: tracker.perform(record["run_id"], operation, maybe_done))
+    tables = sum(op.kind == "artifact" for op in done)
+    print(f"run {record['run_id']}: {len(done)} pending write(s) done ({tables} table(s))" if done
+          else f"run {record['run_id']}: nothing left to upload in {spool}")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -182,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar of our own instead
     args = _parser().parse_args(argv)
     try:
-        return {"report": _report, "compare": _compare}.get(args.command, _analyze)(args)
+        commands = {"report": _report, "upload": _upload, "compare": _compare, "analyze": _analyze}
+        return commands[args.command](args)
     except ActionScoresError as error:
         print(f"action-scores: error: {error}", file=sys.stderr)
         return 2

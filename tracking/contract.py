@@ -17,6 +17,8 @@ SCORES_DIR = "action_scores"
 SCORES_FILE = "scores.parquet"
 STATUS_TAG = "action_scores.status"
 STATUS_DONE = "done"
+# Held by a running post-hoc job: "<host>:<pid>:<nonce> <UTC ISO time>"; removed when it ends.
+LOCK_TAG = "action_scores.lock"
 
 # Run params that let the post-hoc job rebuild the images of a split by sample_id,
 # and pick the panel renderer ("classification" or "detection").
@@ -89,11 +91,17 @@ def split_of_artifact(path: str) -> tuple[str, str]:
     Refuses paths that are absolute or climb out of the run (`..`), since the job
     downloads what other people wrote.
     """
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or ".." in pure.parts:
-        raise ActionScoresError(f"artifact path {path!r} escapes the run's artifact folder")
-    parts = pure.parts
+    parts = relative_artifact_path(path).parts
     if len(parts) != 3 or parts[0] != LOSSES_DIR:
         raise ActionScoresError(f"artifact path {path!r} is not of the form {LOSSES_DIR}/<split>/<file>")
     check_name("split", parts[1])
     return parts[1], parts[2]
+
+
+def relative_artifact_path(path: str) -> PurePosixPath:
+    """`path` as a run-relative posix path; refuses absolute paths (`/x`, `C:\\x`, `\\\\host`) and
+    any `..`, so that a file from a run can never land outside the folder it is downloaded to."""
+    pure = PurePosixPath(path.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or re.match(r"^[A-Za-z]:", path):
+        raise ActionScoresError(f"artifact path {path!r} escapes the run's artifact folder")
+    return pure

@@ -25,6 +25,7 @@ the order received, then rank 1's, and so on.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -79,9 +80,11 @@ class LossRecorder:
 
     @property
     def local_dir(self) -> Path:
-        """Where tables are written before upload (a temporary folder unless given)."""
+        """Where tables are written before upload: unless given, the run's spool folder
+        (`Tracker.spool_dir`), or a temporary folder without a tracker."""
         if self._local_dir is None:
-            self._local_dir = Path(tempfile.mkdtemp(prefix="action-scores-"))
+            self._local_dir = (self.tracker.spool_dir if self.tracker is not None
+                               else Path(tempfile.mkdtemp(prefix="action-scores-")))
         return self._local_dir
 
     def reset(self) -> None:
@@ -192,10 +195,11 @@ class LossRecorder:
         return pa.table(arrays)
 
     def end_epoch(self, epoch: int) -> Path | None:
-        """Write the epoch's table, hand it to the tracker, and start a new epoch.
+        """Write the epoch's table, hand it to the tracker's background upload, and start a new epoch.
 
-        Returns the local parquet file, kept on disk after upload; under torchrun only
-        rank 0 writes, and the other ranks get None.
+        Returns the local parquet file, kept on disk after upload. The file is replaced
+        atomically, so a re-recorded epoch (resumed training) never uploads half a table.
+        Under torchrun only rank 0 writes, and the other ranks get None.
         """
         table = self.compute()
         if table is None:
@@ -204,8 +208,10 @@ class LossRecorder:
         folder = self.local_dir / contract.losses_dir(self.split)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / contract.epoch_file_name(epoch)
-        write_table(table, path)
+        partial = path.with_name(path.name + ".partial")
+        write_table(table, partial)
+        os.replace(partial, path)
         if self.tracker is not None:
-            self.tracker.log_artifact(path, contract.losses_dir(self.split))
+            self.tracker.upload_later(path, contract.losses_dir(self.split))
         self.reset()
         return path

@@ -8,14 +8,25 @@ imports without them. The native client stays reachable through `Tracker.native`
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import re
+import socket
+import time
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tracking import contract
 from tracking.errors import ActionScoresError
+from tracking.uploads import Operation, Uploader, left_behind_message, spool_root
+
+log = logging.getLogger(__name__)
 
 
 class Tracker(ABC):
@@ -98,6 +109,34 @@ class Tracker(ABC):
         such view (the PNG panels are its view), so the default does nothing.
         """
 
+    # --- writes during training: never block the loop -----------------------------------
+    @property
+    def spool_dir(self) -> Path:
+        """This run's local spool folder (`$ACTION_SCORES_SPOOL/<backend>-<run id>`): where the
+        recorder writes tables, kept until they are uploaded."""
+        return spool_root() / f"{self.name}-{self.run_id}"
+
+    def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
+        """Hand a finished file over for upload without waiting for the network.
+
+        Backends that write to local disk (W&B offline, a folder) just log it now; a
+        network backend queues it (see `tracking.uploads`) and `finish` waits for it.
+        """
+        self.log_artifact(local_path, artifact_dir)
+
+    def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
+        """`log_metrics` without waiting for the network, in order with `upload_later`."""
+        self.log_metrics(metrics, step)
+
+    @contextmanager
+    def job_lock(self) -> Iterator[None]:
+        """Hold the run for one post-hoc job, so that two jobs never write it at once.
+
+        The default holds nothing: a W&B offline run is a local folder the job resumes by
+        itself. MLflow runs are locked with a tag (see `MLflowTracker.job_lock`).
+        """
+        yield
+
     def log_artifacts(self, local_dir: str | Path, artifact_dir: str) -> None:
         """Upload every file under `local_dir`, keeping the folder layout."""
         root = Path(local_dir)
@@ -106,17 +145,64 @@ class Tracker(ABC):
             self.log_artifact(path, artifact_dir if relative == "." else f"{artifact_dir}/{relative}")
 
 
+def _stale_lock(held: str) -> bool:
+    """Whether a lock tag's job is gone: its process has exited (same host), or the tag is older than the TTL."""
+    owner, _, since = held.partition(" ")
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    try:
+        age = (datetime.now(timezone.utc) - datetime.fromisoformat(since)).total_seconds()
+    except ValueError:
+        return True  # not a lock this library wrote
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, someone else's
+    ttl = os.environ.get("ACTION_SCORES_LOCK_TTL", "")
+    return age > (float(ttl) if ttl else 6 * 3600)
+
+
+def _end_run_without_waiting(status: str) -> None:
+    """Close this process's active MLflow run while the server is unreachable: one quick try (the
+    spooled `end` operation is what really ends it), so that neither this call nor MLflow's own
+    end-of-process hook waits minutes on retries, and a later `start` in this process works."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {key: os.environ.get(key) for key in quick}
+    os.environ.update(quick)
+    try:
+        mlflow.end_run(status=status)  # forgets the run locally first, then tries the server once
+    except MlflowException:
+        pass
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def redact(uri: str) -> str:
     """A URI without its `user:password@` part, safe to print in errors."""
     return re.sub(r"//[^/]*@", "//***@", uri)  # up to the last '@' of the authority, as urllib does
 
 
 class MLflowTracker(Tracker):
-    """MLflow backend; any tracking URI works (sqlite file, server, Databricks)."""
+    """MLflow backend; any tracking URI works (sqlite file, server, Databricks).
+
+    Writes made during training through `upload_later` and `log_metrics_later` go through
+    one background `Uploader` per run, so a server outage never blocks or kills training.
+    """
 
     name = "mlflow"
     _MAX_PARAM_LENGTH = 6000
     _MAX_PARAMS_PER_BATCH = 100
+    LOCK_SETTLE_SECONDS = 0.5
 
     def __init__(self, tracking_uri: str | None = None) -> None:
         import mlflow
@@ -124,6 +210,8 @@ class MLflowTracker(Tracker):
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         self._started = False
+        self._uploader: Uploader | None = None
+        self.left_behind = ""  # what `finish` said about writes the server did not take in time
 
     @property
     def native(self) -> Any:
@@ -147,6 +235,11 @@ class MLflowTracker(Tracker):
         try:
             self._client.get_run(run_id)
         except MlflowException as error:
+            if error.error_code == "UNAUTHENTICATED":
+                raise ActionScoresError(
+                    f"authentication failed at tracking URI {redact(self.tracking_uri)}: check "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                ) from None
             raise ActionScoresError(
                 f"run {run_id!r} not found at tracking URI {redact(self.tracking_uri)} "
                 f"({error.error_code})"
@@ -154,11 +247,107 @@ class MLflowTracker(Tracker):
         self._run_id = run_id
 
     def finish(self, failed: bool = False) -> None:
+        """Wait (bounded) for queued writes, then end the run.
+
+        If the server does not take them in time, the run is left as the server has it
+        and a warning names the spool folder and the command that finishes the job.
+        """
         import mlflow
 
+        status = "FAILED" if failed else "FINISHED"
+        if self._uploader is not None:
+            uploader, self._uploader = self._uploader, None
+            if self._started:
+                uploader.submit("end", status=status)
+            left = uploader.close()
+            if left:
+                self.left_behind = left_behind_message(uploader.spool, left, redact(uploader.last_error),
+                                                       redact(self.tracking_uri))
+                log.warning(self.left_behind)
+                if self._started:
+                    self._started = False
+                    _end_run_without_waiting(status)
+                return
         if self._started:
-            mlflow.end_run(status="FAILED" if failed else "FINISHED")
+            mlflow.end_run(status=status)
             self._started = False
+
+    def _uploads(self) -> Uploader:
+        """The background uploader of the current run, started on first use."""
+        if self._uploader is None or self._uploader.spool != self.spool_dir:
+            record = {"backend": self.name, "run_id": self.run_id, "tracking_uri": redact(self.tracking_uri)}
+            self._uploader = Uploader(self.spool_dir, record, functools.partial(self.perform, self.run_id))
+        return self._uploader
+
+    def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
+        self._uploads().submit("artifact", path=str(Path(local_path).resolve()), artifact_dir=artifact_dir)
+
+    def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
+        self._uploads().submit("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=int(step))
+
+    def perform(self, run_id: str, operation: Operation, maybe_done: bool) -> None:
+        """Do one queued write to `run_id`; raises on any failure.
+
+        `maybe_done`: the write may have reached the server already (a retry, a replay), so
+        metric values already in the history at that step are not logged twice.
+        """
+        payload = operation.payload
+        if operation.kind == "artifact":
+            if not Path(payload["path"]).is_file():
+                raise ActionScoresError(f"spooled table {payload['path']} is gone")
+            self._client.log_artifact(run_id, payload["path"], payload["artifact_dir"])
+        elif operation.kind == "metrics":
+            metrics, step = payload["metrics"], payload["step"]
+            if maybe_done:
+                metrics = {key: value for key, value in metrics.items()
+                           if (step, value) not in {(m.step, m.value) for m in self._client.get_metric_history(run_id, key)}}
+            self._log_metrics(run_id, metrics, step)
+        elif operation.kind == "end":
+            self._client.set_terminated(run_id, payload["status"])
+        else:
+            raise ActionScoresError(f"{operation.file}: unknown operation {operation.kind!r}")
+
+    @contextmanager
+    def job_lock(self) -> Iterator[None]:
+        """Hold the run with the tag `action_scores.lock` = "<host>:<pid>:<nonce> <UTC time>".
+
+        A lock held by another live job is an error that names it. A lock is stale, and
+        taken over, when its process is gone (same host) or it is older than
+        `$ACTION_SCORES_LOCK_TTL` seconds (6 h). MLflow has no compare-and-set, so after
+        setting the tag the job waits a moment and reads it back: of two jobs that set it
+        at once, only the last writer goes on. The tag is removed when the job ends.
+        """
+        held = self.tags().get(contract.LOCK_TAG)
+        if held and not _stale_lock(held):
+            raise ActionScoresError(
+                f"run {self.run_id} is being analysed by another job ({contract.LOCK_TAG} = {held!r}); "
+                "try again when it has finished. If that job is gone, delete the tag (MLflow UI, or "
+                f"MlflowClient().delete_tag(run_id, {contract.LOCK_TAG!r}))"
+            )
+        from mlflow.exceptions import MlflowException
+
+        mine = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]} {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+        try:  # the job's first write, before anything is downloaded or computed
+            self._client.set_tag(self.run_id, contract.LOCK_TAG, mine)
+        except MlflowException as error:
+            if error.error_code != "PERMISSION_DENIED":
+                raise
+            raise ActionScoresError(
+                f"permission denied: the MLflow user (MLFLOW_TRACKING_USERNAME) may read run {self.run_id} but not "
+                "write to it; the job needs EDIT permission on the run's experiment. Nothing was computed or written"
+            ) from None
+        time.sleep(self.LOCK_SETTLE_SECONDS)
+        now_held = self.tags().get(contract.LOCK_TAG)
+        if now_held != mine:
+            raise ActionScoresError(
+                f"run {self.run_id}: another job took it at the same moment ({contract.LOCK_TAG} = {now_held!r}); "
+                "it does the work"
+            )
+        try:
+            yield
+        finally:
+            if self.tags().get(contract.LOCK_TAG) == mine:
+                self._client.delete_tag(self.run_id, contract.LOCK_TAG)
 
     def log_params(self, params: Mapping[str, object]) -> None:
         from mlflow.entities import Param
@@ -175,6 +364,9 @@ class MLflowTracker(Tracker):
             self._client.log_batch(self.run_id, params=fresh[start : start + self._MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._log_metrics(self.run_id, metrics, step)
+
+    def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None) -> None:
         import time
 
         from mlflow.entities import Metric
@@ -182,7 +374,7 @@ class MLflowTracker(Tracker):
         now = int(time.time() * 1000)
         entries = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
         for start in range(0, len(entries), 1000):
-            self._client.log_batch(self.run_id, metrics=entries[start : start + 1000])
+            self._client.log_batch(run_id, metrics=entries[start : start + 1000])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
@@ -218,9 +410,10 @@ class MLflowTracker(Tracker):
         return cached[1]
 
     def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
-        # The store's repository keeps the artifact path under dst: dst/<artifact_path>.
+        # Refuse paths that leave dst_dir; the store's repository keeps the artifact path under dst_dir.
+        relative = contract.relative_artifact_path(artifact_path).as_posix()
         Path(dst_dir).mkdir(parents=True, exist_ok=True)
-        return Path(self._artifact_repository().download_artifacts(artifact_path, str(dst_dir)))
+        return Path(self._artifact_repository().download_artifacts(relative, str(dst_dir)))
 
     def find_runs(self, experiment: str) -> list[str]:
         found = self._client.get_experiment_by_name(experiment)
@@ -285,6 +478,14 @@ class FanOutTracker(Tracker):
     def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
         for tracker in self.trackers:
             tracker.log_artifact(local_path, artifact_dir)
+
+    def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
+        for tracker in self.trackers:
+            tracker.upload_later(local_path, artifact_dir)
+
+    def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log_metrics_later(metrics, step)
 
     def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
         for tracker in self.trackers:

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tracking import contract
 from tracking.errors import ActionScoresError
 from tracking.trackers import Tracker
 
@@ -196,7 +197,7 @@ class WandbTracker(Tracker):
         return sorted(f.name for f in self._online.files() if f.name.startswith(prefix))
 
     def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
-        target = Path(dst_dir) / artifact_path
+        target = Path(dst_dir) / contract.relative_artifact_path(artifact_path)
         target.parent.mkdir(parents=True, exist_ok=True)
         if self._offline:
             source = self._offline.files(artifact_path.rsplit("/", 1)[0]).get(artifact_path)

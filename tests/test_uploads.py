@@ -1,0 +1,219 @@
+"""A tracking outage during training: tables wait in the run's spool folder and reach a real
+MLflow server once it is back, in order and once each; if it never comes back, the printed
+`action-scores upload` command finishes the job. Resumed training replaces an epoch's table."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import BIN, _free_port, ROOT, run_command, start_server, stop_server
+from tracking.analyze import analyze_run
+from tracking.recorder import LossRecorder
+from tracking.trackers import MLflowTracker
+
+
+class RestartableServer:
+    """An `mlflow server` on a fixed port that a test can stop and start again on the same URI and stores."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()  # fixed for the test: a restart serves the same URI
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = start_server(self.root, self.port)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_server(self.process)
+        self.process = None
+        with socket.socket() as sock:  # refused from now on: the outage is real
+            assert sock.connect_ex(("127.0.0.1", self.port)) != 0
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[RestartableServer]:
+    instance = RestartableServer(tmp_path)
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+def _env(server: RestartableServer, spool: Path, wait: float) -> dict[str, str]:
+    """A training process that fails fast on each try (our uploader does the retrying) and waits `wait` s at its end."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri, PYTHONPATH=str(ROOT), ACTION_SCORES_SPOOL=str(spool),
+               ACTION_SCORES_UPLOAD_WAIT=str(wait), ACTION_SCORES_UPLOAD_BACKOFF="1",
+               MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def _train(env: dict[str, str], experiment: str, epochs: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "python"), "-m", "experiments.classify", "--epochs", str(epochs), "--track", "test",
+         "--experiment", experiment], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for(condition, what: str, process: subprocess.Popen | None = None, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"training exited ({process.returncode}) before {what}:\n{process.communicate()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _only_run(client: mlflow.MlflowClient, experiment: str) -> str | None:
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return runs[0].info.run_id if runs else None
+
+
+def _stop_once_the_run_exists(server: RestartableServer, experiment: str, process: subprocess.Popen) -> str:
+    """Let training open its run and log its params, then take the server away (before epoch 0 ends)."""
+    client = mlflow.MlflowClient(server.uri)
+    _wait_for(lambda: _only_run(client, experiment) is not None and client.get_run(
+        _only_run(client, experiment)).data.params.get("action_scores.dataset") == "digits", "the run", process)
+    run_id = _only_run(client, experiment)
+    server.stop()
+    return run_id
+
+
+def _assert_tables_arrived_whole_and_once(server: RestartableServer, run_id: str, spool: Path, epochs: int,
+                                          tmp_path: Path) -> None:
+    client = mlflow.MlflowClient(server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    names = [info.path for info in client.list_artifacts(run_id, "per_sample_losses/test")]
+    assert names == [f"per_sample_losses/test/epoch_{e:04d}.parquet" for e in range(epochs)]
+    for name in names:
+        downloaded = Path(client.download_artifacts(run_id, name, str(tmp_path / "down" / Path(name).stem)))
+        assert downloaded.read_bytes() == (spool / name).read_bytes(), name  # whole: byte for byte
+    history = client.get_metric_history(run_id, "test_loss")
+    assert sorted(m.step for m in history) == list(range(epochs))  # every epoch's metrics, none twice
+    assert not list((spool / "pending").glob("*.json"))
+
+
+def test_server_stopped_mid_training_and_restarted_loses_nothing(server: RestartableServer, tmp_path: Path) -> None:
+    epochs, experiment = 3, f"outage-{uuid.uuid4().hex[:8]}"
+    spool_root = tmp_path / "spool"
+    training = _train(_env(server, spool_root, wait=180), experiment, epochs)
+    try:
+        run_id = _stop_once_the_run_exists(server, experiment, training)
+        spool = spool_root / f"mlflow-{run_id}"
+        last = spool / f"per_sample_losses/test/epoch_{epochs - 1:04d}.parquet"
+        _wait_for(last.exists, "the last epoch's table in the spool folder", training)
+        # Training reached its last epoch with the server down; its writes are queued on disk.
+        pending = sorted((spool / "pending").glob("*.json"))
+        assert len(pending) >= 2, pending  # at least the last epoch's table and metrics
+        server.start()
+        out, err = training.communicate(timeout=300)
+    finally:
+        if training.poll() is None:
+            training.kill()
+    assert training.returncode == 0, err
+    assert f"run {run_id} finished" in out
+    assert "action-scores upload" not in err
+    _assert_tables_arrived_whole_and_once(server, run_id, spool, epochs, tmp_path)
+    result = analyze_run(MLflowTracker(server.uri), run_id, panels=False)
+    assert (result.status, result.samples, result.epochs) == ("done", {"test": 360}, {"test": epochs})
+
+
+def test_server_that_never_comes_back_names_the_spool_and_the_command_that_uploads_later(
+    server: RestartableServer, tmp_path: Path
+) -> None:
+    epochs, experiment = 2, f"gone-{uuid.uuid4().hex[:8]}"
+    spool_root = tmp_path / "spool"
+    env = _env(server, spool_root, wait=2)
+    training = _train(env, experiment, epochs)
+    try:
+        run_id = _stop_once_the_run_exists(server, experiment, training)
+        out, err = training.communicate(timeout=300)
+    finally:
+        if training.poll() is None:
+            training.kill()
+    spool = spool_root / f"mlflow-{run_id}"
+    assert training.returncode == 0, err
+    assert f"run {run_id} finished" in out
+    assert f"They are kept in {spool}." in err
+    # Epoch 0 may have reached the server before it went away; the last epoch cannot have.
+    pending = sorted((spool / "pending").glob("*.json"))
+    operations = [json.loads(f.read_text()) for f in pending]
+    left = [f"{op['artifact_dir']}/{Path(op['path']).name}" for op in operations if op["kind"] == "artifact"]
+    assert left[-1] == f"per_sample_losses/test/epoch_{epochs - 1:04d}.parquet"
+    assert f"({len(left)} table(s): {', '.join(left)};" in err
+    command = re.search(r"^\s+(action-scores upload .*)$", err, re.MULTILINE).group(1)
+    assert command == f"action-scores upload --spool {spool} --tracking-uri {server.uri}"
+
+    server.start()
+    client = mlflow.MlflowClient(server.uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # the server never heard of the end
+    on_server = [info.path for info in client.list_artifacts(run_id, "per_sample_losses/test")]
+    assert sorted(on_server + left) == [f"per_sample_losses/test/epoch_{e:04d}.parquet" for e in range(epochs)]
+    uploaded = run_command(command.split(), env)
+    # The tables left, their epochs' metrics (and any earlier metrics still queued), the end of the run.
+    assert uploaded.stdout.splitlines()[-1] == f"run {run_id}: {len(pending)} pending write(s) done ({len(left)} table(s))"
+    _assert_tables_arrived_whole_and_once(server, run_id, spool, epochs, tmp_path)
+    again = run_command([*command.split(), "--run-id", run_id], env)
+    assert again.stdout.strip() == f"run {run_id}: nothing left to upload in {spool}"
+    wrong = run_command([*command.split(), "--run-id", "0" * 32], env, check=False)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == f"action-scores: error: {spool} belongs to run {run_id}, not {'0' * 32}"
+
+
+def test_resumed_training_replaces_the_epochs_it_repeats(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACTION_SCORES_SPOOL", str(tmp_path / "spool"))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    rng = np.random.default_rng(5)
+    first, resumed = rng.random((3, 6)).astype(np.float32), rng.random((3, 6)).astype(np.float32)
+
+    def record(tracker: MLflowTracker, losses: np.ndarray, epochs: range) -> None:
+        recorder = LossRecorder("test", num_samples=6, tracker=tracker)
+        for epoch in epochs:
+            recorder.update(torch.arange(6), torch.from_numpy(losses[epoch]))
+            recorder.end_epoch(epoch)
+            tracker.log_metrics_later({"test_loss": float(losses[epoch].mean())}, step=epoch)
+        tracker.finish()
+
+    tracker = MLflowTracker(mlflow_server)
+    run_id = tracker.start(experiment=f"resume-{uuid.uuid4().hex[:8]}")
+    record(tracker, first, range(3))
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)  # as `mlflow run` or a user resuming a checkpoint does
+    again = MLflowTracker(mlflow_server)
+    assert again.start() == run_id
+    record(again, resumed, range(1, 3))  # the checkpoint was after epoch 0: epochs 1 and 2 run again
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # end_run removes it too
+
+    client = mlflow.MlflowClient(mlflow_server)
+    names = [info.path for info in client.list_artifacts(run_id, "per_sample_losses/test")]
+    assert names == [f"per_sample_losses/test/epoch_{e:04d}.parquet" for e in range(3)]
+    result = analyze_run(MLflowTracker(mlflow_server), run_id, panels=False)
+    assert result.epochs == {"test": 3}
+    table = pd.read_parquet(client.download_artifacts(run_id, "action_scores/test/scores.parquet", str(tmp_path / "s")))
+    assert table["epochs"].tolist() == [3] * 6
+    expected = first[0].astype(np.float64) + resumed[1] + resumed[2]
+    assert table.sort_values("sample_id")["action"].tolist() == pytest.approx(expected.tolist(), rel=1e-12)
+    # The repeated epochs' metrics are in the history as logged by each process: 3 + 2 values.
+    assert sorted(m.step for m in client.get_metric_history(run_id, "test_loss")) == [0, 1, 1, 2, 2]

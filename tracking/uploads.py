@@ -1,0 +1,193 @@
+"""Durable background uploads: a tracking outage never blocks or kills training.
+
+Every write that training makes while it runs (an epoch's table, an epoch's metrics, the
+run's end) becomes an *operation*: a small JSON file in the run's spool folder
+(`pending/00000001.json`, ...), next to the tables themselves. One thread per run
+performs the operations in order, retrying with exponential backoff while the tracker
+is unreachable, and deletes each file once it is done. The run's end waits a bounded
+time for the queue to drain; whatever is left stays on disk, and
+
+    action-scores upload --spool <folder>
+
+performs it later (idempotent: a table replaces the file of the same name, metrics
+already in the run's history are not logged again). A new process on the same run
+(resumed training) picks the leftover operations up first.
+
+Spool folder: `$ACTION_SCORES_SPOOL/<backend>-<run id>/`, by default under the system's
+temporary folder (`/tmp/action-scores-spool/...`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tracking.errors import ActionScoresError
+
+log = logging.getLogger(__name__)
+
+SPOOL_ENV = "ACTION_SCORES_SPOOL"
+WAIT_ENV = "ACTION_SCORES_UPLOAD_WAIT"  # seconds the run's end waits for the queue (default 300)
+BACKOFF_ENV = "ACTION_SCORES_UPLOAD_BACKOFF"  # longest pause between two tries, seconds (default 30)
+PENDING = "pending"
+RUN_FILE = "run.json"
+
+
+def spool_root() -> Path:
+    """Where every run's spool folder lives: `$ACTION_SCORES_SPOOL`, else `<temp>/action-scores-spool`."""
+    return Path(os.environ.get(SPOOL_ENV) or Path(tempfile.gettempdir()) / "action-scores-spool")
+
+
+def _seconds(env: str, default: float) -> float:
+    value = os.environ.get(env, "")
+    try:
+        return float(value) if value else default
+    except ValueError:
+        raise ActionScoresError(f"{env} must be a number of seconds, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One queued write, persisted as `pending/<seq>.json` until it is done."""
+
+    file: Path
+    kind: str  # "artifact", "metrics" or "end"
+    payload: dict[str, Any]
+
+    @property
+    def describe(self) -> str:
+        if self.kind == "artifact":
+            return f"{self.payload['artifact_dir']}/{Path(self.payload['path']).name}"
+        if self.kind == "metrics":
+            return f"metrics of step {self.payload['step']}"
+        return f"end of run ({self.payload['status']})"
+
+
+def pending_operations(spool: Path) -> list[Operation]:
+    """The operations still to do in a spool folder, oldest first."""
+    operations = []
+    for file in sorted((spool / PENDING).glob("*.json")):
+        record = json.loads(file.read_text())
+        operations.append(Operation(file, record.pop("kind"), record))
+    return operations
+
+
+def read_run_record(spool: Path) -> dict[str, str]:
+    """`run.json` of a spool folder: backend, run id and (credential-free) tracking URI."""
+    path = spool / RUN_FILE
+    if not path.is_file():
+        raise ActionScoresError(f"{spool} is not an action-scores spool folder (no {RUN_FILE} inside)")
+    return json.loads(path.read_text())
+
+
+class Uploader:
+    """The one background thread of a run that performs its queued writes in order.
+
+    `perform(operation)` does one write against the tracker and raises on any failure;
+    the thread then waits (0.5 s, doubling up to `$ACTION_SCORES_UPLOAD_BACKOFF`) and
+    tries the same operation again, so later ones never overtake it.
+    """
+
+    def __init__(self, spool: Path, run_record: Mapping[str, str],
+                 perform: Callable[[Operation, bool], None]) -> None:
+        self.spool = spool
+        (spool / PENDING).mkdir(parents=True, exist_ok=True)
+        (spool / RUN_FILE).write_text(json.dumps(dict(run_record), indent=1))
+        self._perform = perform
+        self._max_backoff = _seconds(BACKOFF_ENV, 30.0)
+        self._lock = threading.Condition()
+        self._queue = pending_operations(spool)  # leftovers of an earlier process on this run come first
+        self._replayed = {op.file for op in self._queue}
+        self._next = max((int(op.file.stem) for op in self._queue), default=0) + 1
+        self._closing = False
+        self.last_error = ""
+        self._thread = threading.Thread(target=self._work, name=f"action-scores-upload-{spool.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, kind: str, **payload: Any) -> None:
+        """Persist one operation, then queue it; returns at once."""
+        with self._lock:
+            file = self.spool / PENDING / f"{self._next:08d}.json"
+            self._next += 1
+            temporary = file.with_suffix(".tmp")
+            temporary.write_text(json.dumps({"kind": kind, **payload}))
+            os.replace(temporary, file)  # never a half-written operation on disk
+            self._queue.append(Operation(file, kind, payload))
+            self._lock.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._lock.wait()
+                if not self._queue:
+                    return
+                operation = self._queue[0]
+            pause = 0.5
+            while True:
+                try:
+                    # A retried (or replayed) write may have reached the tracker before it failed.
+                    self._perform(operation, operation.file in self._replayed)
+                    break
+                except Exception as error:  # any failure of the network or the server: try again later
+                    self._replayed.add(operation.file)
+                    self.last_error = f"{type(error).__name__}: {str(error)[:300]}"
+                    log.debug("upload of %s failed (%s); retrying in %.1fs", operation.describe, self.last_error, pause)
+                    time.sleep(pause)
+                    pause = min(pause * 2, self._max_backoff)
+            operation.file.unlink(missing_ok=True)
+            with self._lock:
+                self._queue.pop(0)
+                self._lock.notify_all()
+
+    def close(self, timeout: float | None = None) -> list[Operation]:
+        """Wait up to `timeout` seconds (default `$ACTION_SCORES_UPLOAD_WAIT`, 300) for the queue
+        to drain; return the operations left undone (still on disk)."""
+        deadline = time.monotonic() + (_seconds(WAIT_ENV, 300.0) if timeout is None else timeout)
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+            while self._queue and time.monotonic() < deadline:
+                self._lock.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            return list(self._queue)
+
+
+def left_behind_message(spool: Path, operations: list[Operation], last_error: str, tracking_uri: str) -> str:
+    """What the end of a run says when the tracker did not come back in time."""
+    tables = [op.describe for op in operations if op.kind == "artifact"]
+    return (
+        f"the tracker at {tracking_uri} did not take {len(operations)} pending write(s) in time "
+        f"({len(tables)} table(s): {', '.join(tables[:5])}{' ...' if len(tables) > 5 else ''}; last error: "
+        f"{last_error or 'none'}). They are kept in {spool}. Upload them once the server is back with:\n"
+        f"    action-scores upload --spool {spool} --tracking-uri {tracking_uri}"
+    )
+
+
+def replay(spool: Path, perform: Callable[[Operation, bool], None]) -> list[Operation]:
+    """Perform a spool folder's pending operations in order, once each (`action-scores upload`).
+
+    Stops at the first failure, naming it; what was done is removed from the spool, so
+    running it again goes on from there.
+    """
+    done = []
+    for operation in pending_operations(spool):
+        try:
+            perform(operation, True)
+        except ActionScoresError as error:
+            raise ActionScoresError(f"{operation.describe} from {spool}: {error}") from None
+        except Exception as error:  # the tracker's own connection and HTTP errors
+            raise ActionScoresError(
+                f"could not upload {operation.describe} from {spool} ({type(error).__name__}: {str(error)[:300]}); "
+                f"{len(done)} write(s) done, the rest kept: run the command again"
+            ) from None
+        operation.file.unlink(missing_ok=True)
+        done.append(operation)
+    return done
