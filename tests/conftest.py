@@ -8,11 +8,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # mlflow is imported only once the environment below is set
+    import mlflow
+
+    from tracking.trackers import MLflowTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # keep test logs readable
@@ -102,18 +109,11 @@ def tracking_env(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[st
 def in_process_training(uri: str) -> Iterator[None]:
     """Train in this process against `uri`, then put back the environment: MLflow's `set_experiment`
     exports the active experiment, which would leak into later tests' `mlflow run` subprocesses."""
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
-    saved = {key: os.environ.get(key) for key in keys}
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    try:
+    from tracking.trackers import patched_environ
+
+    kept = {key: os.environ.get(key) for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    with patched_environ({"MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": None, **kept}):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run_command(args: list[str], env: dict[str, str], cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
@@ -143,3 +143,26 @@ def snapshot_run(client, run_id: str) -> dict:
     run = client.get_run(run_id)
     metrics = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in run.data.metrics}
     return {"files": files, "tags": dict(run.data.tags), "params": dict(run.data.params), "metrics": metrics}
+
+
+@pytest.fixture()
+def client(mlflow_server: str) -> mlflow.MlflowClient:
+    """A client of the session server."""
+    import mlflow
+
+    return mlflow.MlflowClient(mlflow_server)
+
+
+@pytest.fixture()
+def tracker(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> MLflowTracker:
+    """The job's tracker on the session server, outside any run a launcher set."""
+    from tracking.trackers import MLflowTracker
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return MLflowTracker(mlflow_server)
+
+
+@pytest.fixture()
+def experiment_id(client: mlflow.MlflowClient) -> str:
+    """A fresh experiment, so each test's runs are its own."""
+    return client.create_experiment(f"analyze-{uuid.uuid4().hex[:10]}")

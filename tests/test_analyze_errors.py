@@ -24,22 +24,6 @@ from tracking.trackers import MLflowTracker
 METRICS = ("samples", "epochs", "action_mean", "action_max", "action_min")
 
 
-@pytest.fixture()
-def client(mlflow_server: str) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(mlflow_server)
-
-
-@pytest.fixture()
-def tracker(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> MLflowTracker:
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    return MLflowTracker(mlflow_server)
-
-
-@pytest.fixture()
-def experiment_id(client: mlflow.MlflowClient) -> str:
-    return client.create_experiment(f"analyze-{uuid.uuid4().hex[:10]}")
-
-
 def _table(ids, losses, **extra) -> pa.Table:
     return pa.table({"sample_id": pa.array(ids, pa.int64()), "loss": pa.array(losses, pa.float32()), **extra})
 
@@ -254,9 +238,15 @@ def test_bad_run_raises_naming_the_problem_and_is_left_unchanged(
     run_id = _make_run(client, experiment_id, tmp_path, files)
     client.set_tag(run_id, "owner", "someone")
     client.log_metric(run_id, "accuracy", 0.5, step=2)
+    assert_refused_and_unchanged(client, tracker, run_id, message.replace(r"\w+", run_id))
+
+
+def assert_refused_and_unchanged(client: mlflow.MlflowClient, tracker: MLflowTracker, run_id: str,
+                                 message: str) -> None:
+    """The job on `run_id` raises an ActionScoresError matching `message`, and the run is as it was."""
     before = snapshot_run(client, run_id)
     assert before["files"]  # the snapshot sees the run's files
-    with pytest.raises(ActionScoresError, match=message.replace(r"\w+", run_id)):
+    with pytest.raises(ActionScoresError, match=message):
         analyze_run(tracker, run_id, panels=False)
     assert snapshot_run(client, run_id) == before
     assert "action_scores.status" not in client.get_run(run_id).data.tags
@@ -267,10 +257,9 @@ def test_stray_file_in_the_losses_folder_is_an_action_scores_error(
     stray: str, client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path
 ) -> None:
     run_id = _make_run(client, experiment_id, tmp_path, {**_good_files(), stray: b"x"})
-    before = snapshot_run(client, run_id)
-    with pytest.raises(ActionScoresError, match=rf"artifact path '{re.escape(stray)}' is not of the form per_sample_losses/<split>/<file>"):
-        analyze_run(tracker, run_id, panels=False)
-    assert snapshot_run(client, run_id) == before
+    assert_refused_and_unchanged(
+        client, tracker, run_id,
+        rf"artifact path '{re.escape(stray)}' is not of the form per_sample_losses/<split>/<file>")
 
 
 def test_two_files_for_one_epoch_are_refused(

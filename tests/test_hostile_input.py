@@ -14,10 +14,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from tests.conftest import ROOT, snapshot_run
-from tests.test_analyze_errors import _files_with, _good_files, _make_run, _table
-from tests.test_analyze_errors import client, experiment_id, tracker  # noqa: F401 (shared fixtures)
-from tracking.analyze import analyze_run, epoch_files
+from tests.conftest import ROOT
+from tests.test_analyze_errors import _files_with, _good_files, _make_run, _table, assert_refused_and_unchanged
+from tracking.analyze import epoch_files
 from tracking.errors import ActionScoresError
 from tracking.trackers import MLflowTracker
 
@@ -132,8 +131,5 @@ def test_broken_tables_on_a_run_are_refused_and_the_run_left_unchanged(
 ) -> None:
     make, message = BROKEN[case]
     run_id = _make_run(client, experiment_id, tmp_path, make(tmp_path))
-    before = snapshot_run(client, run_id)
-    with pytest.raises(ActionScoresError, match=message):
-        analyze_run(tracker, run_id, panels=False)
-    assert snapshot_run(client, run_id) == before
+    assert_refused_and_unchanged(client, tracker, run_id, message)
     assert not (tmp_path / "unpickled").exists()

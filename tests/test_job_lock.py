@@ -16,7 +16,6 @@ import pytest
 
 from tests.conftest import BIN, ROOT, run_command, snapshot_run
 from tests.test_analyze_errors import _check_scores, _make_run, _metric_lengths, _random_epochs, _scores
-from tests.test_analyze_errors import client, experiment_id  # noqa: F401 (shared fixtures)
 from tracking.analyze import analyze_run
 from tracking.trackers import MLflowTracker
 
@@ -43,7 +42,7 @@ def test_two_jobs_at_once_do_the_work_once(
     for job in jobs:
         out, err = job.communicate(timeout=300)
         outcomes.append((job.returncode, out.strip().splitlines()[-1] if out.strip() else "", err.strip()))
-    done = [o for o in outcomes if o[0] == 0 and o[1] == f"run {run_id}: done (test: 500 samples x 20 epochs)"]
+    done = [o for o in outcomes if o[0] == 0 and o[1].startswith(f"run {run_id}: done (test: 500 samples x 20 epochs)")]
     assert len(done) == 1, outcomes
     (other,) = [o for o in outcomes if o not in done]
     # The other job either found the lock, lost the race for it, or came after the first had finished.
@@ -102,7 +101,7 @@ def test_a_lock_older_than_the_ttl_is_taken_over(
 ) -> None:
     files, _, _ = _random_epochs(seed=34, n=8, epochs=2)
     run_id = _make_run(client, experiment_id, tmp_path, files)
-    client.set_tag(run_id, LOCK, f"elsewhere:123:cafe 2020-01-01T00:00:00+00:00")  # another host: only age tells
+    client.set_tag(run_id, LOCK, "elsewhere:123:cafe 2020-01-01T00:00:00+00:00")  # another host: only age tells
     monkeypatch.setenv("ACTION_SCORES_LOCK_TTL", "3600")
     assert analyze_run(MLflowTracker(client.tracking_uri), run_id, panels=False).status == "done"
     assert LOCK not in client.get_run(run_id).data.tags

@@ -173,18 +173,31 @@ def _end_run_without_waiting(status: str) -> None:
     from mlflow.exceptions import MlflowException
 
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    saved = {key: os.environ.get(key) for key in quick}
-    os.environ.update(quick)
+    with patched_environ(quick):
+        try:
+            mlflow.end_run(status=status)  # forgets the run locally first, then tries the server once
+        except MlflowException:
+            pass
+
+
+@contextmanager
+def patched_environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (None: remove) environment variables for a block, then put back exactly what was there:
+    MLflow reads its settings, and exports the active experiment, through the environment."""
+    saved = {key: os.environ.get(key) for key in values}
     try:
-        mlflow.end_run(status=status)  # forgets the run locally first, then tries the server once
-    except MlflowException:
-        pass
+        _set_environ(values)
+        yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_environ(saved)
+
+
+def _set_environ(values: Mapping[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def redact(uri: str) -> str:
