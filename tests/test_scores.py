@@ -122,6 +122,10 @@ def test_hardest_and_easiest_order_with_ties() -> None:
     assert hardest(scores, "action", 2)["action"].tolist() == [5.0, 5.0]
     ranks = dict(zip(scores["sample_id"], rank_desc(scores, "action")))
     assert ranks == {s: i + 1 for i, s in enumerate(expected_hard)}
+    in_id_order = scores.sort_values("sample_id")  # the job's own layout takes the stable-sort path
+    assert hardest(in_id_order, "action", 100)["sample_id"].tolist() == expected_hard
+    assert easiest(in_id_order, "action", 100)["sample_id"].tolist() == expected_easy
+    assert dict(zip(in_id_order["sample_id"], rank_desc(in_id_order, "action"))) == ranks
 
 
 def test_labels_come_from_the_target_column_and_are_absent_without_it(tmp_path: Path) -> None:

@@ -15,7 +15,11 @@ from tracking.contract import SAMPLE_ID
 def _order(scores: pd.DataFrame, column: str, descending: bool) -> np.ndarray:
     """Row positions sorted by `column`, ties by ascending sample_id."""
     values = scores[column].to_numpy(dtype=np.float64)
-    return np.lexsort((scores[SAMPLE_ID].to_numpy(), -values if descending else values))
+    key = -values if descending else values
+    ids = scores[SAMPLE_ID].to_numpy()
+    if np.all(ids[1:] > ids[:-1]):  # rows in id order (as the job makes them): a stable sort breaks ties by id
+        return np.argsort(key, kind="stable")
+    return np.lexsort((ids, key))
 
 
 def rank_desc(scores: pd.DataFrame, column: str) -> np.ndarray:
