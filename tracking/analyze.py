@@ -97,8 +97,14 @@ def score_split(split: str, tables: list[tuple[str, Path]], el2n_epoch: int | No
     """
     chosen = default_el2n_epoch(len(tables)) if el2n_epoch is None else el2n_epoch
     accumulator = ActionAccumulator(split, el2n_epoch=chosen)
-    for epoch, (name, local) in enumerate(tqdm(tables, desc=f"score {split}", unit="epoch")):
-        accumulator.update(epoch, read_epoch_table(local, name), name)
+    # Read epoch n+1 while epoch n is summed (both release the GIL): two tables in memory at most.
+    with ThreadPoolExecutor(1) as reader:
+        upcoming = [reader.submit(read_epoch_table, local, name) for name, local in tables[:1]]
+        for epoch, (name, _) in enumerate(tqdm(tables, desc=f"score {split}", unit="epoch")):
+            table = upcoming.pop().result()
+            if epoch + 1 < len(tables):
+                upcoming.append(reader.submit(read_epoch_table, tables[epoch + 1][1], tables[epoch + 1][0]))
+            accumulator.update(epoch, table, name)
     scores = accumulator.compute()
     if accumulator.missing:
         reasons = defaultdict(list)
