@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -95,7 +96,13 @@ def _stop_once_the_run_exists(server: RestartableServer, experiment: str, proces
     _wait_for(lambda: _only_run(client, experiment) is not None and client.get_run(
         _only_run(client, experiment)).data.params.get("action_scores.dataset") == "digits", "the run", process)
     run_id = _only_run(client, experiment)
-    server.stop()
+    # Hold training while the server goes away, so that every epoch it has not ended yet ends with the
+    # server gone, however fast this machine is.
+    process.send_signal(signal.SIGSTOP)
+    try:
+        server.stop()
+    finally:
+        process.send_signal(signal.SIGCONT)
     return run_id
 
 
