@@ -3,8 +3,8 @@ inputs that must raise a clear ActionScoresError and leave the run exactly as it
 
 from __future__ import annotations
 
-
-
+import os
+import pickle
 import re
 import uuid
 from pathlib import Path
@@ -230,15 +230,68 @@ BAD_RUNS = {
 }
 
 
+class Payload:
+    """Pickled, it would create `marker` when unpickled: the proof that nothing is unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (str(self.marker),)
+
+
+def _pickle_bytes(marker: Path) -> bytes:
+    return pickle.dumps(Payload(marker))
+
+
+# Cases that need the test's folder build their files from it.
+BAD_RUNS |= {
+    "sample ids as strings": (
+        lambda tmp: _files_with(epoch_0001=pa.table({"sample_id": [str(i) for i in range(6)], "loss": [1.0] * 6})),
+        r"per_sample_losses/test/epoch_0001\.parquet: column 'sample_id' must be integer, got string",
+    ),
+    "losses as integers": (
+        lambda tmp: _files_with(epoch_0002=pa.table({"sample_id": list(range(6)), "loss": list(range(6))})),
+        r"per_sample_losses/test/epoch_0002\.parquet: column 'loss' must be float, got int64",
+    ),
+    "duplicate ids": (
+        lambda tmp: _files_with(epoch_0001=_table([0, 1, 2, 3, 3, 5], [1.0] * 6)),
+        r"per_sample_losses/test/epoch_0001\.parquet: repeated sample ids \[3\]",
+    ),
+    "empty table": (
+        lambda tmp: _files_with(epoch_0000=_table([], [])),
+        r"per_sample_losses/test/epoch_0000\.parquet is empty",
+    ),
+    "negative epoch in the file name": (
+        lambda tmp: _files_with(**{"epoch_-0001": _table(list(range(6)), [1.0] * 6)}),
+        r"per_sample_losses/test/epoch_-0001\.parquet: not named epoch_EEEE\.parquet",
+    ),
+    "a pickle named .parquet": (
+        lambda tmp: _files_with(epoch_0001=_pickle_bytes(tmp / "unpickled")),
+        r"per_sample_losses/test/epoch_0001\.parquet is not a readable parquet file",
+    ),
+    "a CSV named .parquet": (
+        lambda tmp: _files_with(epoch_0002=b"sample_id,loss\n0,1.0\n1,2.0\n"),
+        r"per_sample_losses/test/epoch_0002\.parquet is not a readable parquet file",
+    ),
+    "a huge epoch number": (
+        lambda tmp: {"per_sample_losses/test/epoch_99999999.parquet": _table(list(range(6)), [1.0] * 6)},
+        r"split 'test': epoch tables missing: \[epoch_0000\.parquet, .*, epoch_0009\.parquet\] and 99999989 more "
+        r"\(found 1 of epochs 0\.\.99999999\)",
+    ),
+}
+
+
 @pytest.mark.parametrize("case", list(BAD_RUNS))
 def test_bad_run_raises_naming_the_problem_and_is_left_unchanged(
     case: str, client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path
 ) -> None:
     files, message = BAD_RUNS[case]
-    run_id = _make_run(client, experiment_id, tmp_path, files)
+    run_id = _make_run(client, experiment_id, tmp_path, files(tmp_path) if callable(files) else files)
     client.set_tag(run_id, "owner", "someone")
     client.log_metric(run_id, "accuracy", 0.5, step=2)
     assert_refused_and_unchanged(client, tracker, run_id, message.replace(r"\w+", run_id))
+    assert not (tmp_path / "unpickled").exists()  # a pickle named .parquet was never loaded
 
 
 def assert_refused_and_unchanged(client: mlflow.MlflowClient, tracker: MLflowTracker, run_id: str,
