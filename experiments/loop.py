@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import torch
@@ -41,9 +42,9 @@ class StepOutput:
     losses: torch.Tensor | dict[str, torch.Tensor]
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def total(self) -> torch.Tensor:
-        """Per-sample objective: the loss, or the sum of its parts."""
+        """Per-sample objective: the loss, or the sum of its parts (summed once per batch)."""
         if isinstance(self.losses, Mapping):
             return torch.stack(list(self.losses.values())).sum(dim=0)
         return self.losses

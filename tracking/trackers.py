@@ -277,10 +277,10 @@ class MLflowTracker(Tracker):
                 self.left_behind = left_behind_message(uploader.spool, left, redact(uploader.last_error),
                                                        redact(self.tracking_uri))
                 log.warning(self.left_behind)
-                if self._started:
-                    self._started = False
-                    _end_run_without_waiting(status)
-                return
+            if self._started:  # the spooled `end` ends the run on the server (or will, by upload)
+                self._started = False
+                _end_run_without_waiting(status)
+            return
         if self._started:
             mlflow.end_run(status=status)
             self._started = False

@@ -108,6 +108,7 @@ class Uploader:
         self._replayed = {op.file for op in self._queue}
         self._next = max((int(op.file.stem) for op in self._queue), default=0) + 1
         self._closing = False
+        self._abandoned = False  # set by close() on timeout: the worker stops retrying
         self.last_error = ""
         self._thread = threading.Thread(target=self._work, name=f"action-scores-upload-{spool.name}", daemon=True)
         self._thread.start()
@@ -140,9 +141,13 @@ class Uploader:
                 except Exception as error:  # any failure of the network or the server: try again later
                     self._replayed.add(operation.file)
                     self.last_error = f"{type(error).__name__}: {str(error)[:300]}"
-                    log.debug("upload of %s failed (%s); retrying in %.1fs", operation.describe, self.last_error, pause)
+                    first_try = pause == 0.5  # say so once per write, not at every retry
+                    log.log(logging.WARNING if first_try else logging.DEBUG, "upload of %s failed (%s); retrying",
+                            operation.file.name, self.last_error)
                     time.sleep(pause)
                     pause = min(pause * 2, self._max_backoff)
+                    if self._abandoned:  # close() gave up: `action-scores upload` takes over from the files
+                        return
             operation.file.unlink(missing_ok=True)
             with self._lock:
                 self._queue.pop(0)
@@ -157,6 +162,7 @@ class Uploader:
             self._lock.notify_all()
             while self._queue and time.monotonic() < deadline:
                 self._lock.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            self._abandoned = bool(self._queue)
             return list(self._queue)
 
 
