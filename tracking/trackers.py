@@ -166,9 +166,10 @@ def _stale_lock(held: str) -> bool:
 
 
 def _end_run_without_waiting(status: str) -> None:
-    """Close this process's active MLflow run while the server is unreachable: one quick try (the
-    spooled `end` operation is what really ends it), so that neither this call nor MLflow's own
-    end-of-process hook waits minutes on retries, and a later `start` in this process works."""
+    """Close this process's active MLflow run after its queued writes: the spooled `end` operation
+    is what ends it on the server (already done, or left to `action-scores upload`), so this makes
+    one quick try only. Neither this call nor MLflow's end-of-process hook then waits minutes on
+    retries when the server is away, and a later `start` in this process works."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
