@@ -254,6 +254,11 @@ BAD_RUNS |= {
         lambda tmp: _files_with(epoch_0002=pa.table({"sample_id": list(range(6)), "loss": list(range(6))})),
         r"per_sample_losses/test/epoch_0002\.parquet: column 'loss' must be float, got int64",
     ),
+    "uint64 ids past int64 (they would wrap negative)": (
+        lambda tmp: _files_with(epoch_0000=pa.table({"sample_id": pa.array([0, 1, 2, 3, 4, 2**63], pa.uint64()),
+                                                     "loss": [1.0] * 6})),
+        r"per_sample_losses/test/epoch_0000\.parquet: sample ids \[9223372036854775808\] do not fit in int64",
+    ),
     "duplicate ids": (
         lambda tmp: _files_with(epoch_0001=_table([0, 1, 2, 3, 3, 5], [1.0] * 6)),
         r"per_sample_losses/test/epoch_0001\.parquet: repeated sample ids \[3\]",

@@ -77,6 +77,15 @@ def test_a_sample_missing_from_an_epoch_is_named(tmp_path: Path) -> None:
         score_folder_duckdb(tmp_path, "test")
 
 
+def test_a_sample_repeated_in_one_epoch_and_missing_from_another_is_named(tmp_path: Path) -> None:
+    """Its count of rows is still the number of epochs: only which epochs it is in gives it away."""
+    _write(tmp_path, 0, [0, 1, 2, 3], [1, 1, 1, 1])
+    _write(tmp_path, 1, [0, 1, 2, 2, 3], [1, 1, 1, 1, 1])
+    _write(tmp_path, 2, [0, 1, 3], [1, 1, 1])
+    with pytest.raises(ActionScoresError, match=r"samples \[2\] are not in every one of the 3 epoch tables exactly once"):
+        score_folder_duckdb(tmp_path, "test")
+
+
 def test_non_finite_losses_are_named_not_summed(tmp_path: Path) -> None:
     _write(tmp_path, 0, [0, 1, 2], [1, float("nan"), 1])
     _write(tmp_path, 1, [0, 1, 2], [1, 1, float("inf")])

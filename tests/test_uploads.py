@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import BIN, _free_port, ROOT, run_command, start_server, stop_server
+from tests.conftest import BIN, _free_port, ROOT, in_process_training, run_command, start_server, stop_server
 from tracking.analyze import analyze_run
 from tracking.recorder import LossRecorder
 from tracking.trackers import MLflowTracker
@@ -224,3 +224,86 @@ def test_resumed_training_replaces_the_epochs_it_repeats(
     assert table.sort_values("sample_id")["action"].tolist() == pytest.approx(expected.tolist(), rel=1e-12)
     # The repeated epochs' metrics are in the history as logged by each process: 3 + 2 values.
     assert sorted(m.step for m in client.get_metric_history(run_id, "test_loss")) == [0, 1, 1, 2, 2]
+
+
+def test_writes_the_server_refuses_are_set_aside_and_the_rest_go_on(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool_root = tmp_path / "spool"
+    monkeypatch.setenv("ACTION_SCORES_SPOOL", str(spool_root))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    client = mlflow.MlflowClient(mlflow_server)
+
+    # A spooled table deleted before its upload: set aside; the metrics and table behind it arrive.
+    tracker = MLflowTracker(mlflow_server)
+    run_id = tracker.start(experiment=f"refused-{uuid.uuid4().hex[:8]}")
+    gone, kept = tmp_path / "epoch_0000.parquet", tmp_path / "epoch_0001.parquet"
+    kept.write_bytes(b"table 1")
+    tracker.upload_later(gone, "per_sample_losses/test")
+    tracker.log_metrics_later({"test_loss": 0.5}, step=0)
+    tracker.upload_later(kept, "per_sample_losses/test")
+    tracker.finish()
+    spool = spool_root / f"mlflow-{run_id}"
+    assert (spool / "failed" / "00000001.json").is_file()
+    assert sorted((spool / "pending").glob("*.json")) == []
+    assert f"refused 1 write(s) (per_sample_losses/test/epoch_0000.parquet: spooled table {gone} is gone)" in tracker.left_behind
+    assert f"They are set aside in {spool / 'failed'}" in tracker.left_behind
+    assert [info.path for info in client.list_artifacts(run_id, "per_sample_losses/test")] == \
+        ["per_sample_losses/test/epoch_0001.parquet"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "test_loss")] == [(0, 0.5)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    # Once the cause is fixed, `action-scores upload` takes the set-aside write too.
+    gone.write_bytes(b"table 0")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
+    uploaded = run_command(["action-scores", "upload", "--spool", str(spool), "--tracking-uri", mlflow_server], env)
+    assert uploaded.stdout.strip() == f"run {run_id}: 1 pending write(s) done (1 table(s))"
+    assert [info.path for info in client.list_artifacts(run_id, "per_sample_losses/test")] == \
+        [f"per_sample_losses/test/epoch_{e:04d}.parquet" for e in range(2)]
+
+    # A run deleted on the server while training goes on: every write is refused at once, and
+    # the end of the run says so instead of waiting out $ACTION_SCORES_UPLOAD_WAIT (300 s).
+    tracker = MLflowTracker(mlflow_server)
+    run_id = tracker.start(experiment=f"deleted-{uuid.uuid4().hex[:8]}")
+    client.delete_run(run_id)
+    tracker.log_metrics_later({"test_loss": 0.5}, step=0)
+    started = time.monotonic()
+    tracker.finish()
+    assert time.monotonic() - started < 60
+    assert "refused 2 write(s) (metrics of step 0: INVALID_PARAMETER_VALUE" in tracker.left_behind
+    assert "end of run (FINISHED): INVALID_PARAMETER_VALUE" in tracker.left_behind
+    assert sorted(f.name for f in (spool_root / f"mlflow-{run_id}" / "failed").iterdir()) == \
+        ["00000001.json", "00000002.json"]
+
+
+def test_resumed_process_sets_unreadable_leftovers_aside_and_ends_the_run_itself(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a crashed process left: a truncated operation, its own end of run (FAILED), metrics."""
+    spool_root = tmp_path / "spool"
+    monkeypatch.setenv("ACTION_SCORES_SPOOL", str(spool_root))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment_id = client.create_experiment(f"crashed-{uuid.uuid4().hex[:8]}")
+    run_id = client.create_run(experiment_id).info.run_id
+    pending = spool_root / f"mlflow-{run_id}" / "pending"
+    pending.mkdir(parents=True)
+    (pending / "00000001.json").write_text('{"kind": "artifact", "pa')
+    (pending / "00000002.json").write_text(json.dumps({"kind": "metrics", "metrics": {"test_loss": 0.25}, "step": 0}))
+    (pending / "00000003.json").write_text(json.dumps({"kind": "end", "status": "FAILED"}))
+
+    with in_process_training(mlflow_server):
+        mlflow.set_experiment(experiment_id=experiment_id)
+        monkeypatch.setenv("MLFLOW_RUN_ID", run_id)  # resuming, as `mlflow run` does
+        tracker = MLflowTracker(mlflow_server)
+        assert tracker.start() == run_id
+        tracker.log_metrics_later({"test_loss": 0.125}, step=1)
+        _wait_for(lambda: len(client.get_metric_history(run_id, "test_loss")) == 2, "the new metrics")
+        # The old process's end came before the new metrics in the queue: it must not have run.
+        assert client.get_run(run_id).info.status == "RUNNING"
+        tracker.finish()
+    failed = spool_root / f"mlflow-{run_id}" / "failed"
+    assert [f.name for f in failed.iterdir()] == ["00000001.json.unreadable"]
+    assert (failed / "00000001.json.unreadable").read_text() == '{"kind": "artifact", "pa'  # kept as it was
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "test_loss")] == [(0, 0.25), (1, 0.125)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(pending.glob("*.json")) == []

@@ -99,6 +99,8 @@ def read_epoch_table(
     if table.column(contract.SAMPLE_ID).null_count:
         raise ActionScoresError(f"{name}: column 'sample_id' has {table.column(contract.SAMPLE_ID).null_count} nulls")
     ids = table.column(contract.SAMPLE_ID).to_numpy()
+    if ids.dtype == np.uint64 and ids.max() > np.iinfo(np.int64).max:  # would wrap to negative ids
+        raise ActionScoresError(f"{name}: sample ids {preview(ids[ids > np.iinfo(np.int64).max])} do not fit in int64")
     if not np.all(ids[1:] > ids[:-1]):
         table = table.sort_by(contract.SAMPLE_ID)
         ids = table.column(contract.SAMPLE_ID).to_numpy()
@@ -212,21 +214,21 @@ class ActionAccumulator:
             raise ActionScoresError(
                 f"split {self.split!r}: el2n epoch {self.el2n_epoch} is not one of the run's epochs 0..{self.epochs - 1}"
             )
-        scores = pd.DataFrame({contract.SAMPLE_ID: self.sample_ids})
-        scores["epochs"] = np.int64(self.epochs)
+        columns: dict[str, np.ndarray] = {
+            contract.SAMPLE_ID: self.sample_ids, "epochs": np.full(self.sample_ids.size, self.epochs, dtype=np.int64),
+        }
         for column, total in self.sums.items():
-            scores["action" + column[len(contract.LOSS):]] = total
-        scores["mean_loss"] = scores["action"] / self.epochs
-        for column, values in self.dynamics.compute(self.epochs).items():
-            scores[column] = values
+            columns["action" + column[len(contract.LOSS):]] = total
+        columns["mean_loss"] = self.sums[contract.LOSS] / self.epochs
+        columns |= self.dynamics.compute(self.epochs)
         self.missing = {
             score: f"the tables have no {source!r} column (recorded by tracking.scores.classification_columns)"
             for score, source in DYNAMICS_SOURCES.items() if source not in self.dynamics.sources
         }
-        scores["rank"] = rank_desc(scores, "action")
+        columns["rank"] = rank_desc(pd.DataFrame({c: columns[c] for c in (contract.SAMPLE_ID, "action")}, copy=False), "action")
         if self.labels is not None:
-            scores["label"] = self.labels
-        return scores
+            columns["label"] = self.labels
+        return pd.DataFrame(columns, copy=False)  # the arrays are this accumulator's own: no copy needed
 
 
 def _dynamics_sources(schema: pa.Schema, name: str) -> frozenset[str]:

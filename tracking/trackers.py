@@ -24,9 +24,11 @@ from typing import Any, ClassVar
 
 from tracking import contract
 from tracking.errors import ActionScoresError
-from tracking.uploads import Operation, Uploader, left_behind_message, spool_root
+from tracking.uploads import Operation, Uploader, UploadRefused, left_behind_message, spool_root
 
 log = logging.getLogger(__name__)
+# MLflow error codes of a write that no retry can make succeed (the run deleted or missing, no permission).
+REFUSALS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
 
 
 class Tracker(ABC):
@@ -274,9 +276,9 @@ class MLflowTracker(Tracker):
             if self._started:
                 uploader.submit("end", status=status)
             left = uploader.close()
-            if left:
+            if left or uploader.refused:
                 self.left_behind = left_behind_message(uploader.spool, left, redact(uploader.last_error),
-                                                       redact(self.tracking_uri))
+                                                       redact(self.tracking_uri), uploader.refused)
                 log.warning(self.left_behind)
             if self._started:  # the spooled `end` ends the run on the server (or will, by upload)
                 self._started = False
@@ -305,21 +307,28 @@ class MLflowTracker(Tracker):
         `maybe_done`: the write may have reached the server already (a retry, a replay), so
         metric values already in the history at that step are not logged twice.
         """
+        from mlflow.exceptions import MlflowException
+
         payload = operation.payload
-        if operation.kind == "artifact":
-            if not Path(payload["path"]).is_file():
-                raise ActionScoresError(f"spooled table {payload['path']} is gone")
-            self._client.log_artifact(run_id, payload["path"], payload["artifact_dir"])
-        elif operation.kind == "metrics":
-            metrics, step = payload["metrics"], payload["step"]
-            if maybe_done:
-                metrics = {key: value for key, value in metrics.items()
-                           if (step, value) not in {(m.step, m.value) for m in self._client.get_metric_history(run_id, key)}}
-            self._log_metrics(run_id, metrics, step)
-        elif operation.kind == "end":
-            self._client.set_terminated(run_id, payload["status"])
-        else:
-            raise ActionScoresError(f"{operation.file}: unknown operation {operation.kind!r}")
+        try:
+            if operation.kind == "artifact":
+                if not Path(payload["path"]).is_file():
+                    raise UploadRefused(f"spooled table {payload['path']} is gone")
+                self._client.log_artifact(run_id, payload["path"], payload["artifact_dir"])
+            elif operation.kind == "metrics":
+                metrics, step = payload["metrics"], payload["step"]
+                if maybe_done:
+                    metrics = {key: value for key, value in metrics.items() if (step, value) not in
+                               {(m.step, m.value) for m in self._client.get_metric_history(run_id, key)}}
+                self._log_metrics(run_id, metrics, step)
+            elif operation.kind == "end":
+                self._client.set_terminated(run_id, payload["status"])
+            else:
+                raise UploadRefused(f"{operation.file}: unknown operation {operation.kind!r}")
+        except MlflowException as error:
+            if error.error_code in REFUSALS:  # a deleted run, a missing one, no permission: final
+                raise UploadRefused(f"{error.error_code}: {redact(str(error))[:300]}") from None
+            raise
 
     @contextmanager
     def job_lock(self) -> Iterator[None]:

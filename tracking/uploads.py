@@ -11,7 +11,13 @@ time for the queue to drain; whatever is left stays on disk, and
 
 performs it later (idempotent: a table replaces the file of the same name, metrics
 already in the run's history are not logged again). A new process on the same run
-(resumed training) picks the leftover operations up first.
+(resumed training) picks the leftover operations up first, except the earlier process's
+end of run: the new process ends the run itself.
+
+A write the tracker refuses for good (`UploadRefused`: the run deleted, no permission, a
+spooled table gone) is not retried: it is moved to `failed/`, the writes behind it go on,
+and the run's end names it. `action-scores upload` tries `failed/` again with `pending/`,
+once the cause is fixed. An operation file that cannot be read is set aside the same way.
 
 Spool folder: `$ACTION_SCORES_SPOOL/<backend>-<run id>/`, by default under the system's
 temporary folder (`/tmp/action-scores-spool/...`).
@@ -34,10 +40,15 @@ from tracking.errors import ActionScoresError
 
 log = logging.getLogger(__name__)
 
+
+class UploadRefused(ActionScoresError):
+    """A write the tracker will never take, however often it is tried (raised by `perform`)."""
+
 SPOOL_ENV = "ACTION_SCORES_SPOOL"
 WAIT_ENV = "ACTION_SCORES_UPLOAD_WAIT"  # seconds the run's end waits for the queue (default 300)
 BACKOFF_ENV = "ACTION_SCORES_UPLOAD_BACKOFF"  # longest pause between two tries, seconds (default 30)
 PENDING = "pending"
+FAILED = "failed"  # refused writes and unreadable operation files, set aside
 RUN_FILE = "run.json"
 
 
@@ -71,13 +82,31 @@ class Operation:
         return f"end of run ({self.payload['status']})"
 
 
-def pending_operations(spool: Path) -> list[Operation]:
-    """The operations still to do in a spool folder, oldest first."""
+def pending_operations(spool: Path, include_failed: bool = False) -> list[Operation]:
+    """The operations still to do in a spool folder, oldest first (`include_failed`: with the
+    set-aside ones, in their place in the order). A file that is not a readable operation
+    (truncated by a crash of the disk or a hand edit) is set aside with a warning."""
+    files = list((spool / PENDING).glob("*.json"))
+    if include_failed:
+        files += (spool / FAILED).glob("*.json")
     operations = []
-    for file in sorted((spool / PENDING).glob("*.json")):
-        record = json.loads(file.read_text())
-        operations.append(Operation(file, record.pop("kind"), record))
+    for file in sorted(files, key=lambda file: file.name):  # names are the global sequence
+        try:
+            record = json.loads(file.read_text())
+            operations.append(Operation(file, record.pop("kind"), record))
+        except (ValueError, KeyError, AttributeError, TypeError) as error:
+            unreadable = set_aside(spool, file, ".unreadable")
+            log.warning("upload operation %s is unreadable (%s: %s); moved to %s", file, type(error).__name__,
+                        error, unreadable)
     return operations
+
+
+def set_aside(spool: Path, file: Path, suffix: str = "") -> Path:
+    """Move an operation file to the spool's `failed/` folder; returns where it now is."""
+    (spool / FAILED).mkdir(exist_ok=True)
+    target = spool / FAILED / (file.name + suffix)
+    os.replace(file, target)
+    return target
 
 
 def read_run_record(spool: Path) -> dict[str, str]:
@@ -103,8 +132,14 @@ class Uploader:
         (spool / RUN_FILE).write_text(json.dumps(dict(run_record), indent=1))
         self._perform = perform
         self._max_backoff = _seconds(BACKOFF_ENV, 30.0)
+        self._wait = _seconds(WAIT_ENV, 300.0)  # read now: a bad value is an error at the start, not the end
         self._lock = threading.Condition()
-        self._queue = pending_operations(spool)  # leftovers of an earlier process on this run come first
+        self._queue = pending_operations(spool)  # leftovers of an earlier process on this run come first...
+        for stale in [op for op in self._queue if op.kind == "end"]:  # ...but this process ends the run
+            self._queue.remove(stale)
+            stale.file.unlink(missing_ok=True)
+            log.info("dropped the earlier process's %s from %s: this process ends the run", stale.describe, spool)
+        self.refused: list[tuple[Operation, str]] = []  # set aside in failed/, with the tracker's reason
         self._replayed = {op.file for op in self._queue}
         self._next = max((int(op.file.stem) for op in self._queue), default=0) + 1
         self._closing = False
@@ -137,6 +172,12 @@ class Uploader:
                 try:
                     # A retried (or replayed) write may have reached the tracker before it failed.
                     self._perform(operation, operation.file in self._replayed)
+                    operation.file.unlink(missing_ok=True)
+                    break
+                except UploadRefused as error:  # retrying cannot help; the writes behind it go on
+                    where = set_aside(self.spool, operation.file)
+                    self.refused.append((operation, str(error)))
+                    log.warning("%s: %s; set aside in %s", operation.describe, error, where)
                     break
                 except Exception as error:  # any failure of the network or the server: try again later
                     self._replayed.add(operation.file)
@@ -148,7 +189,6 @@ class Uploader:
                     pause = min(pause * 2, self._max_backoff)
                     if self._abandoned:  # close() gave up: `action-scores upload` takes over from the files
                         return
-            operation.file.unlink(missing_ok=True)
             with self._lock:
                 self._queue.pop(0)
                 self._lock.notify_all()
@@ -156,7 +196,7 @@ class Uploader:
     def close(self, timeout: float | None = None) -> list[Operation]:
         """Wait up to `timeout` seconds (default `$ACTION_SCORES_UPLOAD_WAIT`, 300) for the queue
         to drain; return the operations left undone (still on disk)."""
-        deadline = time.monotonic() + (_seconds(WAIT_ENV, 300.0) if timeout is None else timeout)
+        deadline = time.monotonic() + (self._wait if timeout is None else timeout)
         with self._lock:
             self._closing = True
             self._lock.notify_all()
@@ -166,25 +206,34 @@ class Uploader:
             return list(self._queue)
 
 
-def left_behind_message(spool: Path, operations: list[Operation], last_error: str, tracking_uri: str) -> str:
-    """What the end of a run says when the tracker did not come back in time."""
-    tables = [op.describe for op in operations if op.kind == "artifact"]
-    return (
-        f"the tracker at {tracking_uri} did not take {len(operations)} pending write(s) in time "
-        f"({len(tables)} table(s): {', '.join(tables[:5])}{' ...' if len(tables) > 5 else ''}; last error: "
-        f"{last_error or 'none'}). They are kept in {spool}. Upload them once the server is back with:\n"
-        f"    action-scores upload --spool {spool} --tracking-uri {tracking_uri}"
-    )
+def left_behind_message(spool: Path, operations: list[Operation], last_error: str, tracking_uri: str,
+                        refused: list[tuple[Operation, str]] = ()) -> str:
+    """What the end of a run says about writes the tracker did not take: in time, or at all."""
+    parts = []
+    if operations:
+        tables = [op.describe for op in operations if op.kind == "artifact"]
+        parts.append(
+            f"the tracker at {tracking_uri} did not take {len(operations)} pending write(s) in time "
+            f"({len(tables)} table(s): {', '.join(tables[:5])}{' ...' if len(tables) > 5 else ''}; last error: "
+            f"{last_error or 'none'}). They are kept in {spool}"
+        )
+    if refused:
+        reasons = "; ".join(f"{op.describe}: {why}" for op, why in refused[:3]) + (" ..." if len(refused) > 3 else "")
+        parts.append(f"the tracker at {tracking_uri} refused {len(refused)} write(s) ({reasons}). "
+                     f"They are set aside in {spool / FAILED}; fix the cause first")
+    when = "once the server is back" if not refused else "then"
+    return ". ".join(parts) + f". Upload them {when} with:\n    action-scores upload --spool {spool} --tracking-uri {tracking_uri}"
 
 
 def replay(spool: Path, perform: Callable[[Operation, bool], None]) -> list[Operation]:
-    """Perform a spool folder's pending operations in order, once each (`action-scores upload`).
+    """Perform a spool folder's pending and set-aside operations in order, once each
+    (`action-scores upload`).
 
     Stops at the first failure, naming it; what was done is removed from the spool, so
     running it again goes on from there.
     """
     done = []
-    for operation in pending_operations(spool):
+    for operation in pending_operations(spool, include_failed=True):
         try:
             perform(operation, True)
         except ActionScoresError as error:
