@@ -133,6 +133,8 @@ def test_server_stopped_mid_training_and_restarted_loses_nothing(server: Restart
         # Training reached its last epoch with the server down; its writes are queued on disk.
         pending = sorted((spool / "pending").glob("*.json"))
         assert len(pending) >= 2, pending  # at least the last epoch's table and metrics
+        queued = [json.loads(f.read_text()) for f in pending]
+        measured_at = {op["step"]: op["timestamp_ms"] for op in queued if op["kind"] == "metrics"}
         server.start()
         out, err = training.communicate(timeout=300)
     finally:
@@ -142,6 +144,9 @@ def test_server_stopped_mid_training_and_restarted_loses_nothing(server: Restart
     assert f"run {run_id} finished" in out
     assert "action-scores upload" not in err
     _assert_tables_arrived_whole_and_once(server, run_id, spool, epochs, tmp_path)
+    # Metrics queued in the outage carry the time they were measured, not the time they arrived.
+    history = {m.step: m.timestamp for m in mlflow.MlflowClient(server.uri).get_metric_history(run_id, "test_loss")}
+    assert measured_at and {step: history[step] for step in measured_at} == measured_at
     result = analyze_run(MLflowTracker(server.uri), run_id, panels=False)
     assert (result.status, result.samples, result.epochs) == ("done", {"test": 360}, {"test": epochs})
 

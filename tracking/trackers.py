@@ -299,7 +299,8 @@ class MLflowTracker(Tracker):
         self._uploads().submit("artifact", path=str(Path(local_path).resolve()), artifact_dir=artifact_dir)
 
     def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
-        self._uploads().submit("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=int(step))
+        self._uploads().submit("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=int(step),
+                               timestamp_ms=int(time.time() * 1000))  # the history shows when, not when uploaded
 
     def perform(self, run_id: str, operation: Operation, maybe_done: bool) -> None:
         """Do one queued write to `run_id`; raises on any failure.
@@ -320,7 +321,7 @@ class MLflowTracker(Tracker):
                 if maybe_done:
                     metrics = {key: value for key, value in metrics.items() if (step, value) not in
                                {(m.step, m.value) for m in self._client.get_metric_history(run_id, key)}}
-                self._log_metrics(run_id, metrics, step)
+                self._log_metrics(run_id, metrics, step, payload.get("timestamp_ms"))  # older spools lack it
             elif operation.kind == "end":
                 self._client.set_terminated(run_id, payload["status"])
             else:
@@ -389,13 +390,13 @@ class MLflowTracker(Tracker):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self._log_metrics(self.run_id, metrics, step)
 
-    def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None) -> None:
-        import time
-
+    def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None,
+                     timestamp_ms: int | None = None) -> None:
+        """`timestamp_ms`: when the values were measured (a queued write's own time), default now."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        entries = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+        when = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
+        entries = [Metric(key, float(value), when, step or 0) for key, value in metrics.items()]
         for start in range(0, len(entries), 1000):
             self._client.log_batch(run_id, metrics=entries[start : start + 1000])
 
