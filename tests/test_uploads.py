@@ -57,6 +57,15 @@ def server(tmp_path: Path) -> Iterator[RestartableServer]:
         instance.stop()
 
 
+@pytest.fixture()
+def spool_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's `$ACTION_SCORES_SPOOL`, in this process, outside any run a launcher set."""
+    root = tmp_path / "spool"
+    monkeypatch.setenv("ACTION_SCORES_SPOOL", str(root))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return root
+
+
 def _env(server: RestartableServer, spool: Path, wait: float) -> dict[str, str]:
     """A training process that fails fast on each try (our uploader does the retrying) and waits `wait` s at its end."""
     env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri, PYTHONPATH=str(ROOT), ACTION_SCORES_SPOOL=str(spool),
@@ -194,10 +203,8 @@ def test_server_that_never_comes_back_names_the_spool_and_the_command_that_uploa
 
 
 def test_resumed_training_replaces_the_epochs_it_repeats(
-    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlflow_server: str, tmp_path: Path, spool_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ACTION_SCORES_SPOOL", str(tmp_path / "spool"))
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     rng = np.random.default_rng(5)
     first, resumed = rng.random((3, 6)).astype(np.float32), rng.random((3, 6)).astype(np.float32)
 
@@ -232,11 +239,8 @@ def test_resumed_training_replaces_the_epochs_it_repeats(
 
 
 def test_writes_the_server_refuses_are_set_aside_and_the_rest_go_on(
-    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlflow_server: str, tmp_path: Path, spool_root: Path
 ) -> None:
-    spool_root = tmp_path / "spool"
-    monkeypatch.setenv("ACTION_SCORES_SPOOL", str(spool_root))
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     client = mlflow.MlflowClient(mlflow_server)
 
     # A spooled table deleted before its upload: set aside; the metrics and table behind it arrive.
@@ -281,12 +285,9 @@ def test_writes_the_server_refuses_are_set_aside_and_the_rest_go_on(
 
 
 def test_resumed_process_sets_unreadable_leftovers_aside_and_ends_the_run_itself(
-    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlflow_server: str, spool_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What a crashed process left: a truncated operation, its own end of run (FAILED), metrics."""
-    spool_root = tmp_path / "spool"
-    monkeypatch.setenv("ACTION_SCORES_SPOOL", str(spool_root))
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     client = mlflow.MlflowClient(mlflow_server)
     experiment_id = client.create_experiment(f"crashed-{uuid.uuid4().hex[:8]}")
     run_id = client.create_run(experiment_id).info.run_id
@@ -309,6 +310,6 @@ def test_resumed_process_sets_unreadable_leftovers_aside_and_ends_the_run_itself
     failed = spool_root / f"mlflow-{run_id}" / "failed"
     assert [f.name for f in failed.iterdir()] == ["00000001.json.unreadable"]
     assert (failed / "00000001.json.unreadable").read_text() == '{"kind": "artifact", "pa'  # kept as it was
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "test_loss")] == [(0, 0.25), (1, 0.125)]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "test_loss")) == [(0, 0.25), (1, 0.125)]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert sorted(pending.glob("*.json")) == []
