@@ -169,12 +169,10 @@ def run_setting(data: Data, kind: str, rate: float, epochs: int, uri: str, seed:
 
 def plot(table: pd.DataFrame, path: Path) -> None:
     """AUROC of every score, one panel per dataset x noise kind, bars per rate."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from tracking.plots import agg_figure
 
     panels = table.groupby(["dataset", "noise"], sort=False)
-    figure = Figure(figsize=(5.5 * len(panels), 4.5), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = agg_figure(5.5 * len(panels), 4.5)
     for index, ((dataset, noise), frame) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), index)
         scores = list(dict.fromkeys(frame["score"]))

@@ -105,7 +105,7 @@ def score_split(split: str, tables: list[tuple[str, Path]], el2n_epoch: int | No
     with ThreadPoolExecutor(READ_AHEAD) as readers:
         def read(epoch: int) -> Future[pa.Table]:
             name, local = tables[epoch]
-            return readers.submit(read_epoch_table, local, name, False, accumulator.unused_columns(epoch))
+            return readers.submit(read_epoch_table, local, name, threads=False, skip=accumulator.unused_columns(epoch))
 
         upcoming = deque(read(epoch) for epoch in range(min(READ_AHEAD, len(tables))))
         for epoch, (name, _) in enumerate(tqdm(tables, desc=f"score {split}", unit="epoch")):

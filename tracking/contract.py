@@ -85,6 +85,16 @@ def parts_of(columns: list[str]) -> list[str]:
     return [c[len(PART_PREFIX):] for c in columns if c.startswith(PART_PREFIX)]
 
 
+def loss_columns(columns: list[str]) -> list[str]:
+    """`loss`, then the table's `loss_<part>` columns in column order (part names checked)."""
+    return [LOSS] + [part_column(part) for part in parts_of(columns)]
+
+
+def action_column(loss_column: str) -> str:
+    """Score column of a loss column: `action` for `loss`, `action_loc` for `loss_loc`."""
+    return "action" + loss_column[len(LOSS):]
+
+
 def split_of_artifact(path: str) -> tuple[str, str]:
     """(split, file name) of a `per_sample_losses/<split>/<file>` artifact path.
 

@@ -34,7 +34,7 @@ def action_query(loss_columns: list[str], label: str | None, epochs: int) -> str
     few percent of the query's time where an exact count(DISTINCT) costs 7x.
     """
     sums = ", ".join(
-        f"sum({_quoted(column)}::DOUBLE) AS {_quoted('action' + column[len(contract.LOSS):])}"
+        f"sum({_quoted(column)}::DOUBLE) AS {_quoted(contract.action_column(column))}"
         for column in loss_columns
     )
     # The file name only orders the label's epochs: a string per row, so only read when needed.
@@ -66,7 +66,7 @@ def _check_loss_columns(path: Path, expected: list[str]) -> None:
         columns = pq.read_schema(path).names
     except (pa.ArrowException, OSError) as error:
         raise ActionScoresError(f"{path.name} is not a readable parquet file: {error}") from None
-    found = [contract.LOSS] + [contract.part_column(p) for p in contract.parts_of(columns)]
+    found = contract.loss_columns(columns)
     if contract.LOSS not in columns or sorted(found) != sorted(expected):
         raise ActionScoresError(f"{path.name}: loss columns {sorted(c for c in found if c in columns)} differ "
                                 f"from epoch 0's {sorted(expected)}")
@@ -83,13 +83,14 @@ def score_tables_duckdb(paths: list[Path], split: str, memory_limit: str | None 
     `memory_limit` (e.g. "2GB") caps DuckDB's memory; past it the aggregation spills to disk.
     Epoch 0 is read and checked as the default engine checks it (types, duplicates); every
     later file's footer must name the same loss columns, and every sample must
-    appear once per epoch: a count that differs from the number of epochs is an error
-    naming the samples, and so are NaN or infinite sums.
+    appear once per epoch: a count that differs from the number of epochs, or a sample
+    whose epochs are not each epoch once (`each_epoch_once`, see `action_query`), is an
+    error naming the samples, and so are NaN or infinite sums.
     """
     import duckdb
 
     first = read_epoch_table(paths[0], paths[0].name)
-    loss_columns = [contract.LOSS] + [contract.part_column(p) for p in contract.parts_of(first.column_names)]
+    loss_columns = contract.loss_columns(first.column_names)
     label = contract.TARGET if contract.TARGET in first.column_names else None
     for path in paths[1:]:
         _check_loss_columns(path, loss_columns)
@@ -108,7 +109,7 @@ def score_tables_duckdb(paths: list[Path], split: str, memory_limit: str | None 
             f"split {split!r}: samples {preview(wrong)} are not in every one of the {len(paths)} epoch tables "
             "exactly once"
         )
-    action_columns = ["action" + column[len(contract.LOSS):] for column in loss_columns]
+    action_columns = [contract.action_column(column) for column in loss_columns]
     bad = scores.loc[~np.isfinite(scores[action_columns].to_numpy()).all(axis=1), contract.SAMPLE_ID]
     if len(bad):
         raise ActionScoresError(f"split {split!r} has NaN or infinite losses in samples {preview(bad)}")

@@ -18,6 +18,7 @@ import pandas as pd
 
 from tracking.contract import SAMPLE_ID
 from tracking.errors import ActionScoresError
+from tracking.plots import agg_figure
 from tracking.rank import easiest, hardest
 
 ROWS_KEY = "action_scores.rows"
@@ -45,16 +46,12 @@ def render_panel(rows: Sequence[tuple[str, Sequence[PanelItem]]], path: Path, ti
 
     Uses a bare Agg canvas rather than pyplot, so drawing never changes the caller's backend.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not rows:
         raise ActionScoresError(f"panel {path}: no rows to draw; pass at least one (title, items) row")
     columns = max([1, *(len(items) for _, items in rows)])
     largest = max((max(item.image.shape[:2]) for _, items in rows for item in items), default=0)
     tile = 1.6 if largest <= MIN_SIDE else 2.6  # inches: detection scenes need room for box labels
-    figure = Figure(figsize=(tile * columns + 0.6, (tile + 0.45) * len(rows) + 0.5))
-    FigureCanvasAgg(figure)
+    figure = agg_figure(tile * columns + 0.6, (tile + 0.45) * len(rows) + 0.5)
     axes = figure.subplots(len(rows), columns, squeeze=False)
     for row, (row_title, items) in enumerate(rows):
         for column, axis in enumerate(axes[row]):

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _figure(width: float, height: float):
+
+def agg_figure(width: float, height: float) -> Figure:
+    """A figure of `width` x `height` inches on its own Agg canvas, outside pyplot's global state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -26,7 +31,7 @@ def class_distribution(scores: pd.DataFrame, column: str, group: str, path: Path
     easy or hard as a whole, or a class with a long tail of hard samples, stands out."""
     grouped = scores.groupby(group)[column]
     order = grouped.median().sort_values(ascending=False).index.tolist()
-    figure = _figure(max(6.0, 0.6 * len(order) + 2), 4.5)
+    figure = agg_figure(max(6.0, 0.6 * len(order) + 2), 4.5)
     axes = figure.add_subplot()
     axes.boxplot([grouped.get_group(name).to_numpy() for name in order], showfliers=True)
     axes.set_xticks(range(1, len(order) + 1), [f"{name}\n(n={len(grouped.get_group(name))})" for name in order],
@@ -41,7 +46,7 @@ def class_distribution(scores: pd.DataFrame, column: str, group: str, path: Path
 
 def matrices(named: Sequence[tuple[str, pd.DataFrame]], path: Path, title: str) -> Path:
     """Heatmaps side by side, one per (name, square frame with the same labels on both axes), values written in."""
-    figure = _figure(5.5 * len(named), 5.0)
+    figure = agg_figure(5.5 * len(named), 5.0)
     for index, (name, matrix) in enumerate(named, start=1):
         axes = figure.add_subplot(1, len(named), index)
         values = matrix.to_numpy(dtype=np.float64)

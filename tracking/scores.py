@@ -119,7 +119,7 @@ def _check_schema(schema: pa.Schema, name: str) -> None:
     if not pa.types.is_integer(schema.field(contract.SAMPLE_ID).type):
         raise ActionScoresError(f"{name}: column 'sample_id' must be integer, got {schema.field(contract.SAMPLE_ID).type}")
     try:
-        loss_columns = [contract.LOSS] + [contract.part_column(p) for p in contract.parts_of(columns)]
+        loss_columns = contract.loss_columns(columns)
     except ActionScoresError as error:
         raise ActionScoresError(f"{name}: {error}") from None
     for column in loss_columns:
@@ -163,7 +163,7 @@ class ActionAccumulator:
         if epoch != self.epochs:
             raise ActionScoresError(f"{name}: expected epoch {self.epochs}, got {epoch}")
         ids = table.column(contract.SAMPLE_ID).to_numpy().astype(np.int64, copy=False)
-        loss_columns = [contract.LOSS] + [contract.part_column(p) for p in contract.parts_of(table.column_names)]
+        loss_columns = contract.loss_columns(table.column_names)
         sources = _dynamics_sources(table.schema, name)
         if self.sample_ids is None:
             self.sample_ids = ids
@@ -218,9 +218,9 @@ class ActionAccumulator:
             contract.SAMPLE_ID: self.sample_ids, "epochs": np.full(self.sample_ids.size, self.epochs, dtype=np.int64),
         }
         for column, total in self.sums.items():
-            columns["action" + column[len(contract.LOSS):]] = total
+            columns[contract.action_column(column)] = total
         columns["mean_loss"] = self.sums[contract.LOSS] / self.epochs
-        columns |= self.dynamics.compute(self.epochs)
+        columns |= self.dynamics.compute()
         self.missing = {
             score: f"the tables have no {source!r} column (recorded by tracking.scores.classification_columns)"
             for score, source in DYNAMICS_SOURCES.items() if source not in self.dynamics.sources
@@ -309,11 +309,12 @@ class _Dynamics:
         if self.margin_sum is not None:
             self.margin_sum[block] += columns[contract.MARGIN]
 
-    def compute(self, epochs: int) -> dict[str, np.ndarray]:
+    def compute(self) -> dict[str, np.ndarray]:
         """Score columns this run's tables allow, in the contract's order."""
         out: dict[str, np.ndarray] = {}
+        epochs = self.epochs
         if self.p_mean is not None:
-            out["confidence"] = self.p_mean.copy()
+            out["confidence"] = self.p_mean
             out["variability"] = np.sqrt(self.p_m2 / epochs)
         if self.right is not None:
             out["correctness"] = self.right / epochs

@@ -227,6 +227,7 @@ class MLflowTracker(Tracker):
         self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         self._started = False
         self._uploader: Uploader | None = None
+        self._repository: tuple[str, Any] | None = None  # (run id, its artifact store), see _artifact_repository
         self.left_behind = ""  # what `finish` said about writes the server did not take in time
 
     @property
@@ -426,7 +427,7 @@ class MLflowTracker(Tracker):
         it again for every file (three tracking requests per file before the one that fetches)."""
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        cached = getattr(self, "_repository", None)
+        cached = self._repository
         if cached is None or cached[0] != self.run_id:
             uri = self._client.get_run(self.run_id).info.artifact_uri
             cached = (self.run_id, get_artifact_repository(uri, tracking_uri=self.tracking_uri))

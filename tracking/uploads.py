@@ -40,16 +40,16 @@ from tracking.errors import ActionScoresError
 
 log = logging.getLogger(__name__)
 
-
-class UploadRefused(ActionScoresError):
-    """A write the tracker will never take, however often it is tried (raised by `perform`)."""
-
 SPOOL_ENV = "ACTION_SCORES_SPOOL"
 WAIT_ENV = "ACTION_SCORES_UPLOAD_WAIT"  # seconds the run's end waits for the queue (default 300)
 BACKOFF_ENV = "ACTION_SCORES_UPLOAD_BACKOFF"  # longest pause between two tries, seconds (default 30)
 PENDING = "pending"
 FAILED = "failed"  # refused writes and unreadable operation files, set aside
 RUN_FILE = "run.json"
+
+
+class UploadRefused(ActionScoresError):
+    """A write the tracker will never take, however often it is tried (raised by `perform`)."""
 
 
 def spool_root() -> Path:
