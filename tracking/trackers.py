@@ -352,22 +352,29 @@ class MLflowTracker(Tracker):
         from mlflow.exceptions import MlflowException
 
         mine = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]} {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+        def taken_by_another(holder: str | None) -> ActionScoresError:
+            return ActionScoresError(
+                f"run {self.run_id}: another job took it at the same moment ({contract.LOCK_TAG} = {holder!r}); "
+                "it does the work"
+            )
+
         try:  # the job's first write, before anything is downloaded or computed
             self._client.set_tag(self.run_id, contract.LOCK_TAG, mine)
         except MlflowException as error:
-            if error.error_code != "PERMISSION_DENIED":
-                raise
-            raise ActionScoresError(
-                f"permission denied: the MLflow user (MLFLOW_TRACKING_USERNAME) may read run {self.run_id} but not "
-                "write to it; the job needs EDIT permission on the run's experiment. Nothing was computed or written"
-            ) from None
+            if error.error_code == "PERMISSION_DENIED":
+                raise ActionScoresError(
+                    f"permission denied: the MLflow user (MLFLOW_TRACKING_USERNAME) may read run {self.run_id} but "
+                    "not write to it; the job needs EDIT permission on the run's experiment. Nothing was computed "
+                    "or written"
+                ) from None
+            holder = self.tags().get(contract.LOCK_TAG)
+            if holder and holder != mine:  # two first inserts of the tag at once: the store kept the other's
+                raise taken_by_another(holder) from None
+            raise
         time.sleep(self.LOCK_SETTLE_SECONDS)
         now_held = self.tags().get(contract.LOCK_TAG)
         if now_held != mine:
-            raise ActionScoresError(
-                f"run {self.run_id}: another job took it at the same moment ({contract.LOCK_TAG} = {now_held!r}); "
-                "it does the work"
-            )
+            raise taken_by_another(now_held)
         try:
             yield
         finally:
