@@ -33,8 +33,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from tests.conftest import local_mlflow_server  # noqa: E402
 from tracking import analyze, contract  # noqa: E402
-from tracking.recorder import write_table  # noqa: E402
-from tracking.trackers import MLflowTracker  # noqa: E402
+from tracking.scoring.engines import score_split  # noqa: E402
+from tracking.scoring.tables import epoch_files  # noqa: E402
+from tracking.record.recorder import write_table  # noqa: E402
+from tracking.backends import MLflowTracker  # noqa: E402
 
 
 def log_run(uri: str, folder: Path, samples: int, epochs: int) -> str:
@@ -79,11 +81,11 @@ def main() -> None:
         assert result.status == "done" and result.epochs == {"train": args.epochs}, result
 
         tracker.attach(run_id)
-        paths = analyze.epoch_files(tracker.list_files(contract.LOSSES_DIR))["train"]
+        paths = epoch_files(tracker.list_files(contract.LOSSES_DIR))["train"]
         local = timed("download only (parallel)", len(paths),
                       lambda: analyze.download_all(tracker, paths, Path(tmp) / "again"))
         timed("score only (local files)", len(paths),
-              lambda: analyze.score_split("train", [(p, local[p]) for p in paths]))
+              lambda: score_split("train", [(p, local[p]) for p in paths]))
 
         if args.profile:
             profiler = cProfile.Profile()

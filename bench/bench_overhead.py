@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.classify import classification_step  # noqa: E402
 from experiments.loop import TrackedSplit, evaluate, fit  # noqa: E402
 from experiments.models import KerasCifarCNN  # noqa: E402
-from tracking.data import IndexedDataset  # noqa: E402
-from tracking.recorder import LossRecorder  # noqa: E402
+from tracking.record import IndexedDataset  # noqa: E402
+from tracking.record.recorder import LossRecorder  # noqa: E402
 
 
 def paired_ratios(plain: Callable[[], None], recorded: Callable[[], None], repeats: int) -> tuple[list[float], list[float]]:

@@ -10,7 +10,7 @@ computed), then times in one run:
 (a) reading every table with pyarrow, with `pq.read_table` and with the leaner
     `pq.ParquetFile(path).read()`; ratios are taken against the faster of the two;
 (b) the job's scoring (`score_split`: read + check + sum, one epoch at a time);
-(c) the DuckDB engine (`tracking.duckdb_scoring`: one query over all the files);
+(c) the DuckDB engine (`tracking.scoring.duckdb_engine`: one query over all the files);
 (d) the naive way: pandas concat of all epochs then groupby-sum, on a subset of epochs
     (extrapolated linearly) when the full concat would not fit.
 Each way runs `--repeats` times in a fresh process; the fastest run counts. Peak memory is
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 def write_tables(folder: Path, samples: int, epochs: int, dynamics: bool = False) -> list[Path]:
     """One parquet file per epoch, written by the recorder's own writer."""
-    from tracking.recorder import write_table
+    from tracking.record.recorder import write_table
 
     rng = np.random.default_rng(0)
     ids = np.arange(samples, dtype=np.int64)
@@ -62,7 +62,7 @@ def _child(mode: str, folder: str, epochs: int) -> None:
     """Runs in a fresh process so that its peak RSS is its own."""
     import pandas as pd
 
-    from tracking.analyze import score_split
+    from tracking.scoring.engines import score_split
     if mode == "duckdb":
         import duckdb  # noqa: F401 - imported before the baseline, like the other ways' libraries
 
@@ -79,7 +79,7 @@ def _child(mode: str, folder: str, epochs: int) -> None:
     elif mode == "score":
         score_split("bench", [(p.name, p) for p in paths])
     elif mode == "duckdb":
-        from tracking.duckdb_scoring import score_tables_duckdb
+        from tracking.scoring.duckdb_engine import score_tables_duckdb
 
         score_tables_duckdb(paths, "bench")
     elif mode == "pandas":

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import spearmanr
 
-from tracking.trackers import MLflowTracker
+from tracking.backends import MLflowTracker
 
 
 def main() -> None:

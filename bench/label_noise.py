@@ -42,7 +42,7 @@ from experiments.classify import classification_step  # noqa: E402
 from experiments.loop import train_and_record  # noqa: E402
 from experiments.models import KerasCifarCNN  # noqa: E402
 from tracking.analyze import analyze_run  # noqa: E402
-from tracking.trackers import MLflowTracker  # noqa: E402
+from tracking.backends import MLflowTracker  # noqa: E402
 
 # Score -> +1 if a higher value means "more likely flipped", -1 if lower does.
 DIRECTIONS = {
@@ -63,7 +63,7 @@ class Data:
 
 
 def digits() -> Data:
-    from tracking.data import load_split
+    from experiments.datasets import load_split
 
     split = load_split("digits", "train")
     inputs = torch.stack([split.dataset[i][0] for i in range(len(split.labels))])
@@ -169,7 +169,7 @@ def run_setting(data: Data, kind: str, rate: float, epochs: int, uri: str, seed:
 
 def plot(table: pd.DataFrame, path: Path) -> None:
     """AUROC of every score, one panel per dataset x noise kind, bars per rate."""
-    from tracking.plots import agg_figure
+    from tracking.report.plots import agg_figure
 
     panels = table.groupby(["dataset", "noise"], sort=False)
     figure = agg_figure(5.5 * len(panels), 4.5)

@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tracking import contract  # noqa: E402
-from tracking.trackers import TRACKERS, Tracker, make_tracker  # noqa: E402
+from tracking.backends import TRACKERS, Tracker, make_tracker  # noqa: E402
 
 
 class FolderTracker(Tracker):

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tracking.recorder import LossRecorder  # noqa: E402
-from tracking.trackers import MLflowTracker  # noqa: E402
+from tracking.record.recorder import LossRecorder  # noqa: E402
+from tracking.backends import MLflowTracker  # noqa: E402
 
 
 def _server(root: Path, port: int) -> subprocess.Popen:

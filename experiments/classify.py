@@ -23,11 +23,12 @@ from torch import nn
 
 from experiments.loop import StepOutput, add_experiment_arguments, parse_track, train_and_record
 from experiments.models import KerasCifarCNN
-from tracking import contract, distributed
-from tracking.data import DATASETS, load_split
+from tracking import contract
+from tracking.record import distributed
+from experiments.datasets import DATASETS, load_split
 from tracking.errors import ActionScoresError
-from tracking.scores import classification_columns
-from tracking.trackers import make_tracker
+from tracking.record import classification_columns
+from tracking.backends import make_tracker
 
 
 def classification_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:

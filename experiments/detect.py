@@ -23,11 +23,12 @@ from torch.utils.data import Subset
 
 from experiments.loop import StepOutput, add_experiment_arguments, parse_track, train_and_record
 from experiments.models import ssd300, tiny_ssd
-from tracking import contract, distributed
-from tracking.detection_data import DETECTION_DATASETS, detection_collate, load_detection_split
+from tracking import contract
+from tracking.record import distributed
+from experiments.detection_data import DETECTION_DATASETS, detection_collate, load_detection_split
 from tracking.errors import ActionScoresError
-from tracking.ssd import ssd_per_image_losses
-from tracking.trackers import make_tracker
+from experiments.ssd_loss import ssd_per_image_losses
+from tracking.backends import make_tracker
 
 SPLITS = ["train", "val"]
 

@@ -9,7 +9,7 @@ by an evaluation pass in eval mode after each epoch (what the paper did on the t
 Launched with `torchrun`, the loop joins the process group, trains a
 DistributedDataParallel model on a DistributedSampler's share of every split, and lets
 only rank 0 open the run; each recorder gathers the ranks' shares to rank 0 at the end
-of every epoch (see `tracking.distributed`).
+of every epoch (see `tracking.record.distributed`).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from tracking import distributed
-from tracking.data import IndexedDataset
+from tracking.record import distributed
+from tracking.record import IndexedDataset
 from tracking.errors import ActionScoresError
-from tracking.recorder import LossRecorder
-from tracking.trackers import TRACKERS, Tracker
+from tracking.record.recorder import LossRecorder
+from tracking.backends import TRACKERS, Tracker
 
 Pass = Literal["train", "eval"]
 

@@ -3,7 +3,7 @@
 # analyse the run, and say where the panels are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh torch
 export PATH="$PWD/.venv/bin:$PATH"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db}"
 experiment="${EXPERIMENT:-action-scores-demo}"

@@ -19,7 +19,7 @@ import pytest
 if TYPE_CHECKING:  # mlflow is imported only once the environment below is set
     import mlflow
 
-    from tracking.trackers import MLflowTracker
+    from tracking.backends import MLflowTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # keep test logs readable
@@ -109,7 +109,7 @@ def tracking_env(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> dict[st
 def in_process_training(uri: str) -> Iterator[None]:
     """Train in this process against `uri`, then put back the environment: MLflow's `set_experiment`
     exports the active experiment, which would leak into later tests' `mlflow run` subprocesses."""
-    from tracking.trackers import patched_environ
+    from tracking.backends import patched_environ
 
     kept = {key: os.environ.get(key) for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     with patched_environ({"MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": None, **kept}):
@@ -156,7 +156,7 @@ def client(mlflow_server: str) -> mlflow.MlflowClient:
 @pytest.fixture()
 def tracker(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> MLflowTracker:
     """The job's tracker on the session server, outside any run a launcher set."""
-    from tracking.trackers import MLflowTracker
+    from tracking.backends import MLflowTracker
 
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     return MLflowTracker(mlflow_server)

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import snapshot_run
 from tracking.analyze import analyze_experiment, analyze_run
 from tracking.errors import ActionScoresError
-from tracking.trackers import MLflowTracker
+from tracking.backends import MLflowTracker
 
 METRICS = ("samples", "epochs", "action_mean", "action_max", "action_min")
 

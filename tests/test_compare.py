@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 from experiments.classify import main as classify
 from tests.conftest import BIN, in_process_training, run_command
 from tracking.analyze import analyze_run
-from tracking.trackers import MLflowTracker
+from tracking.backends import MLflowTracker
 
 TOP_K = 30
 

@@ -11,8 +11,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
-from tracking import data
-from tracking.data import IndexedDataset, load_split
+from experiments import datasets as data
+from experiments.datasets import load_split
+from tracking.record import IndexedDataset
 from tracking.errors import ActionScoresError
 
 

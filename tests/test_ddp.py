@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from experiments.models import KerasCifarCNN
 from tests.conftest import BIN, run_command
 from tracking.analyze import analyze_run
-from tracking.data import load_split
-from tracking.recorder import LossRecorder
-from tracking.trackers import MLflowTracker
+from experiments.datasets import load_split
+from tracking.record.recorder import LossRecorder
+from tracking.backends import MLflowTracker
 
 EPOCHS = 2
 SIZES = {"train": 1437, "test": 360}  # 1437 is odd: DistributedSampler pads rank 1 with a copy

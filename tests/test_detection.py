@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import BIN, run_command
-from tracking.detection_data import VOC_CLASSES, digit_scenes, load_detection_split
+from experiments.detection_data import VOC_CLASSES, digit_scenes, load_detection_split
 from tracking.errors import ActionScoresError
-from tracking.panels import read_panel_rows
+from tracking.report.panels import read_panel_rows
 
 PARTS = ("loc", "pos", "neg")
 

@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from tracking import contract
-from tracking.analyze import analyze_run, download_all, epoch_files, score_split
-from tracking.duckdb_scoring import score_folder_duckdb
+from tracking.analyze import analyze_run, download_all
+from tracking.scoring.engines import score_split
+from tracking.scoring.tables import epoch_files
+from tracking.scoring.duckdb_engine import score_folder_duckdb
 from tracking.errors import ActionScoresError
-from tracking.recorder import LossRecorder, write_table
-from tracking.trackers import MLflowTracker
+from tracking.record.recorder import LossRecorder, write_table
+from tracking.backends import MLflowTracker
 
 SAMPLES, EPOCHS = 500, 4
 

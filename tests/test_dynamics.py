@@ -19,11 +19,13 @@ from experiments.classify import classification_step
 from experiments.loop import train_and_record
 from experiments.models import KerasCifarCNN
 from tests.conftest import in_process_training
-from tracking.analyze import analyze_run, score_split
-from tracking.data import load_split
+from tracking.analyze import analyze_run
+from tracking.scoring.engines import score_split
+from experiments.datasets import load_split
 from tracking.errors import ActionScoresError
-from tracking.scores import ActionAccumulator, read_epoch_table
-from tracking.trackers import MLflowTracker
+from tracking.scoring.accumulator import ActionAccumulator
+from tracking.scoring.tables import read_epoch_table
+from tracking.backends import MLflowTracker
 
 EPOCHS = 3
 EL2N_EPOCH = 1

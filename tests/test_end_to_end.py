@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import BIN, run_command, snapshot_run
-from tracking.panels import read_panel_rows
+from tracking.report.panels import read_panel_rows
 
 EPOCHS = 3
 TOP_K = 10

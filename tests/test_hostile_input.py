@@ -13,9 +13,9 @@ import torch
 
 from tests.conftest import ROOT
 from tests.test_analyze_errors import Payload, _good_files, _make_run
-from tracking.analyze import epoch_files
+from tracking.scoring.tables import epoch_files
 from tracking.errors import ActionScoresError
-from tracking.trackers import MLflowTracker
+from tracking.backends import MLflowTracker
 
 ESCAPING = [
     "per_sample_losses/../../../etc/epoch_0000.parquet",

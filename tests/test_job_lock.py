@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import BIN, ROOT, run_command, snapshot_run
 from tests.test_analyze_errors import _check_scores, _make_run, _metric_lengths, _random_epochs, _scores
 from tracking.analyze import analyze_run
-from tracking.trackers import MLflowTracker
+from tracking.backends import MLflowTracker
 
 LOCK = "action_scores.lock"
 METRICS = ("samples", "epochs", "action_mean", "action_max", "action_min")

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tracking.analyze import classification_view
-from tracking.data import SplitData, load_split
+from tracking.report.views import classification_view
+from experiments.datasets import SplitData, load_split
 from tracking.errors import ActionScoresError
-from tracking.panels import PanelItem, draw_boxes, ranked_panels, read_panel_rows, render_panel, safe_file_names, upscale
+from tracking.report.panels import PanelItem, draw_boxes, ranked_panels, read_panel_rows, render_panel, safe_file_names, upscale
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def classification_panels(scores: pd.DataFrame, split: SplitData, column: str, k
 
 
 def _ranked(records: list[tuple[int, float]], k: int, hardest_first: bool) -> list[int]:
-    """Expected order, computed apart from tracking.rank: by score, ties by ascending id."""
+    """Expected order, computed apart from tracking.scoring.rank: by score, ties by ascending id."""
     key = (lambda r: (-r[1], r[0])) if hardest_first else (lambda r: (r[1], r[0]))
     return [sample_id for sample_id, _ in sorted(records, key=key)[:k]]
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tracking.errors import ActionScoresError
-from tracking.recorder import LossRecorder
-from tracking.trackers import MLflowTracker
+from tracking.record.recorder import LossRecorder
+from tracking.backends import MLflowTracker
 
 
 def _read(path: Path) -> dict[str, list]:

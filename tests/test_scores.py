@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tracking.errors import ActionScoresError
-from tracking.rank import easiest, hardest, rank_desc
-from tracking.scores import ActionAccumulator, read_epoch_table
+from tracking.scoring.rank import easiest, hardest, rank_desc
+from tracking.scoring.accumulator import ActionAccumulator
+from tracking.scoring.tables import read_epoch_table
 
 
 def _write(path: Path, columns: dict[str, object]) -> Path:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torchvision.models.detection.ssd import SSD
 
 from experiments.models import tiny_ssd
-from tracking.detection_data import digit_scenes
-from tracking.ssd import ssd_per_image_losses
+from experiments.detection_data import digit_scenes
+from experiments.ssd_loss import ssd_per_image_losses
 
 
 def _batch(indices: list[int]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:

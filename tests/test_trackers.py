@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from tracking.errors import ActionScoresError
-from tracking.trackers import TRACKERS, MLflowTracker, make_tracker, redact
+from tracking.backends import TRACKERS, MLflowTracker, make_tracker, redact
 
 
 @pytest.fixture()

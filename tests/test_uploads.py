@@ -23,8 +23,8 @@ import torch
 
 from tests.conftest import BIN, _free_port, ROOT, in_process_training, run_command, start_server, stop_server
 from tracking.analyze import analyze_run
-from tracking.recorder import LossRecorder
-from tracking.trackers import MLflowTracker
+from tracking.record.recorder import LossRecorder
+from tracking.backends import MLflowTracker
 
 
 class RestartableServer:

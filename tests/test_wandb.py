@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from tests.conftest import BIN, run_command
-from tracking.panels import read_panel_rows
-from tracking.recorder import LossRecorder
-from tracking.wandb_backend import OfflineRun, WandbTracker, _leet_records
+from tracking.report.panels import read_panel_rows
+from tracking.record.recorder import LossRecorder
+from tracking.backends.wandb_backend import OfflineRun, WandbTracker, _leet_records
 
 EPOCHS = 3
 

@@ -116,8 +116,8 @@ def _parser() -> argparse.ArgumentParser:
 def _upload(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tracking.trackers import MLflowTracker
-    from tracking.uploads import read_run_record, replay
+    from tracking.backends import MLflowTracker
+    from tracking.backends.uploads import read_run_record, replay
 
     spool = Path(args.spool)
     record = read_run_record(spool)
@@ -135,8 +135,8 @@ def _upload(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tracking.report import build_spec, publish, write_spec
-    from tracking.wandb_backend import OfflineRun
+    from tracking.report.wandb_report import build_spec, publish, write_spec
+    from tracking.backends.wandb_backend import OfflineRun
 
     runs, project, entity = [], "", ""
     for ref in args.runs:
@@ -165,7 +165,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from tracking.compare import compare_runs
-    from tracking.trackers import MLflowTracker
+    from tracking.backends import MLflowTracker
 
     run_ids = [run_id for item in args.runs for run_id in item.replace(",", " ").split()]
     result = compare_runs(MLflowTracker(args.tracking_uri), run_ids, split=args.split or None, top_k=args.top_k,
@@ -178,7 +178,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from tracking.analyze import analyze_experiment, analyze_run
-    from tracking.trackers import MLflowTracker, WandbTracker
+    from tracking.backends import MLflowTracker, WandbTracker
 
     targets = [args.run_id, args.experiment, args.wandb_run, args.wandb_dir]
     if sum(bool(t) for t in targets) != 1:

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
-from tracking.plots import matrices
-from tracking.rank import hardest, rank_desc
-from tracking.trackers import Tracker
+from tracking.report.plots import matrices
+from tracking.scoring.rank import hardest, rank_desc
+from tracking.backends import Tracker
 
 COMPARE_DIR = "action_scores_compare"
 SOURCES_TAG = "action_scores.compare.sources"

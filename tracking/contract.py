@@ -32,11 +32,12 @@ PART_PREFIX = "loss_"
 TARGET = "target"
 
 # Per-sample columns a classification step records beside `loss`, all from the same
-# logits (tracking.scores.classification_columns): the training-dynamics scores need them.
+# logits (tracking.record.classification_columns): the training-dynamics scores need them.
 CORRECT = "correct"  # bool: argmax of the logits equals the target
 P_TRUE = "p_true"  # float32: softmax probability of the target class
 MARGIN = "margin"  # float32: target logit minus the largest other logit
 EL2N = "el2n"  # float32: L2 norm of softmax minus the one-hot target
+RECORDED_COLUMNS = (CORRECT, P_TRUE, MARGIN, EL2N)  # the per-sample columns scores may read beside the losses
 
 _EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.parquet$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -1,6 +1,6 @@
 """Picture panels like the paper's figures: rows of the hardest and easiest samples, captioned.
 
-Render only: which samples go in a row comes from `tracking.rank`. Each PNG carries the
+Render only: which samples go in a row comes from `tracking.scoring.rank`. Each PNG carries the
 ids it shows, in order, in a text chunk (`action_scores.rows`), so that a test or a
 user can check a panel without reading pixels. matplotlib is imported when drawing.
 """
@@ -18,8 +18,8 @@ import pandas as pd
 
 from tracking.contract import SAMPLE_ID
 from tracking.errors import ActionScoresError
-from tracking.plots import agg_figure
-from tracking.rank import easiest, hardest
+from tracking.report.plots import agg_figure
+from tracking.scoring.rank import easiest, hardest
 
 ROWS_KEY = "action_scores.rows"
 MIN_SIDE = 96  # small images are upscaled (nearest neighbour) to at least this many pixels

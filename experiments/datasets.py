@@ -37,20 +37,6 @@ class SplitData:
         return self.picture(int(sample_id))
 
 
-class IndexedDataset(Dataset):
-    """Wraps `(input, target)` items as `{"sample_id", "input", "target"}`, so ids travel with the batch."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> dict:
-        data, target = self.dataset[index]
-        return {"sample_id": index, "input": data, "target": target}
-
-
 class _ArrayDataset(Dataset):
     """Pictures held in memory (uint8 HxW or HxWxC each) served as float32 CxHxW, times `scale`."""
 

@@ -19,20 +19,15 @@ samples x epochs (1M samples x 100 epochs: a few float64 per sample and part).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
-from tracking.rank import rank_desc
-
-if TYPE_CHECKING:
-    import torch
+from tracking.scoring.rank import rank_desc
+from tracking.scoring.tables import bools, recorded_columns
 
 # Score column -> the recorded column it needs.
 DYNAMICS_SOURCES = {
@@ -45,87 +40,6 @@ DYNAMICS_SOURCES = {
 }
 _FLOAT_SOURCES = (contract.P_TRUE, contract.MARGIN, contract.EL2N)
 _BLOCK = 1 << 15  # samples per step of the dynamics update: its arrays fit in a CPU's L2 cache
-
-
-def classification_columns(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The per-sample columns the dynamics scores need, from the logits the loss already used.
-
-    No second forward pass and no logits stored: four numbers per sample, kept on the device.
-    """
-    import torch
-
-    with torch.no_grad():
-        logits = logits.detach().float()
-        targets = targets.long()
-        probabilities = logits.softmax(dim=1)
-        true_logit = logits.gather(1, targets[:, None]).squeeze(1)
-        others = logits.scatter(1, targets[:, None], float("-inf"))
-        one_hot = torch.nn.functional.one_hot(targets, logits.shape[1]).float()
-        return {
-            contract.CORRECT: logits.argmax(dim=1) == targets,
-            contract.P_TRUE: probabilities.gather(1, targets[:, None]).squeeze(1),
-            contract.MARGIN: true_logit - others.max(dim=1).values,
-            contract.EL2N: (probabilities - one_hot).norm(dim=1),
-        }
-
-
-def default_el2n_epoch(epochs: int) -> int:
-    """Zero-based epoch whose table gives `el2n` by default: a tenth into training, as the
-    paper's epoch 20 of 200 (epoch 0 for runs under 10 epochs)."""
-    return epochs // 10
-
-
-def read_epoch_table(
-    path: str | Path, name: str, threads: bool = True, skip: frozenset[str] = frozenset()
-) -> pa.Table:
-    """Read and check one `epoch_EEEE.parquet`; `name` is how errors refer to it.
-
-    Checks: readable parquet, a non-empty table, an integer `sample_id` without
-    duplicates, float `loss` and `loss_<part>` columns. Returns it sorted by sample_id.
-    `skip`: columns not to decode (`ActionAccumulator.unused_columns`); their types are still
-    checked, from the file's schema. `threads=False` decodes on the calling thread only, for
-    callers that read files in parallel.
-    """
-    try:
-        # ParquetFile.read, not read_table: no dataset layer, one chunk per row group (zero-copy numpy).
-        with pq.ParquetFile(path) as parquet:
-            schema = parquet.schema_arrow
-            _check_schema(schema, name)
-            if parquet.metadata.num_rows == 0:
-                raise ActionScoresError(f"{name} is empty")
-            table = parquet.read([column for column in schema.names if column not in skip], use_threads=threads)
-    except (pa.ArrowException, OSError) as error:
-        raise ActionScoresError(f"{name} is not a readable parquet file: {error}") from None
-    if table.column(contract.SAMPLE_ID).null_count:
-        raise ActionScoresError(f"{name}: column 'sample_id' has {table.column(contract.SAMPLE_ID).null_count} nulls")
-    ids = table.column(contract.SAMPLE_ID).to_numpy()
-    if ids.dtype == np.uint64 and ids.max() > np.iinfo(np.int64).max:  # would wrap to negative ids
-        raise ActionScoresError(f"{name}: sample ids {preview(ids[ids > np.iinfo(np.int64).max])} do not fit in int64")
-    if not np.all(ids[1:] > ids[:-1]):
-        table = table.sort_by(contract.SAMPLE_ID)
-        ids = table.column(contract.SAMPLE_ID).to_numpy()
-        repeated = np.unique(ids[1:][ids[1:] == ids[:-1]])
-        if repeated.size:
-            raise ActionScoresError(f"{name}: repeated sample ids {preview(repeated)}")
-    return table
-
-
-def _check_schema(schema: pa.Schema, name: str) -> None:
-    """Refuse an epoch table without the contract's columns or with the wrong types."""
-    columns = schema.names
-    for required in (contract.SAMPLE_ID, contract.LOSS):
-        if required not in columns:
-            raise ActionScoresError(f"{name} has no {required!r} column (columns: {columns})")
-    if not pa.types.is_integer(schema.field(contract.SAMPLE_ID).type):
-        raise ActionScoresError(f"{name}: column 'sample_id' must be integer, got {schema.field(contract.SAMPLE_ID).type}")
-    try:
-        loss_columns = contract.loss_columns(columns)
-    except ActionScoresError as error:
-        raise ActionScoresError(f"{name}: {error}") from None
-    for column in loss_columns:
-        if not pa.types.is_floating(schema.field(column).type):
-            raise ActionScoresError(f"{name}: column {column!r} must be float, got {schema.field(column).type}")
-    _dynamics_sources(schema, name)
 
 
 @dataclass
@@ -164,7 +78,7 @@ class ActionAccumulator:
             raise ActionScoresError(f"{name}: expected epoch {self.epochs}, got {epoch}")
         ids = table.column(contract.SAMPLE_ID).to_numpy().astype(np.int64, copy=False)
         loss_columns = contract.loss_columns(table.column_names)
-        sources = _dynamics_sources(table.schema, name)
+        sources = recorded_columns(table.schema, name)
         if self.sample_ids is None:
             self.sample_ids = ids
             self.sums = {column: np.zeros(ids.size, dtype=np.float64) for column in loss_columns}
@@ -194,7 +108,7 @@ class ActionAccumulator:
             if column in self.sums:
                 self.sums[column] += values
         if contract.CORRECT in self.dynamics.sources:
-            columns[contract.CORRECT] = _bools(table.column(contract.CORRECT), f"{name}: column 'correct'")
+            columns[contract.CORRECT] = bools(table.column(contract.CORRECT), f"{name}: column 'correct'")
         self.dynamics.update(columns, epoch == self.el2n_epoch)
         self.epochs += 1
 
@@ -222,25 +136,13 @@ class ActionAccumulator:
         columns["mean_loss"] = self.sums[contract.LOSS] / self.epochs
         columns |= self.dynamics.compute()
         self.missing = {
-            score: f"the tables have no {source!r} column (recorded by tracking.scores.classification_columns)"
+            score: f"the tables have no {source!r} column (recorded by tracking.record.classification_columns)"
             for score, source in DYNAMICS_SOURCES.items() if source not in self.dynamics.sources
         }
         columns["rank"] = rank_desc(pd.DataFrame({c: columns[c] for c in (contract.SAMPLE_ID, "action")}, copy=False), "action")
         if self.labels is not None:
             columns["label"] = self.labels
         return pd.DataFrame(columns, copy=False)  # the arrays are this accumulator's own: no copy needed
-
-
-def _dynamics_sources(schema: pa.Schema, name: str) -> frozenset[str]:
-    """Which of the dynamics' source columns a table has, checking their types."""
-    found = frozenset(set(DYNAMICS_SOURCES.values()) & set(schema.names))
-    for column in found:
-        kind = schema.field(column).type
-        good = pa.types.is_boolean(kind) if column == contract.CORRECT else pa.types.is_floating(kind)
-        if not good:
-            expected = "bool" if column == contract.CORRECT else "float"
-            raise ActionScoresError(f"{name}: column {column!r} must be {expected}, got {kind}")
-    return found
 
 
 @dataclass
@@ -325,16 +227,6 @@ class _Dynamics:
         if self.el2n is not None:
             out["el2n"] = self.el2n
         return out
-
-
-def _bools(column: pa.ChunkedArray, what: str) -> np.ndarray:
-    """A boolean column as numpy, unpacked from Arrow's bitmap by one numpy call (15x `to_numpy`);
-    `what` names the column in the error for nulls."""
-    if column.null_count:
-        raise ActionScoresError(f"{what} has {column.null_count} nulls")
-    array = column.combine_chunks()  # one chunk per row group: usually already one, no copy
-    bits = np.frombuffer(array.buffers()[1], dtype=np.uint8)
-    return np.unpackbits(bits, count=array.offset + len(array), bitorder="little")[array.offset:].view(bool)
 
 
 def _check_same_ids(split: str, reference: np.ndarray, ids: np.ndarray, name: str) -> None:

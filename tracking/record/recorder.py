@@ -36,11 +36,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from tracking import contract, distributed
+from tracking import contract
+from tracking.record import distributed
 from tracking.errors import ActionScoresError, preview
 
 if TYPE_CHECKING:
-    from tracking.trackers import Tracker
+    from tracking.backends.base import RunWriter
 
 Losses = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -66,7 +67,7 @@ class LossRecorder:
         self,
         split: str,
         num_samples: int,
-        tracker: Tracker | None = None,
+        tracker: RunWriter | None = None,
         local_dir: str | Path | None = None,
     ) -> None:
         if num_samples <= 0:
@@ -81,7 +82,7 @@ class LossRecorder:
     @property
     def local_dir(self) -> Path:
         """Where tables are written before upload: unless given, the run's spool folder
-        (`Tracker.spool_dir`), or a temporary folder without a tracker."""
+        (`RunWriter.spool_dir`), or a temporary folder without a tracker."""
         if self._local_dir is None:
             self._local_dir = (self.tracker.spool_dir if self.tracker is not None
                                else Path(tempfile.mkdtemp(prefix="action-scores-")))

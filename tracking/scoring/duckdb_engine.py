@@ -3,7 +3,7 @@
 The per-epoch tables of a split are one parquet dataset to DuckDB: one query sums `loss`
 and every `loss_<part>` per `sample_id` and counts the epochs, spilling to disk when
 its hash table outgrows memory. The result has the columns of the default engine
-(`tracking.scores`), so either can feed ranks, panels and the scores artifact.
+(`tracking.scoring.accumulator`), so either can feed ranks, panels and the scores artifact.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
-from tracking.rank import rank_desc
-from tracking.scores import read_epoch_table
+from tracking.scoring.rank import rank_desc
+from tracking.scoring.tables import epoch_files, read_epoch_table
 
 
 def _quoted(name: str) -> str:
@@ -50,7 +50,6 @@ def action_query(loss_columns: list[str], label: str | None, epochs: int) -> str
 
 def epoch_paths(folder: str | Path, split: str) -> list[Path]:
     """The split's `epoch_EEEE.parquet` files in `folder`, in epoch order, refusing gaps."""
-    from tracking.analyze import epoch_files
 
     root = Path(folder)
     names = [f"{contract.losses_dir(split)}/{path.name}" for path in sorted(root.iterdir()) if path.is_file()]

@@ -30,7 +30,7 @@ from typing import Any
 
 from tracking import contract
 from tracking.errors import ActionScoresError
-from tracking.trackers import Tracker
+from tracking.backends.base import Tracker
 
 STATUS_PREFIX = "action_scores."
 

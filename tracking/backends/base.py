@@ -1,0 +1,174 @@
+"""What a tracking backend is: a writer for training, a reader for the post-hoc job.
+
+- `RunWriter`: what a training loop needs and nothing more: start (or join) a run, log
+  params and metrics, hand a finished file over for upload, finish.
+- `RunReader`: what the post-hoc job reads back: attach to a run, list and download its
+  files, read its params and tags, find an experiment's runs.
+- `Tracker`: one backend, both halves, plus `job_lock` (see `tracking.backends.lock`).
+
+Backends import their package lazily, so this module and the registry import without
+mlflow or wandb. The native client stays reachable through `RunWriter.native`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tracking.backends.uploads import spool_root
+from tracking.errors import ActionScoresError
+
+
+class _Run:
+    """The run id a backend points at, set by `start` or `attach`."""
+
+    name: ClassVar[str]
+    _run_id: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        """Id of the run this tracker writes to and reads from."""
+        if self._run_id is None:
+            raise ActionScoresError("no run: call start() or attach() first")
+        return self._run_id
+
+
+class RunWriter(_Run, ABC):
+    """The training side: everything a loop or a callback writes to a run."""
+
+    @property
+    @abstractmethod
+    def native(self) -> Any:
+        """The backend's own client or run object, as an escape hatch."""
+
+    @abstractmethod
+    def start(self, experiment: str | None = None, run_name: str | None = None) -> str:
+        """Open a new run (or the one a launcher such as `mlflow run` opened); return its id."""
+
+    @abstractmethod
+    def finish(self, failed: bool = False) -> None:
+        """Close the run that `start` opened (after queued writes, see `upload_later`)."""
+
+    @abstractmethod
+    def log_params(self, params: Mapping[str, object]) -> None:
+        """Record settings of the run (values become strings)."""
+
+    @abstractmethod
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record numeric results."""
+
+    @abstractmethod
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Record mutable labels of the run (the job's status lives here)."""
+
+    @abstractmethod
+    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+        """Upload one file into `artifact_dir` of the run, replacing a file of the same name."""
+
+    def log_artifacts(self, local_dir: str | Path, artifact_dir: str) -> None:
+        """Upload every file under `local_dir`, keeping the folder layout."""
+        root = Path(local_dir)
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            relative = path.parent.relative_to(root).as_posix()
+            self.log_artifact(path, artifact_dir if relative == "." else f"{artifact_dir}/{relative}")
+
+    def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
+        """Show a ranked set of samples natively where the backend has a view for it.
+
+        Each row holds `image` (uint8 array), `caption` and plain columns. MLflow has no
+        such view (the PNG panels are its view), so the default does nothing.
+        """
+
+    # --- writes during training: never block the loop -----------------------------------
+    @property
+    def spool_dir(self) -> Path:
+        """This run's local spool folder (`$ACTION_SCORES_SPOOL/<backend>-<run id>`): where the
+        recorder writes tables, kept until they are uploaded."""
+        return spool_root() / f"{self.name}-{self.run_id}"
+
+    def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
+        """Hand a finished file over for upload without waiting for the network.
+
+        Backends that write to local disk (W&B offline, a folder) just log it now; a
+        network backend queues it (see `tracking.backends.uploads`) and `finish` waits for it.
+        """
+        self.log_artifact(local_path, artifact_dir)
+
+    def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
+        """`log_metrics` without waiting for the network, in order with `upload_later`."""
+        self.log_metrics(metrics, step)
+
+
+class RunReader(_Run, ABC):
+    """The post-hoc side: everything the job reads from a run that training wrote."""
+
+    @abstractmethod
+    def attach(self, run_id: str) -> None:
+        """Point at an existing run; unknown ids are an error."""
+
+    @abstractmethod
+    def params(self) -> dict[str, str]:
+        """The run's params."""
+
+    @abstractmethod
+    def tags(self) -> dict[str, str]:
+        """The run's tags."""
+
+    @abstractmethod
+    def list_files(self, artifact_dir: str) -> list[str]:
+        """Every file under `artifact_dir`, as run-relative posix paths; [] when absent."""
+
+    @abstractmethod
+    def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
+        """Fetch one file to `dst_dir/<artifact_path>` and return the local path."""
+
+    @abstractmethod
+    def find_runs(self, experiment: str) -> list[str]:
+        """Ids of the finished runs of an experiment, newest first."""
+
+    @abstractmethod
+    def artifact_uri(self, artifact_path: str) -> str:
+        """Where a file of the run can be found, for telling the user."""
+
+
+class Tracker(RunWriter, RunReader):
+    """One backend: a run written during training and read (then written back) by the job."""
+
+    @contextmanager
+    def job_lock(self) -> Iterator[None]:
+        """Hold the run for one post-hoc job, so that two jobs never write it at once.
+
+        The default holds nothing: a W&B offline run is a local folder the job resumes by
+        itself. MLflow runs are locked with a tag (`tracking.backends.lock.TagLock`).
+        """
+        yield
+
+
+@contextmanager
+def patched_environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (None: remove) environment variables for a block, then put back exactly what was there:
+    MLflow reads its settings, and exports the active experiment, through the environment."""
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        _set_environ(values)
+        yield
+    finally:
+        _set_environ(saved)
+
+
+def _set_environ(values: Mapping[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def redact(uri: str) -> str:
+    """A URI without its `user:password@` part, safe to print in errors."""
+    return re.sub(r"//[^/]*@", "//***@", uri)  # up to the last '@' of the authority, as urllib does

@@ -1,0 +1,89 @@
+"""Several backends as one (`--tracker both`): every write goes to each, reads come from the first."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tracking.backends.base import Tracker
+from tracking.backends.mlflow_backend import MLflowTracker
+from tracking.backends.wandb_backend import WandbTracker
+from tracking.errors import ActionScoresError
+
+
+class FanOutTracker(Tracker):
+    """Several backends as one (`--tracker both`): every write goes to each, reads come from the first."""
+
+    name = "both"
+
+    def __init__(self, trackers: list[Tracker] | None = None) -> None:
+        self.trackers = trackers or [MLflowTracker(), WandbTracker()]
+
+    @property
+    def run_id(self) -> str:
+        return self.trackers[0].run_id
+
+    @property
+    def native(self) -> Any:
+        return [tracker.native for tracker in self.trackers]
+
+    def start(self, experiment: str | None = None, run_name: str | None = None) -> str:
+        for tracker in self.trackers:
+            tracker.start(experiment, run_name)
+        # Each run names the others, so that the same training can be found on every backend.
+        self.set_tags({f"action_scores.{tracker.name}_run_id": tracker.run_id for tracker in self.trackers})
+        return self.run_id
+
+    def attach(self, run_id: str) -> None:
+        raise ActionScoresError("attach to one backend at a time: use the mlflow or the wandb tracker")
+
+    def finish(self, failed: bool = False) -> None:
+        for tracker in self.trackers:
+            tracker.finish(failed)
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        for tracker in self.trackers:
+            tracker.log_params(params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        for tracker in self.trackers:
+            tracker.log_metrics(metrics, step)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for tracker in self.trackers:
+            tracker.set_tags(tags)
+
+    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+        for tracker in self.trackers:
+            tracker.log_artifact(local_path, artifact_dir)
+
+    def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
+        for tracker in self.trackers:
+            tracker.upload_later(local_path, artifact_dir)
+
+    def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log_metrics_later(metrics, step)
+
+    def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
+        for tracker in self.trackers:
+            tracker.log_samples(key, rows)
+
+    def params(self) -> dict[str, str]:
+        return self.trackers[0].params()
+
+    def tags(self) -> dict[str, str]:
+        return self.trackers[0].tags()
+
+    def list_files(self, artifact_dir: str) -> list[str]:
+        return self.trackers[0].list_files(artifact_dir)
+
+    def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
+        return self.trackers[0].download(artifact_path, dst_dir)
+
+    def find_runs(self, experiment: str) -> list[str]:
+        return self.trackers[0].find_runs(experiment)
+
+    def artifact_uri(self, artifact_path: str) -> str:
+        return self.trackers[0].artifact_uri(artifact_path)

@@ -1,0 +1,87 @@
+"""The post-hoc job's lock on a run: a tag that names the job holding it.
+
+A backend without compare-and-set (MLflow) can still keep two jobs from writing one run
+at once: set the tag, wait a moment, read it back; of two jobs that set it at once only
+the last writer goes on. The backend supplies three small functions over its tags.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from tracking import contract
+from tracking.errors import ActionScoresError
+
+SETTLE_SECONDS = 0.5  # how long a job waits before reading its tag back
+DEFAULT_TTL_SECONDS = 6 * 3600
+
+
+def stale(held: str) -> bool:
+    """Whether a lock tag's job is gone: its process has exited (same host), or the tag is older
+    than `$ACTION_SCORES_LOCK_TTL` seconds (6 h)."""
+    owner, _, since = held.partition(" ")
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    try:
+        age = (datetime.now(timezone.utc) - datetime.fromisoformat(since)).total_seconds()
+    except ValueError:
+        return True  # not a lock this library wrote
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # alive, someone else's
+    ttl = os.environ.get("ACTION_SCORES_LOCK_TTL", "")
+    return age > (float(ttl) if ttl else DEFAULT_TTL_SECONDS)
+
+
+@contextmanager
+def tag_lock(run_id: str, read: Callable[[], str | None], write: Callable[[str], None],
+             delete: Callable[[], None], settle_seconds: float = SETTLE_SECONDS) -> Iterator[None]:
+    """Hold `run_id` with the tag `action_scores.lock` = "<host>:<pid>:<nonce> <UTC time>".
+
+    `read` returns the tag's value (None when absent), `write` sets it (raising
+    `ActionScoresError` for a refusal the user must fix, anything else for a failed write),
+    `delete` removes it. A lock held by another live job is an error that names it; a stale
+    one (see `stale`) is taken over. The tag is removed when the block ends.
+    """
+    held = read()
+    if held and not stale(held):
+        raise ActionScoresError(
+            f"run {run_id} is being analysed by another job ({contract.LOCK_TAG} = {held!r}); "
+            "try again when it has finished. If that job is gone, delete the tag (MLflow UI, or "
+            f"MlflowClient().delete_tag(run_id, {contract.LOCK_TAG!r}))"
+        )
+    mine = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]} {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+
+    def taken_by_another(holder: str | None) -> ActionScoresError:
+        return ActionScoresError(
+            f"run {run_id}: another job took it at the same moment ({contract.LOCK_TAG} = {holder!r}); it does the work"
+        )
+
+    try:  # the job's first write, before anything is downloaded or computed
+        write(mine)
+    except ActionScoresError:
+        raise
+    except Exception:
+        holder = read()
+        if holder and holder != mine:  # two first inserts of the tag at once: the store kept the other's
+            raise taken_by_another(holder) from None
+        raise
+    time.sleep(settle_seconds)
+    now_held = read()
+    if now_held != mine:
+        raise taken_by_another(now_held)
+    try:
+        yield
+    finally:
+        if read() == mine:
+            delete()

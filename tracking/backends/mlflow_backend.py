@@ -1,0 +1,273 @@
+"""MLflow backend: any tracking URI works (sqlite file, server, Databricks).
+
+Hides MLflow's quirks from callers: its param length and batch limits, params that
+`mlflow run` already logged, the spooled background writes during training, and the
+tag that locks a run for one post-hoc job.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tracking import contract
+from tracking.backends.base import Tracker, patched_environ, redact
+from tracking.backends.lock import SETTLE_SECONDS, tag_lock
+from tracking.backends.uploads import Operation, Uploader, UploadRefused, left_behind_message
+from tracking.errors import ActionScoresError
+
+log = logging.getLogger(__name__)
+# MLflow error codes of a write that no retry can make succeed (the run deleted or missing, no permission).
+REFUSALS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+
+
+def _end_run_without_waiting(status: str) -> None:
+    """Close this process's active MLflow run after its queued writes: the spooled `end` operation
+    is what ends it on the server (already done, or left to `action-scores upload`), so this makes
+    one quick try only. Neither this call nor MLflow's end-of-process hook then waits minutes on
+    retries when the server is away, and a later `start` in this process works."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    with patched_environ(quick):
+        try:
+            mlflow.end_run(status=status)  # forgets the run locally first, then tries the server once
+        except MlflowException:
+            pass
+
+
+
+class MLflowTracker(Tracker):
+    """MLflow backend; any tracking URI works (sqlite file, server, Databricks).
+
+    Writes made during training through `upload_later` and `log_metrics_later` go through
+    one background `Uploader` per run, so a server outage never blocks or kills training.
+    """
+
+    name = "mlflow"
+    _MAX_PARAM_LENGTH = 6000
+    _MAX_PARAMS_PER_BATCH = 100
+    LOCK_SETTLE_SECONDS = SETTLE_SECONDS
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        import mlflow
+
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        self._started = False
+        self._uploader: Uploader | None = None
+        self._repository: tuple[str, Any] | None = None  # (run id, its artifact store), see _artifact_repository
+        self.left_behind = ""  # what `finish` said about writes the server did not take in time
+
+    @property
+    def native(self) -> Any:
+        return self._client
+
+    def start(self, experiment: str | None = None, run_name: str | None = None) -> str:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        # `mlflow run` exports MLFLOW_RUN_ID: start_run() then resumes that run.
+        if experiment and "MLFLOW_RUN_ID" not in os.environ:
+            mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_name=run_name)
+        self._run_id = run.info.run_id
+        self._started = True
+        return self._run_id
+
+    def attach(self, run_id: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code == "UNAUTHENTICATED":
+                raise ActionScoresError(
+                    f"authentication failed at tracking URI {redact(self.tracking_uri)}: check "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                ) from None
+            raise ActionScoresError(
+                f"run {run_id!r} not found at tracking URI {redact(self.tracking_uri)} "
+                f"({error.error_code})"
+            ) from None
+        self._run_id = run_id
+
+    def finish(self, failed: bool = False) -> None:
+        """Wait (bounded) for queued writes, then end the run.
+
+        If the server does not take them in time, the run is left as the server has it
+        and a warning names the spool folder and the command that finishes the job.
+        """
+        import mlflow
+
+        status = "FAILED" if failed else "FINISHED"
+        if self._uploader is not None:
+            uploader, self._uploader = self._uploader, None
+            if self._started:
+                uploader.submit("end", status=status)
+            left = uploader.close()
+            if left or uploader.refused:
+                self.left_behind = left_behind_message(uploader.spool, left, redact(uploader.last_error),
+                                                       redact(self.tracking_uri), uploader.refused)
+                log.warning(self.left_behind)
+            if self._started:  # the spooled `end` ends the run on the server (or will, by upload)
+                self._started = False
+                _end_run_without_waiting(status)
+            return
+        if self._started:
+            mlflow.end_run(status=status)
+            self._started = False
+
+    def _uploads(self) -> Uploader:
+        """The background uploader of the current run, started on first use."""
+        if self._uploader is None or self._uploader.spool != self.spool_dir:
+            record = {"backend": self.name, "run_id": self.run_id, "tracking_uri": redact(self.tracking_uri)}
+            self._uploader = Uploader(self.spool_dir, record, functools.partial(self.perform, self.run_id))
+        return self._uploader
+
+    def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
+        self._uploads().submit("artifact", path=str(Path(local_path).resolve()), artifact_dir=artifact_dir)
+
+    def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
+        self._uploads().submit("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=int(step),
+                               timestamp_ms=int(time.time() * 1000))  # the history shows when, not when uploaded
+
+    def perform(self, run_id: str, operation: Operation, maybe_done: bool) -> None:
+        """Do one queued write to `run_id`; raises on any failure.
+
+        `maybe_done`: the write may have reached the server already (a retry, a replay), so
+        metric values already in the history at that step are not logged twice.
+        """
+        from mlflow.exceptions import MlflowException
+
+        payload = operation.payload
+        try:
+            if operation.kind == "artifact":
+                if not Path(payload["path"]).is_file():
+                    raise UploadRefused(f"spooled table {payload['path']} is gone")
+                self._client.log_artifact(run_id, payload["path"], payload["artifact_dir"])
+            elif operation.kind == "metrics":
+                metrics, step = payload["metrics"], payload["step"]
+                if maybe_done:
+                    metrics = {key: value for key, value in metrics.items() if (step, value) not in
+                               {(m.step, m.value) for m in self._client.get_metric_history(run_id, key)}}
+                self._log_metrics(run_id, metrics, step, payload.get("timestamp_ms"))  # older spools lack it
+            elif operation.kind == "end":
+                self._client.set_terminated(run_id, payload["status"])
+            else:
+                raise UploadRefused(f"{operation.file}: unknown operation {operation.kind!r}")
+        except MlflowException as error:
+            if error.error_code in REFUSALS:  # a deleted run, a missing one, no permission: final
+                raise UploadRefused(f"{error.error_code}: {redact(str(error))[:300]}") from None
+            raise
+
+    @contextmanager
+    def job_lock(self) -> Iterator[None]:
+        """Hold the run with the tag `action_scores.lock` (see `tracking.backends.lock.tag_lock`)."""
+        with tag_lock(self.run_id, lambda: self.tags().get(contract.LOCK_TAG), self._write_lock_tag,
+                      lambda: self._client.delete_tag(self.run_id, contract.LOCK_TAG), self.LOCK_SETTLE_SECONDS):
+            yield
+
+    def _write_lock_tag(self, value: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.set_tag(self.run_id, contract.LOCK_TAG, value)
+        except MlflowException as error:
+            if error.error_code == "PERMISSION_DENIED":
+                raise ActionScoresError(
+                    f"permission denied: the MLflow user (MLFLOW_TRACKING_USERNAME) may read run {self.run_id} but "
+                    "not write to it; the job needs EDIT permission on the run's experiment. Nothing was computed "
+                    "or written"
+                ) from None
+            raise
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        from mlflow.entities import Param
+
+        # Params are immutable in MLflow, and `mlflow run` logs the entry point's
+        # parameters itself: keep what is there rather than fail on a reformatted value.
+        existing = self.params()
+        fresh = [
+            Param(key, str(value)[: self._MAX_PARAM_LENGTH])
+            for key, value in params.items()
+            if key not in existing
+        ]
+        for start in range(0, len(fresh), self._MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=fresh[start : start + self._MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._log_metrics(self.run_id, metrics, step)
+
+    def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None,
+                     timestamp_ms: int | None = None) -> None:
+        """`timestamp_ms`: when the values were measured (a queued write's own time), default now."""
+        from mlflow.entities import Metric
+
+        when = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
+        entries = [Metric(key, float(value), when, step or 0) for key, value in metrics.items()]
+        for start in range(0, len(entries), 1000):
+            self._client.log_batch(run_id, metrics=entries[start : start + 1000])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+        self._client.log_artifact(self.run_id, str(local_path), artifact_dir)
+
+    def params(self) -> dict[str, str]:
+        return dict(self._client.get_run(self.run_id).data.params)
+
+    def tags(self) -> dict[str, str]:
+        return dict(self._client.get_run(self.run_id).data.tags)
+
+    def list_files(self, artifact_dir: str) -> list[str]:
+        files: list[str] = []
+        pending = [artifact_dir]
+        while pending:
+            for info in self._client.list_artifacts(self.run_id, pending.pop()):
+                (pending if info.is_dir else files).append(info.path)
+        return sorted(files)
+
+    def _artifact_repository(self) -> Any:
+        """The run's artifact store, resolved once per run: `client.download_artifacts` resolves
+        it again for every file (three tracking requests per file before the one that fetches)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        cached = self._repository
+        if cached is None or cached[0] != self.run_id:
+            uri = self._client.get_run(self.run_id).info.artifact_uri
+            cached = (self.run_id, get_artifact_repository(uri, tracking_uri=self.tracking_uri))
+            self._repository = cached
+        return cached[1]
+
+    def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
+        # Refuse paths that leave dst_dir; the store's repository keeps the artifact path under dst_dir.
+        relative = contract.relative_artifact_path(artifact_path).as_posix()
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+        return Path(self._artifact_repository().download_artifacts(relative, str(dst_dir)))
+
+    def find_runs(self, experiment: str) -> list[str]:
+        found = self._client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ActionScoresError(
+                f"no experiment named {experiment!r} at tracking URI {redact(self.tracking_uri)}"
+            )
+        runs = self._client.search_runs(
+            [found.experiment_id],
+            filter_string="attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50000,
+        )
+        return [run.info.run_id for run in runs]
+
+    def artifact_uri(self, artifact_path: str) -> str:
+        return f"{self._client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
