@@ -14,7 +14,7 @@ import mlflow
 import pytest
 
 from tests.conftest import BIN, ROOT, _free_port, run_command, snapshot_run, start_server, stop_server
-from tests.test_analyze_errors import _good_files, _make_run
+from tests.test_analyze import _good_files, _make_run
 
 ADMIN = "admin"
 

@@ -1,5 +1,5 @@
 """Hostile input: paths that climb out of the download folder, and pickles, which are never
-unpickled. Broken tables on a run are cases of `BAD_RUNS` in test_analyze_errors.py.
+unpickled. Broken tables on a run are cases of `BAD_RUNS` in test_analyze.py.
 Each is a clear ActionScoresError naming the problem, and the run is left exactly as it was."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.test_analyze_errors import Payload, _good_files, _make_run
+from tests.test_analyze import Payload, _good_files, _make_run
 from tracking.scoring.tables import epoch_files
 from tracking.errors import ActionScoresError
 from tracking.backends import MLflowTracker

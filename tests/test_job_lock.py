@@ -15,7 +15,7 @@ import mlflow
 import pytest
 
 from tests.conftest import BIN, ROOT, run_command, snapshot_run
-from tests.test_analyze_errors import _check_scores, _make_run, _metric_lengths, _random_epochs, _scores
+from tests.test_analyze import _check_scores, _make_run, _metric_lengths, _random_epochs, _scores
 from tracking.analyze import analyze_run
 from tracking.backends import MLflowTracker
 
