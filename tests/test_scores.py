@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tracking.errors import ActionScoresError
-from tracking.scoring.rank import easiest, hardest, rank_desc
+from tracking.scoring.rank import easiest, hardest, rank
 from tracking.scoring.accumulator import ActionAccumulator
 from tracking.scoring.tables import read_epoch_table
 
@@ -121,12 +121,12 @@ def test_hardest_and_easiest_order_with_ties() -> None:
     assert hardest(scores, "action", 100)["sample_id"].tolist() == expected_hard
     # Whole rows come back, not just ids.
     assert hardest(scores, "action", 2)["action"].tolist() == [5.0, 5.0]
-    ranks = dict(zip(scores["sample_id"], rank_desc(scores, "action")))
+    ranks = dict(zip(scores["sample_id"], rank(scores, "action")))
     assert ranks == {s: i + 1 for i, s in enumerate(expected_hard)}
     in_id_order = scores.sort_values("sample_id")  # the job's own layout
     assert hardest(in_id_order, "action", 100)["sample_id"].tolist() == expected_hard
     assert easiest(in_id_order, "action", 100)["sample_id"].tolist() == expected_easy
-    assert dict(zip(in_id_order["sample_id"], rank_desc(in_id_order, "action"))) == ranks
+    assert dict(zip(in_id_order["sample_id"], rank(in_id_order, "action"))) == ranks
 
 
 def test_ranking_at_scale_breaks_every_tie_by_id_like_a_python_sort() -> None:
@@ -147,7 +147,7 @@ def test_ranking_at_scale_breaks_every_tie_by_id_like_a_python_sort() -> None:
     expected_hard, expected_easy = python_order(True), python_order(False)
     assert hardest(scores, "action", size)["sample_id"].tolist() == expected_hard
     assert easiest(scores, "action", size)["sample_id"].tolist() == expected_easy
-    ranks = dict(zip(scores["sample_id"].tolist(), rank_desc(scores, "action").tolist()))
+    ranks = dict(zip(scores["sample_id"].tolist(), rank(scores, "action").tolist()))
     assert ranks == {sample: position + 1 for position, sample in enumerate(expected_hard)}
 
 
