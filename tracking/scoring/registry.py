@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from tracking import contract
 from tracking.errors import ActionScoresError
 
-State = dict[str, np.ndarray]
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported inside the functions, not here: the CLI reads names and directions from this
+# module, and `action-scores --help` must not pay numpy's import (~0.5 s here).
+State = "dict[str, np.ndarray]"
 BLOCK = 1 << 15  # samples per step of an update: a block's state fits in a CPU's L2 cache
 SCRATCH = "scratch"  # state arrays named scratch* are one block long, reused by every block, never sliced
 
@@ -55,8 +59,13 @@ class Score:
         return direction_text(self.higher_is_harder)
 
 
-def _zeros(*names: str, dtype: type = np.float64) -> Callable[[int], State]:
-    return lambda size: {name: np.zeros(size, dtype=dtype) for name in names}
+def _zeros(*names: str, dtype: str = "float64") -> Callable[[int], State]:
+    """Init of state arrays `names`, zeros of `dtype`."""
+    def init(size: int) -> State:
+        import numpy as np
+
+        return {name: np.zeros(size, dtype=dtype) for name in names}
+    return init
 
 
 def _add(column: str) -> Callable[[State, dict[str, np.ndarray], int], None]:
@@ -75,6 +84,8 @@ def _mean(state: State, epochs: int) -> np.ndarray:
 
 
 def _welford_init(size: int) -> State:
+    import numpy as np
+
     scratch = min(size, BLOCK)
     return {"mean": np.zeros(size), "m2": np.zeros(size),
             f"{SCRATCH}_delta": np.empty(scratch), f"{SCRATCH}_step": np.empty(scratch)}
@@ -82,6 +93,8 @@ def _welford_init(size: int) -> State:
 
 def _welford_update(state: State, columns: dict[str, np.ndarray], epoch: int) -> None:
     """Welford: delta = p - mean; mean += delta / n; m2 += delta * (p - mean). No cancellation."""
+    import numpy as np
+
     p, mean = columns[contract.P_TRUE], state["mean"]
     delta, step = state[f"{SCRATCH}_delta"], state[f"{SCRATCH}_step"]
     np.subtract(p, mean, out=delta)
@@ -92,11 +105,20 @@ def _welford_update(state: State, columns: dict[str, np.ndarray], epoch: int) ->
     state["m2"] += step
 
 
+def _std(state: State, epochs: int) -> np.ndarray:
+    """Population standard deviation (ddof 0), as Cartography's `np.std`."""
+    import numpy as np
+
+    return np.sqrt(state["m2"] / epochs)
+
+
 def _count_right(state: State, columns: dict[str, np.ndarray], epoch: int) -> None:
     state["right"] += columns[contract.CORRECT]
 
 
 def _forgetting_init(size: int) -> State:
+    import numpy as np
+
     return {"forgotten": np.zeros(size, np.int32),  # int32: 2x faster sums than int64
             "previous": np.zeros(size, bool), "ever_right": np.zeros(size, bool)}
 
@@ -109,6 +131,8 @@ def _forgetting_update(state: State, columns: dict[str, np.ndarray], epoch: int)
 
 
 def _forgetting_reduce(state: State, epochs: int) -> np.ndarray:
+    import numpy as np
+
     # Never learned: `epochs`, above any learned sample's count (at most epochs // 2).
     return np.where(state["ever_right"], state["forgotten"], epochs).astype(np.int64)
 
@@ -130,12 +154,11 @@ SCORES: dict[str, Score] = {score.name: score for score in (
     Score("confidence", (contract.P_TRUE,), _zeros("total"), _add(contract.P_TRUE), _mean, higher_is_harder=False,
           definition="mean over epochs of the softmax probability of the target class; low = hard or mislabeled",
           paper="Swayamdipta et al., Dataset Cartography, EMNLP 2020"),
-    Score("variability", (contract.P_TRUE,), _welford_init, _welford_update,
-          lambda state, epochs: np.sqrt(state["m2"] / epochs), higher_is_harder=True,
+    Score("variability", (contract.P_TRUE,), _welford_init, _welford_update, _std, higher_is_harder=True,
           definition="standard deviation (ddof 0) over epochs of the target-class probability; high = the model "
                      "keeps changing its mind: Cartography's ambiguous region, so treated as higher = harder",
           paper="Swayamdipta et al., Dataset Cartography, EMNLP 2020"),
-    Score("correctness", (contract.CORRECT,), _zeros("right", dtype=np.int32), _count_right,
+    Score("correctness", (contract.CORRECT,), _zeros("right", dtype="int32"), _count_right,
           lambda state, epochs: state["right"] / epochs, higher_is_harder=False,
           definition="fraction of epochs in which the argmax was the target; low = hard",
           paper="Swayamdipta et al., Dataset Cartography, EMNLP 2020"),
