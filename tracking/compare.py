@@ -21,7 +21,7 @@ from tracking import contract
 from tracking.errors import ActionScoresError, preview
 from tracking.report.plots import matrices
 from tracking.scoring.rank import hardest, rank
-from tracking.scoring.registry import direction_text, higher_is_harder as registered_direction
+from tracking.scoring.registry import direction_text, get, score_of_column
 from tracking.backends import Tracker
 
 COMPARE_DIR = "action_scores_compare"
@@ -39,8 +39,8 @@ class Comparison:
     spearman: pd.DataFrame  # run x run
     overlap: pd.DataFrame  # run x run: |top-k of both| / k
     combined: pd.DataFrame  # sample_id, one rank per run, mean_rank, rank (1 = hardest by mean rank)
-    score: str = SCORE
     artifacts: list[str]
+    score: str = SCORE  # the score compared
 
 
 def _scored_splits(tracker: Tracker, run_id: str) -> set[str]:
@@ -124,7 +124,7 @@ def compare_runs(tracker: Tracker, run_ids: list[str], *, split: str | None = No
                  experiment: str | None = None, score: str = SCORE) -> Comparison:
     """Read the runs' `score` (a registered score, or `action_<part>`), compare them in its direction,
     and log the comparison to a new run of `experiment`."""
-    harder = registered_direction(score)  # an unknown score stops here, naming the valid ones
+    harder = (score_of_column(score) or get(score)).higher_is_harder  # `get` refuses an unknown name, listing the valid
     if len(run_ids) < 2 or len(set(run_ids)) != len(run_ids):
         raise ActionScoresError(f"compare needs at least two different runs, got {run_ids}")
     if top_k <= 0:
