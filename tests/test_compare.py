@@ -19,6 +19,9 @@ from experiments.classify import main as classify
 from tests.conftest import BIN, in_process_training, run_command
 from tracking.analyze import analyze_run
 from tracking.backends import MLflowTracker
+from tracking.compare import compare_runs
+from tracking.errors import ActionScoresError
+from tracking.report.panels import read_panel_rows
 
 TOP_K = 30
 
@@ -124,3 +127,50 @@ def test_mlflow_run_compare_entry_point(mlflow_server: str, analysed_runs: tuple
     run = mlflow.MlflowClient(mlflow_server).get_run(new_run)
     assert run.data.tags["action_scores.compare.sources"] == f"{run_ids[0]},{run_ids[2]}"
     assert run.data.params["top_k"] in ("20", "20.0") and "spearman_mean" in run.data.metrics
+
+
+def _in_order(scores: pd.DataFrame, column: str, lowest_first: bool, k: int) -> list[int]:
+    """Sample ids by `column` (ties by ascending id), with a plain Python sort."""
+    pairs = zip(scores["sample_id"].tolist(), scores[column].tolist())
+    return [i for i, _ in sorted(pairs, key=lambda p: (p[1] if lowest_first else -p[1], p[0]))[:k]]
+
+
+def test_analyze_draws_every_score_in_its_own_direction(mlflow_server: str, analysed_runs: tuple[str, list[str]],
+                                                        tmp_path: Path) -> None:
+    """The hardest by aum, confidence and correctness are the lowest; by forgetting, el2n, variability the highest."""
+    _, run_ids = analysed_runs
+    client = mlflow.MlflowClient(mlflow_server)
+    local = Path(client.download_artifacts(run_ids[0], "action_scores/test", str(tmp_path)))
+    scores = pd.read_parquet(local / "scores.parquet")
+    folders = sorted(p.name for p in local.iterdir() if p.is_dir())
+    assert folders == ["aum", "confidence", "correctness", "el2n", "forgetting", "loss", "variability"]
+    for score, lowest_is_hardest in [("aum", True), ("confidence", True), ("correctness", True), ("forgetting", False),
+                                     ("el2n", False), ("variability", False)]:
+        hardest = read_panel_rows(local / score / "hardest.png")[0]
+        easiest = read_panel_rows(local / score / "easiest.png")[0]
+        assert hardest["sample_ids"] == _in_order(scores, score, lowest_is_hardest, 10), score
+        assert easiest["sample_ids"] == _in_order(scores, score, not lowest_is_hardest, 10), score
+        assert hardest["captions"][0].startswith(f"{score} ")
+        assert not (local / score / "by_class").exists()  # per-class panels for the loss objectives only
+    assert scores["aum"].min() < 0  # the lowest-AUM panel shows samples the model puts in another class
+    assert (local / "loss" / "by_class").is_dir()
+
+
+def test_compare_ranks_a_lower_is_harder_score_lowest_first(mlflow_server: str,
+                                                            analysed_runs: tuple[str, list[str]]) -> None:
+    experiment, run_ids = analysed_runs
+    client = mlflow.MlflowClient(mlflow_server)
+    result = compare_runs(MLflowTracker(mlflow_server), run_ids[:2], top_k=TOP_K, experiment=experiment, score="aum")
+    assert result.score == "aum" and client.get_run(result.run_id).data.params["score"] == "aum"
+    aum = pd.DataFrame({
+        run_id: pd.read_parquet(client.download_artifacts(run_id, "action_scores/test/scores.parquet")
+                                ).set_index("sample_id")["aum"] for run_id in run_ids[:2]})
+    a, b = run_ids[:2]
+    lowest = {r: set(aum[r].sort_values(kind="stable").index[:TOP_K]) for r in (a, b)}
+    assert result.overlap.loc[a, b] == pytest.approx(len(lowest[a] & lowest[b]) / TOP_K)
+    combined = result.combined.set_index("sample_id")
+    ranks = aum.rank(ascending=True, method="first")  # 1 = lowest aum = hardest
+    np.testing.assert_allclose(combined["mean_rank"], ranks.mean(axis=1).reindex(combined.index), rtol=1e-12)
+    assert combined.loc[combined["mean_rank"].idxmin(), "rank"] == 1
+    with pytest.raises(ActionScoresError, match=r"unknown score 'margin'; valid scores: action, mean_loss"):
+        compare_runs(MLflowTracker(mlflow_server), run_ids[:2], score="margin")

@@ -20,11 +20,7 @@ from experiments.loop import train_and_record
 from experiments.models import KerasCifarCNN
 from tests.conftest import in_process_training
 from tracking.analyze import analyze_run
-from tracking.scoring.engines import score_split
 from experiments.datasets import load_split
-from tracking.errors import ActionScoresError
-from tracking.scoring.accumulator import ActionAccumulator
-from tracking.scoring.tables import read_epoch_table
 from tracking.backends import MLflowTracker
 
 EPOCHS = 3
@@ -188,87 +184,3 @@ def test_old_run_without_the_columns_leaves_the_scores_out_and_says_why(mlflow_s
     assert "no confidence, variability: the tables have no 'p_true' column" in result.message
     assert "no aum: the tables have no 'margin' column" in result.message
     assert "no el2n: the tables have no 'el2n' column" in result.message
-
-
-def _score(tmp_path: Path, epochs: list[dict[str, object]], el2n_epoch: int = 0) -> pd.DataFrame:
-    accumulator = ActionAccumulator("test", el2n_epoch=el2n_epoch)
-    for epoch, columns in enumerate(epochs):
-        path = _write(tmp_path / f"epoch_{epoch:04d}.parquet", **columns)
-        accumulator.update(epoch, read_epoch_table(path, path.name), path.name)
-    return accumulator.compute()
-
-
-def _columns(p_true: list[float], correct: list[bool]) -> dict[str, object]:
-    n = len(p_true)
-    return {"sample_id": pa.array(range(n), pa.int64()), "loss": pa.array([1.0] * n, pa.float32()),
-            "p_true": pa.array(p_true, pa.float32()), "correct": pa.array(correct),
-            "margin": pa.array([0.5] * n, pa.float32()), "el2n": pa.array([0.25] * n, pa.float32())}
-
-
-def test_forgetting_counts_every_right_to_wrong_transition(tmp_path: Path) -> None:
-    history = [[True, False], [False, False], [True, False], [False, False], [True, True]]
-    scores = _score(tmp_path, [_columns([0.5, 0.5], row) for row in history])
-    assert scores["forgetting"].tolist() == [2, 0]  # right, wrong, right, wrong, right; learned at the end
-    assert scores["correctness"].tolist() == [0.6, 0.2]
-
-
-def test_el2n_epoch_outside_the_run_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ActionScoresError, match=r"el2n epoch 2 is not one of the run's epochs 0\.\.1"):
-        _score(tmp_path, [_columns([0.5], [True])] * 2, el2n_epoch=2)
-
-
-def test_columns_changing_between_epochs_are_refused(tmp_path: Path) -> None:
-    second = _columns([0.5], [True])
-    del second["margin"]
-    with pytest.raises(ActionScoresError, match=r"epoch_0001\.parquet: per-sample columns .* differ from epoch 0's"):
-        _score(tmp_path, [_columns([0.5], [True]), second])
-
-
-def test_wrong_column_types_are_refused(tmp_path: Path) -> None:
-    bad = _columns([0.5], [True])
-    bad["correct"] = pa.array([1], pa.int64())
-    with pytest.raises(ActionScoresError, match=r"column 'correct' must be bool, got int64"):
-        _score(tmp_path, [bad])
-
-
-def test_nan_probability_is_refused_naming_the_sample(tmp_path: Path) -> None:
-    with pytest.raises(ActionScoresError, match=r"NaN or infinite values in \['p_true'\], .* epoch 0: samples \[1\]"):
-        _score(tmp_path, [_columns([0.5, float("nan")], [True, True])])
-
-
-def test_job_scores_of_many_samples_equal_numpy_over_all_epochs(tmp_path: Path) -> None:
-    """The job's own path (parallel readers, unused columns skipped, blocked updates) on tables
-    larger than a block, cut in several row groups, ids shuffled, against formulas on the whole
-    stacked (epochs x samples) arrays."""
-    rng = np.random.default_rng(7)
-    size, epochs, el2n_epoch = 70_001, 5, 2
-    ids = rng.permutation(size * 2)[:size]
-    target = rng.integers(0, 10, size)
-    loss = rng.exponential(1.0, (epochs, size)).astype(np.float32)
-    p_true = rng.uniform(0, 1, (epochs, size)).astype(np.float32)
-    correct = rng.uniform(0, 1, (epochs, size)) < 0.6
-    margin = rng.normal(0, 2, (epochs, size)).astype(np.float32)
-    el2n = rng.uniform(0, 1.4, (epochs, size)).astype(np.float32)
-    tables = []
-    for epoch in range(epochs):
-        order = rng.permutation(size)
-        table = pa.table({"sample_id": ids[order], "loss": loss[epoch, order], "target": target[order],
-                          "correct": correct[epoch, order], "p_true": p_true[epoch, order],
-                          "margin": margin[epoch, order], "el2n": el2n[epoch, order]})
-        path = tmp_path / f"epoch_{epoch:04d}.parquet"
-        pq.write_table(table, path, row_group_size=30_000)
-        tables.append((path.name, path))
-
-    scores = score_split("train", tables, el2n_epoch=el2n_epoch).set_index("sample_id")
-    by_id = np.argsort(ids)  # the scores come in id order
-    p64 = p_true.astype(np.float64)[:, by_id]
-    right = correct[:, by_id]
-    forgotten = (right[:-1] & ~right[1:]).sum(axis=0)
-    np.testing.assert_allclose(scores["action"], loss.astype(np.float64)[:, by_id].sum(axis=0), rtol=1e-12)
-    np.testing.assert_array_equal(scores["label"], target[by_id])
-    np.testing.assert_allclose(scores["confidence"], p64.mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(scores["variability"], p64.std(axis=0), rtol=1e-9)
-    np.testing.assert_array_equal(scores["correctness"], right.mean(axis=0))
-    np.testing.assert_array_equal(scores["forgetting"], np.where(right.any(axis=0), forgotten, epochs))
-    np.testing.assert_allclose(scores["aum"], margin.astype(np.float64)[:, by_id].mean(axis=0), rtol=1e-12)
-    np.testing.assert_array_equal(scores["el2n"], el2n[el2n_epoch, by_id])

@@ -13,6 +13,7 @@ from tracking.report.views import classification_view
 from experiments.datasets import SplitData, load_split
 from tracking.errors import ActionScoresError
 from tracking.report.panels import PanelItem, draw_boxes, ranked_panels, read_panel_rows, render_panel, safe_file_names, upscale
+from tracking.scoring.rank import pick
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +29,12 @@ def _scores(digits: SplitData) -> pd.DataFrame:
     return pd.DataFrame({"sample_id": ids, "label": digits.labels[ids], "action": action})
 
 
-def classification_panels(scores: pd.DataFrame, split: SplitData, column: str, k: int, out: Path) -> list[Path]:
-    """What the post-hoc job draws for a classification split."""
+def classification_panels(scores: pd.DataFrame, split: SplitData, column: str, k: int, out: Path,
+                          higher_is_harder: bool | None = None) -> list[Path]:
+    """What the post-hoc job draws for a classification split: rank once, then render."""
     view = classification_view(scores, split, "digits", "test")
-    return ranked_panels(scores, column, k, out, view.picture, view.label, view.groups, split_size=view.size)
+    picked = pick(scores, column, k, view.groups, higher_is_harder)
+    return ranked_panels(picked, out, view.picture, view.label, split_size=view.size)[0]
 
 
 def _ranked(records: list[tuple[int, float]], k: int, hardest_first: bool) -> list[int]:
@@ -85,7 +88,7 @@ def test_class_names_become_distinct_safe_file_names(tmp_path: Path) -> None:
     split = SplitData(dataset=None, class_names=["a/b", "a_b", "straße"], labels=labels,  # type: ignore[arg-type]
                       picture=lambda i: pictures[i])
     scores = pd.DataFrame({"sample_id": [0, 1, 2, 3], "label": labels, "loss_sum": [1.0, 2.0, 3.0, 1234.5]})
-    classification_panels(scores, split, "loss_sum", 2, tmp_path)
+    classification_panels(scores, split, "loss_sum", 2, tmp_path, higher_is_harder=True)
     assert sorted(p.name for p in (tmp_path / "by_class").iterdir()) == ["a_b-2.png", "a_b.png", "stra_e.png"]
     assert read_panel_rows(tmp_path / "by_class" / "a_b.png")[0]["captions"] == ["loss_sum 1\na/b"]
     assert read_panel_rows(tmp_path / "by_class" / "stra_e.png")[0]["captions"] == [

@@ -53,32 +53,42 @@ def download_all(tracker: Tracker, paths: list[str], dst: Path) -> dict[str, Pat
 
 
 def objectives(scores: pd.DataFrame) -> dict[str, str]:
-    """Panel folder name -> score column: `loss` -> `action`, part `loc` -> `action_loc`."""
-    found = {contract.LOSS: "action"}
+    """Panel folder name -> score column, for every registered score in the table that gets panels:
+    `loss` -> `action`, part `loc` -> `action_loc`, and each other score under its own name (`aum`)."""
+    from tracking.scoring.registry import score_of_column
+
+    found = {}
     for column in scores.columns:
-        if column.startswith("action_"):
-            found[column[len("action_"):]] = column
+        score = score_of_column(column)
+        if score is None or not score.panels:
+            continue
+        if score.per_loss_part:  # the contract's folders: action -> loss, action_loc -> loc
+            found[contract.LOSS if column == score.name else column[len(score.name) + 1:]] = column
+        else:
+            found[column] = column
     return found
 
 
 def render_split(scores: pd.DataFrame, view: SplitView, top_k: int, out_dir: Path
                  ) -> tuple[list[Path], dict[str, list[dict]]]:
-    """Panels for every objective, and the same hardest/easiest samples as rows for `Tracker.log_samples`."""
-    from tracking.report.panels import panel_items, ranked_panels
-    from tracking.scoring.rank import easiest, hardest
+    """Panels for every objective, each ranked once in its score's direction, and the same hardest and
+    easiest samples as rows for `Tracker.log_samples`. Per-class panels for the loss objectives."""
+    from tracking.report.panels import ranked_panels
+    from tracking.scoring.rank import pick
+    from tracking.scoring.registry import score_of_column
 
     written: list[Path] = []
     samples: dict[str, list[dict]] = {}
     for objective, column in objectives(scores).items():
-        written += ranked_panels(scores, column, top_k, out_dir / objective, view.picture, view.label, view.groups,
-                                 split_size=view.size)
-        for which, pick in (("hardest", hardest), ("easiest", easiest)):
-            chosen = pick(scores, column, top_k)
-            items = panel_items(chosen, column, view.picture, view.label)
+        groups = view.groups if score_of_column(column).per_loss_part else None
+        picked = pick(scores, column, top_k, groups)
+        pngs, items = ranked_panels(picked, out_dir / objective, view.picture, view.label, split_size=view.size)
+        written += pngs
+        for which, rows in (("hardest", picked.hardest), ("easiest", picked.easiest)):
             samples[f"{objective}/{which}"] = [
                 {"image": item.image, "caption": item.caption, "sample_id": item.sample_id,
                  "rank": int(row["rank"]), column: float(row[column]), "label": view.label(row)}
-                for item, (_, row) in zip(items, chosen.iterrows())
+                for item, (_, row) in zip(items[which], rows.iterrows())
             ]
     return written, samples
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from tracking import contract
 from tracking.errors import ActionScoresError
+from tracking.scoring.registry import SCORES
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off", ""}
@@ -41,6 +42,12 @@ def _epoch_or_default(value: str) -> int | None:
     return int(value)
 
 
+def _dynamics_help(all_scores: bool = False) -> str:
+    """The registered scores with their directions, for help texts (the registry is numpy only: no torch)."""
+    return ", ".join(f"{score.name} ({score.direction})" for score in SCORES.values()
+                     if all_scores or not (score.per_loss_part or not score.panels))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="action-scores", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -50,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             f"Reads {contract.LOSSES_DIR}/<split>/epoch_EEEE.parquet from a run, sums each sample's "
             f"loss over epochs (its action), and writes {contract.SCORES_DIR}/<split>/scores.parquet, "
-            f"{contract.SCORES_DIR}/<split>/<objective>/hardest.png and easiest.png (plus by_class/), "
-            f"summary metrics and the tag {contract.STATUS_TAG}={contract.STATUS_DONE} back to the same run."
+            f"{contract.SCORES_DIR}/<split>/<objective>/hardest.png and easiest.png (plus by_class/; objective: "
+            f"loss or a loss part), {contract.SCORES_DIR}/<split>/<score>/hardest.png and easiest.png for each "
+            f"training-dynamics score the tables allow ({_dynamics_help()}), summary metrics and the tag {contract.STATUS_TAG}={contract.STATUS_DONE} back to the same run."
         ),
     )
     target = analyze.add_argument_group("which runs (one of)")
@@ -78,15 +86,17 @@ def _parser() -> argparse.ArgumentParser:
                          help="where the runs live (--wandb-run and --wandb-dir imply wandb)")
     compare = commands.add_parser(
         "compare",
-        help="rank correlation and top-k overlap of several analysed runs' actions, logged to a new run",
+        help="rank correlation and top-k overlap of one score of several analysed runs, logged to a new run",
         description=("Reads action_scores/<split>/scores.parquet of each run (same dataset and split), and logs to a "
-                     "new run tagged with its sources: the Spearman correlation matrix and top-k hardest overlap "
-                     "(CSV and a heatmap PNG) and a combined score, each sample's mean rank "
-                     "(action_scores_compare/<split>/)."),
+                     "new run tagged with its sources: the Spearman correlation matrix of --score and the overlap "
+                     "of the top-k hardest in that score's direction (CSV and a heatmap PNG) and a combined score, "
+                     "each sample's mean rank (action_scores_compare/<split>/)."),
     )
     compare.add_argument("runs", nargs="+", help="run ids (space or comma separated), at least two")
     compare.add_argument("--split", default="", help="split to compare (default: the one every run has scored)")
     compare.add_argument("--top-k", type=int, default=50, help="how many hardest samples to overlap (default 50)")
+    compare.add_argument("--score", default="action", choices=list(SCORES), metavar="SCORE",
+                         help=f"the score to compare (default action): {_dynamics_help(all_scores=True)}")
     compare.add_argument("--experiment", default="", help="experiment of the new run (default: the active one)")
     compare.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     report = commands.add_parser(
@@ -169,9 +179,9 @@ def _compare(args: argparse.Namespace) -> int:
 
     run_ids = [run_id for item in args.runs for run_id in item.replace(",", " ").split()]
     result = compare_runs(MLflowTracker(args.tracking_uri), run_ids, split=args.split or None, top_k=args.top_k,
-                          experiment=args.experiment or None)
+                          experiment=args.experiment or None, score=args.score)
     print(f"compared {len(run_ids)} runs on split {result.split!r}; logged to run {result.run_id}")
-    print("Spearman correlation of action:\n" + result.spearman.round(3).to_string())
+    print(f"Spearman correlation of {result.score}:\n" + result.spearman.round(3).to_string())
     print(f"top-{args.top_k} hardest overlap:\n" + result.overlap.round(3).to_string())
     return 0
 

@@ -1,8 +1,9 @@
-"""Compare the actions of several analysed runs of one split: how stable is "hard" across seeds and models?
+"""Compare one score of several analysed runs of one split: how stable is "hard" across seeds and models?
 
 Reads each run's `action_scores/<split>/scores.parquet`, then logs to a NEW run (tagged with its
-sources): the Spearman rank correlation matrix of the actions, the overlap of their top-k hardest,
-both as a heatmap PNG, and a combined score, each sample's mean rank over the runs.
+sources): the Spearman rank correlation matrix of the score (default `action`), the overlap of
+their top-k hardest in the score's direction (`tracking.scoring.registry`: the hardest by `aum`
+are the lowest), both as a heatmap PNG, and a combined score, each sample's mean rank over the runs.
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
 from tracking.report.plots import matrices
-from tracking.scoring.rank import hardest, rank_desc
+from tracking.scoring.rank import hardest, rank
+from tracking.scoring.registry import direction_text, get, score_of_column
 from tracking.backends import Tracker
 
 COMPARE_DIR = "action_scores_compare"
 SOURCES_TAG = "action_scores.compare.sources"
 SOURCE_TAG = "action_scores.compare.source.{index}"
-SCORE = "action"
+SCORE = "action"  # the default score to compare
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Comparison:
     overlap: pd.DataFrame  # run x run: |top-k of both| / k
     combined: pd.DataFrame  # sample_id, one rank per run, mean_rank, rank (1 = hardest by mean rank)
     artifacts: list[str]
+    score: str = SCORE  # the score compared
 
 
 def _scored_splits(tracker: Tracker, run_id: str) -> set[str]:
@@ -65,14 +69,19 @@ def _pick_split(tracker: Tracker, run_ids: list[str], split: str | None) -> str:
     return common.pop()
 
 
-def _read_actions(tracker: Tracker, run_ids: list[str], split: str, work: Path) -> pd.DataFrame:
-    """One action column per run, indexed by sample_id; the runs must score the same samples."""
+def _read_scores(tracker: Tracker, run_ids: list[str], split: str, score: str, work: Path) -> pd.DataFrame:
+    """One `score` column per run, indexed by sample_id; the runs must score the same samples."""
     columns = {}
     for run_id in tqdm(run_ids, desc="read scores", unit="run"):
         tracker.attach(run_id)
         local = tracker.download(f"{contract.scores_dir(split)}/{contract.SCORES_FILE}", work / run_id)
-        scores = pd.read_parquet(local, columns=[contract.SAMPLE_ID, SCORE]).set_index(contract.SAMPLE_ID)
-        columns[run_id] = scores[SCORE]
+        names = pq.read_schema(local).names
+        if score not in names:
+            raise ActionScoresError(
+                f"run {run_id} has no {score!r} in {contract.scores_dir(split)}/{contract.SCORES_FILE} "
+                f"(its columns: {names}): its tables lack what the score needs; compare another score with --score"
+            )
+        columns[run_id] = pd.read_parquet(local, columns=[contract.SAMPLE_ID, score]).set_index(contract.SAMPLE_ID)[score]
     reference = next(iter(columns.values())).index
     for run_id, column in columns.items():
         if not column.index.sort_values().equals(reference.sort_values()):
@@ -84,59 +93,63 @@ def _read_actions(tracker: Tracker, run_ids: list[str], split: str, work: Path) 
     return pd.DataFrame(columns).sort_index()
 
 
-def spearman(actions: pd.DataFrame) -> pd.DataFrame:
+def spearman(scores: pd.DataFrame) -> pd.DataFrame:
     """Spearman rank correlation of every pair of columns (Pearson on average ranks, ties averaged)."""
-    return actions.rank().corr(method="pearson")
+    return scores.rank().corr(method="pearson")
 
 
-def top_k_overlap(actions: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Fraction of the k hardest samples (ties by lower sample_id) that two runs share."""
+def top_k_overlap(scores: pd.DataFrame, k: int, higher_is_harder: bool = True) -> pd.DataFrame:
+    """Fraction of the k hardest samples (ties by lower sample_id) that two runs share; `scores`:
+    one column per run, indexed by sample_id."""
     tops = {}
-    for run_id in actions.columns:
-        frame = actions[run_id].rename(SCORE).reset_index()
-        tops[run_id] = set(hardest(frame, SCORE, k)[contract.SAMPLE_ID])
-    return pd.DataFrame({a: {b: len(tops[a] & tops[b]) / k for b in actions.columns} for a in actions.columns},
-                        index=actions.columns)[actions.columns]
+    for run_id in scores.columns:
+        frame = scores[run_id].rename("score").reset_index()
+        tops[run_id] = set(hardest(frame, "score", k, higher_is_harder)[contract.SAMPLE_ID])
+    return pd.DataFrame({a: {b: len(tops[a] & tops[b]) / k for b in scores.columns} for a in scores.columns},
+                        index=scores.columns)[scores.columns]
 
 
-def combined_ranks(actions: pd.DataFrame) -> pd.DataFrame:
+def combined_ranks(scores: pd.DataFrame, higher_is_harder: bool = True) -> pd.DataFrame:
     """Each run's rank (1 = hardest), their mean, and the rank by that mean: a consensus difficulty."""
-    frame = actions.reset_index()
+    frame = scores.reset_index()
     combined = pd.DataFrame({contract.SAMPLE_ID: frame[contract.SAMPLE_ID]})
-    for run_id in actions.columns:
-        combined[f"rank_{run_id}"] = rank_desc(frame.rename(columns={run_id: SCORE}), SCORE)
-    combined["mean_rank"] = combined[[f"rank_{r}" for r in actions.columns]].mean(axis=1)
-    combined["rank"] = rank_desc(combined.assign(negated=-combined["mean_rank"]), "negated")
+    for run_id in scores.columns:
+        combined[f"rank_{run_id}"] = rank(frame, run_id, higher_is_harder)
+    combined["mean_rank"] = combined[[f"rank_{r}" for r in scores.columns]].mean(axis=1)
+    combined["rank"] = rank(combined, "mean_rank", higher_is_harder=False)  # a low mean rank is hard
     return combined
 
 
 def compare_runs(tracker: Tracker, run_ids: list[str], *, split: str | None = None, top_k: int = 50,
-                 experiment: str | None = None) -> Comparison:
-    """Read the runs' actions, compare them, and log the comparison to a new run of `experiment`."""
+                 experiment: str | None = None, score: str = SCORE) -> Comparison:
+    """Read the runs' `score` (a registered score, or `action_<part>`), compare them in its direction,
+    and log the comparison to a new run of `experiment`."""
+    harder = (score_of_column(score) or get(score)).higher_is_harder  # `get` refuses an unknown name, listing the valid
     if len(run_ids) < 2 or len(set(run_ids)) != len(run_ids):
         raise ActionScoresError(f"compare needs at least two different runs, got {run_ids}")
     if top_k <= 0:
         raise ActionScoresError(f"top_k must be positive, got {top_k}")
     chosen = _pick_split(tracker, run_ids, split)
     with tempfile.TemporaryDirectory(prefix="action-scores-compare-") as work:
-        actions = _read_actions(tracker, run_ids, chosen, Path(work) / "in")
-        if top_k > len(actions):
-            raise ActionScoresError(f"top_k {top_k} is more than the {len(actions)} samples of split {chosen!r}")
-        correlation, overlap = spearman(actions), top_k_overlap(actions, top_k)
-        combined = combined_ranks(actions)
+        values = _read_scores(tracker, run_ids, chosen, score, Path(work) / "in")
+        if top_k > len(values):
+            raise ActionScoresError(f"top_k {top_k} is more than the {len(values)} samples of split {chosen!r}")
+        correlation, overlap = spearman(values), top_k_overlap(values, top_k, harder)
+        combined = combined_ranks(values, harder)
         out = Path(work) / "out"
         out.mkdir()
         correlation.to_csv(out / "spearman.csv")
         overlap.to_csv(out / "top_k_overlap.csv")
         combined.to_parquet(out / "combined.parquet", index=False)
         short = {run_id: run_id[:8] for run_id in run_ids}
-        matrices([("Spearman rank correlation of action", correlation.rename(index=short, columns=short)),
-                  (f"overlap of the top {top_k} hardest", overlap.rename(index=short, columns=short))],
-                 out / "heatmap.png", f"split {chosen}: {len(actions)} samples, {len(run_ids)} runs")
+        matrices([(f"Spearman rank correlation of {score}", correlation.rename(index=short, columns=short)),
+                  (f"overlap of the top {top_k} hardest by {score} ({direction_text(harder)})",
+                   overlap.rename(index=short, columns=short))],
+                 out / "heatmap.png", f"split {chosen}: {len(values)} samples, {len(run_ids)} runs")
         off_diagonal = ~np.eye(len(run_ids), dtype=bool)
         tracker.start(experiment=experiment, run_name=f"compare-{chosen}")
         try:
-            tracker.log_params({"split": chosen, "top_k": top_k, "runs": len(run_ids)})
+            tracker.log_params({"split": chosen, "top_k": top_k, "runs": len(run_ids), "score": score})
             tracker.set_tags({SOURCES_TAG: ",".join(run_ids),
                               **{SOURCE_TAG.format(index=i): run_id for i, run_id in enumerate(run_ids)}})
             tracker.log_metrics({"spearman_mean": float(correlation.to_numpy()[off_diagonal].mean()),
@@ -148,4 +161,4 @@ def compare_runs(tracker: Tracker, run_ids: list[str], *, split: str | None = No
             raise
         tracker.finish()
         artifacts = sorted(f"{COMPARE_DIR}/{chosen}/{p.name}" for p in out.iterdir())
-    return Comparison(tracker.run_id, chosen, correlation, overlap, combined, artifacts)
+    return Comparison(tracker.run_id, chosen, correlation, overlap, combined, artifacts, score)

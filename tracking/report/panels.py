@@ -1,6 +1,6 @@
 """Picture panels like the paper's figures: rows of the hardest and easiest samples, captioned.
 
-Render only: which samples go in a row comes from `tracking.scoring.rank`. Each PNG carries the
+Render only: the rows come ranked (`tracking.scoring.rank.pick`, once, in the job). Each PNG carries the
 ids it shows, in order, in a text chunk (`action_scores.rows`), so that a test or a
 user can check a panel without reading pixels. matplotlib is imported when drawing.
 """
@@ -19,7 +19,7 @@ import pandas as pd
 from tracking.contract import SAMPLE_ID
 from tracking.errors import ActionScoresError
 from tracking.report.plots import agg_figure
-from tracking.scoring.rank import easiest, hardest
+from tracking.scoring.rank import Picked
 
 ROWS_KEY = "action_scores.rows"
 MIN_SIDE = 96  # small images are upscaled (nearest neighbour) to at least this many pixels
@@ -106,35 +106,30 @@ def panel_items(chosen: pd.DataFrame, column: str, picture: Callable[[int], np.n
             for _, row in chosen.iterrows()]
 
 
-def ranked_panels(scores: pd.DataFrame, column: str, k: int, out_dir: Path,
-                  picture: Callable[[int], np.ndarray], label: Callable[[pd.Series], str],
-                  groups: str | None = None, *, split_size: int | None = None) -> list[Path]:
-    """`hardest.png` and `easiest.png` over all samples and, when `groups` names a column, one
-    two-row panel per group under `by_class/`. Captions: the score and `label(row)`.
+def ranked_panels(picked: Picked, out_dir: Path, picture: Callable[[int], np.ndarray],
+                  label: Callable[[pd.Series], str], *, split_size: int | None = None
+                  ) -> tuple[list[Path], dict[str, list[PanelItem]]]:
+    """`hardest.png` and `easiest.png` of the rows `picked` holds and, per group it holds, one
+    two-row panel under `by_class/`. Captions: the score and `label(row)`; titles: the direction.
 
-    `split_size`, when the scores cover only part of a split, is named in the titles.
+    Returns the PNGs and the items of the two overview panels (`"hardest"`, `"easiest"`), so
+    that the job logs the very samples drawn. `split_size`, when the scores cover only part
+    of a split, is named in the titles.
     """
-    if k < 1:
-        raise ActionScoresError(f"k must be at least 1 to draw a panel, got {k}")
-    if scores.empty:
-        raise ActionScoresError(f"no scores to draw panels of {column!r} from: the table is empty")
-    shown = f"{len(scores)}" if split_size in (None, len(scores)) else f"{len(scores)} of {split_size}"
-    what = f"{column} over {shown} samples (higher = harder)"
-    written = [
-        render_panel([("hardest", panel_items(hardest(scores, column, k), column, picture, label))],
-                     out_dir / "hardest.png", f"{min(k, len(scores))} hardest by {what}"),
-        render_panel([("easiest", panel_items(easiest(scores, column, k), column, picture, label))],
-                     out_dir / "easiest.png", f"{min(k, len(scores))} easiest by {what}"),
-    ]
-    if groups is not None:
-        grouped = list(scores.groupby(groups, sort=True))
-        stems = safe_file_names(str(name) for name, _ in grouped)
-        for name, group in grouped:
-            rows = [("hardest", panel_items(hardest(group, column, k), column, picture, label)),
-                    ("easiest", panel_items(easiest(group, column, k), column, picture, label))]
-            written.append(render_panel(rows, out_dir / "by_class" / f"{stems[str(name)]}.png",
-                                        f"{name}: {column} over its {len(group)} samples (higher = harder)"))
-    return written
+    column = picked.column
+    shown = f"{picked.samples}" if split_size in (None, picked.samples) else f"{picked.samples} of {split_size}"
+    what = f"{column} over {shown} samples ({picked.direction})"
+    items = {which: panel_items(rows, column, picture, label)
+             for which, rows in (("hardest", picked.hardest), ("easiest", picked.easiest))}
+    written = [render_panel([(which, items[which])], out_dir / f"{which}.png", f"{len(rows)} {which} by {what}")
+               for which, rows in (("hardest", picked.hardest), ("easiest", picked.easiest))]
+    stems = safe_file_names(str(name) for name in picked.by_group)
+    for name, (hard, easy, size) in picked.by_group.items():
+        rows = [("hardest", panel_items(hard, column, picture, label)),
+                ("easiest", panel_items(easy, column, picture, label))]
+        written.append(render_panel(rows, out_dir / "by_class" / f"{stems[str(name)]}.png",
+                                    f"{name}: {column} over its {size} samples ({picked.direction})"))
+    return written, items
 
 
 def draw_boxes(image: np.ndarray, boxes: np.ndarray, names: Sequence[str], min_side: int = 256) -> np.ndarray:

@@ -1,19 +1,12 @@
-"""Action scores over per-epoch tables, computed one epoch at a time.
+"""The streaming scorer of one split: epoch tables in, the scores table of the contract out.
 
-Action score (Arriaga & Valdenegro-Toro, "Unsupervised Difficulty Estimation with Action
-Scores"): A(x) = sum_n L(y, m(x; theta_n)), the sample's loss summed over epochs.
-Higher = harder or mislabeled; lowest = easy, often a dataset bias. For a loss made of
-parts, each part gets its own action (`action_loc` = sum of `loss_loc`).
-
-The same pass computes the rest of the training-dynamics family from the per-sample
-columns a classification step records beside `loss` (`classification_columns`):
-Dataset Cartography's `confidence`, `variability`, `correctness` (Swayamdipta et al. 2020),
-`forgetting` events (Toneva et al. 2019), `aum`, the area under the margin (Pleiss et al.
-2020) and `el2n` at one early epoch (Paul et al. 2021). A score whose column a run lacks
-is left out, and `ActionAccumulator.missing` says why.
+`ActionAccumulator` holds the per-sample state of every registered score
+(`tracking.scoring.registry`) whose recorded columns the split's tables have, and folds the
+tables in one epoch at a time; the maths of each score lives in its registry entry. A score
+whose column a run lacks is left out, and `ActionAccumulator.missing` says why.
 
 The sums run table by table, so memory grows with the number of samples, never with
-samples x epochs (1M samples x 100 epochs: a few float64 per sample and part).
+samples x epochs (1M samples x 100 epochs: a few float64 per sample and score).
 """
 
 from __future__ import annotations
@@ -26,48 +19,66 @@ import pyarrow as pa
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
-from tracking.scoring.rank import rank_desc
+from tracking.scoring.rank import rank
+from tracking.scoring.registry import BLOCK, SCORES, SCRATCH, Score, State
 from tracking.scoring.tables import bools, recorded_columns
 
-# Score column -> the recorded column it needs.
-DYNAMICS_SOURCES = {
-    "confidence": contract.P_TRUE,
-    "variability": contract.P_TRUE,
-    "correctness": contract.CORRECT,
-    "forgetting": contract.CORRECT,
-    "aum": contract.MARGIN,
-    "el2n": contract.EL2N,
-}
-_FLOAT_SOURCES = (contract.P_TRUE, contract.MARGIN, contract.EL2N)
-_BLOCK = 1 << 15  # samples per step of the dynamics update: its arrays fit in a CPU's L2 cache
+# Recorded columns read only by scores that take one epoch (el2n): the other epochs need not decode them.
+_ONE_EPOCH_COLUMNS = frozenset(
+    {c for s in SCORES.values() if s.at_one_epoch for c in s.columns}
+    - {c for s in SCORES.values() if not s.at_one_epoch for c in s.columns}
+)
+_ONE_EPOCH_SCORES = "/".join(s.name for s in SCORES.values() if s.at_one_epoch)
+
+
+@dataclass
+class _Active:
+    """A registered score this split computes: its output column, the table column behind each
+    of the score's inputs (`loss` -> `loss_loc` for `action_loc`), its state and that state's block views."""
+
+    column: str
+    score: Score
+    inputs: dict[str, str]
+    state: State
+    blocks: list[State]
+
+
+def _activate(score: Score, column: str, inputs: dict[str, str], size: int) -> _Active:
+    state = score.init(size)
+    blocks = [{name: values[:min(BLOCK, size - start)] if name.startswith(SCRATCH) else values[start:start + BLOCK]
+               for name, values in state.items()} for start in range(0, size, BLOCK)]
+    return _Active(column, score, inputs, state, blocks)
 
 
 @dataclass
 class ActionAccumulator:
-    """Running action of one split: feed epoch tables in order with `update`, then `compute`.
+    """Running scores of one split: feed epoch tables in order with `update`, then `compute`.
 
-    The first table fixes the set of sample ids; every later epoch must have the same
-    set and the same loss parts. NaN or infinite losses are never summed: they are
-    collected and reported by `compute`, naming the samples and epochs.
+    The first table fixes the set of sample ids, the loss parts and the recorded columns
+    (so the scores computed); every later epoch must have the same. NaN or infinite values
+    are never summed: they are collected and reported by `compute`, naming the samples and
+    epochs. `el2n_epoch`: the zero-based epoch whose table the one-epoch scores (el2n) read.
     """
 
     split: str
     el2n_epoch: int = 0
     sample_ids: np.ndarray | None = None
     labels: np.ndarray | None = None
-    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    loss_columns: list[str] = field(default_factory=list)
+    sources: frozenset[str] = frozenset()  # recorded columns (contract.RECORDED_COLUMNS) of epoch 0
+    active: list[_Active] = field(default_factory=list)
     epochs: int = 0
     non_finite: list[tuple[int, np.ndarray]] = field(default_factory=list)
     non_finite_columns: set[str] = field(default_factory=set)
-    dynamics: _Dynamics | None = None
     missing: dict[str, str] = field(default_factory=dict)  # score left out -> why
 
     def unused_columns(self, epoch: int) -> frozenset[str]:
         """Columns of epoch `epoch`'s table that no score reads, so a reader need not decode them:
-        `target` after epoch 0 (labels come from epoch 0), `el2n` off its epoch after epoch 0."""
+        `target` after epoch 0 (labels come from epoch 0), one-epoch scores' columns (`el2n`) off
+        their epoch after epoch 0."""
         if epoch == 0:
             return frozenset()
-        return frozenset({contract.TARGET} | ({contract.EL2N} if epoch != self.el2n_epoch else set()))
+        return frozenset({contract.TARGET} | (_ONE_EPOCH_COLUMNS if epoch != self.el2n_epoch else frozenset()))
 
     def update(self, epoch: int, table: pa.Table, name: str) -> None:
         """Add the (checked, sorted) table of `epoch`, which must be the next epoch.
@@ -80,24 +91,22 @@ class ActionAccumulator:
         loss_columns = contract.loss_columns(table.column_names)
         sources = recorded_columns(table.schema, name)
         if self.sample_ids is None:
-            self.sample_ids = ids
-            self.sums = {column: np.zeros(ids.size, dtype=np.float64) for column in loss_columns}
-            if contract.TARGET in table.column_names:
-                self.labels = table.column(contract.TARGET).to_numpy(zero_copy_only=False)
-            self.dynamics = _Dynamics(ids.size, sources)
+            self._start(ids, loss_columns, sources, table)
         else:
             _check_same_ids(self.split, self.sample_ids, ids, name)
-            if sorted(loss_columns) != sorted(self.sums):
+            if sorted(loss_columns) != sorted(self.loss_columns):
                 raise ActionScoresError(
-                    f"{name}: loss columns {sorted(loss_columns)} differ from epoch 0's {sorted(self.sums)}"
+                    f"{name}: loss columns {sorted(loss_columns)} differ from epoch 0's {sorted(self.loss_columns)}"
                 )
             unused = self.unused_columns(epoch)
-            if sources - unused != self.dynamics.sources - unused:
+            if sources - unused != self.sources - unused:
                 raise ActionScoresError(
-                    f"{name}: per-sample columns {sorted(sources)} differ from epoch 0's {sorted(self.dynamics.sources)}"
+                    f"{name}: per-sample columns {sorted(sources)} differ from epoch 0's {sorted(self.sources)}"
                 )
+        present = self.sources & sources
         columns: dict[str, np.ndarray] = {}
-        for column in loss_columns + [c for c in _FLOAT_SOURCES if c in self.dynamics.sources & sources]:
+        floats = [c for c in contract.RECORDED_COLUMNS if c in present and c != contract.CORRECT]
+        for column in loss_columns + floats:
             values = table.column(column).to_numpy(zero_copy_only=False)
             if not np.isfinite(values).all():
                 bad = ~np.isfinite(values)
@@ -105,128 +114,67 @@ class ActionAccumulator:
                 self.non_finite_columns.add(column)
                 values = np.where(bad, 0.0, values)  # `compute` refuses the split; until then no NaN spreads
             columns[column] = values
-            if column in self.sums:
-                self.sums[column] += values
-        if contract.CORRECT in self.dynamics.sources:
+        if contract.CORRECT in present:
             columns[contract.CORRECT] = bools(table.column(contract.CORRECT), f"{name}: column 'correct'")
-        self.dynamics.update(columns, epoch == self.el2n_epoch)
+        self._fold(epoch, columns)
         self.epochs += 1
 
+    def _start(self, ids: np.ndarray, loss_columns: list[str], sources: frozenset[str], table: pa.Table) -> None:
+        """Epoch 0 fixes the ids, the labels, and which scores this split computes."""
+        self.sample_ids, self.loss_columns, self.sources = ids, loss_columns, sources
+        if contract.TARGET in table.column_names:
+            self.labels = table.column(contract.TARGET).to_numpy(zero_copy_only=False)
+        available = set(loss_columns) | sources
+        for score in SCORES.values():
+            lacking = [column for column in score.columns if column not in available]
+            if lacking:
+                self.missing[score.name] = (f"the tables have no {lacking[0]!r} column "
+                                            "(recorded by tracking.record.classification_columns)")
+            elif score.per_loss_part:  # the score of `loss`, and of each `loss_<part>` in its place
+                self.active += [_activate(score, score.name + loss[len(contract.LOSS):],
+                                          {contract.LOSS: loss, **{c: c for c in score.columns if c != contract.LOSS}},
+                                          ids.size) for loss in loss_columns]
+            else:
+                self.active.append(_activate(score, score.name, {c: c for c in score.columns}, ids.size))
+
+    def _fold(self, epoch: int, columns: dict[str, np.ndarray]) -> None:
+        """Every active score's update, block by block: the state a block touches stays in the
+        CPU cache through all the scores' steps (2x faster than whole-array steps at 1M samples)."""
+        due = [a for a in self.active if not a.score.at_one_epoch or epoch == self.el2n_epoch]
+        for index, start in enumerate(range(0, self.sample_ids.size, BLOCK)):
+            block = {column: values[start:start + BLOCK] for column, values in columns.items()}
+            for active in due:
+                active.score.update(active.blocks[index], {own: block[source] for own, source in active.inputs.items()},
+                                    epoch)
+
     def compute(self) -> pd.DataFrame:
-        """The scores table of the contract: sample_id, epochs, action, action_<part>, mean_loss, rank, label."""
+        """The scores table of the contract: sample_id, epochs, the registered scores the tables
+        allow (action, action_<part>, mean_loss, ...), rank (by action), label."""
         if self.sample_ids is None:
             raise ActionScoresError(f"split {self.split!r}: no epoch tables to score")
         if self.non_finite:
             details = "; ".join(f"epoch {epoch}: samples {preview(ids)}" for epoch, ids in self.non_finite[:5])
             more = f"; and {len(self.non_finite) - 5} more epochs" if len(self.non_finite) > 5 else ""
-            dynamics = sorted(self.non_finite_columns & set(_FLOAT_SOURCES))
-            what = f"values in {dynamics + sorted(self.non_finite_columns & set(self.sums))}" if dynamics else "losses"
+            recorded = sorted(self.non_finite_columns - set(self.loss_columns))
+            what = (f"values in {recorded + sorted(self.non_finite_columns & set(self.loss_columns))}" if recorded
+                    else "losses")
             raise ActionScoresError(
                 f"split {self.split!r} has NaN or infinite {what}, which would corrupt the sums: {details}{more}"
             )
-        if self.el2n_epoch < 0 or (contract.EL2N in self.dynamics.sources and self.el2n_epoch >= self.epochs):
-            raise ActionScoresError(
-                f"split {self.split!r}: el2n epoch {self.el2n_epoch} is not one of the run's epochs 0..{self.epochs - 1}"
-            )
+        one_epoch = any(a.score.at_one_epoch for a in self.active)
+        if self.el2n_epoch < 0 or (one_epoch and self.el2n_epoch >= self.epochs):
+            raise ActionScoresError(f"split {self.split!r}: {_ONE_EPOCH_SCORES} epoch {self.el2n_epoch} is not "
+                                    f"one of the run's epochs 0..{self.epochs - 1}")
         columns: dict[str, np.ndarray] = {
             contract.SAMPLE_ID: self.sample_ids, "epochs": np.full(self.sample_ids.size, self.epochs, dtype=np.int64),
         }
-        for column, total in self.sums.items():
-            columns[contract.action_column(column)] = total
-        columns["mean_loss"] = self.sums[contract.LOSS] / self.epochs
-        columns |= self.dynamics.compute()
-        self.missing = {
-            score: f"the tables have no {source!r} column (recorded by tracking.record.classification_columns)"
-            for score, source in DYNAMICS_SOURCES.items() if source not in self.dynamics.sources
-        }
-        columns["rank"] = rank_desc(pd.DataFrame({c: columns[c] for c in (contract.SAMPLE_ID, "action")}, copy=False), "action")
+        for active in self.active:
+            columns[active.column] = active.score.reduce(active.state, self.epochs)
+        columns["rank"] = rank(pd.DataFrame({c: columns[c] for c in (contract.SAMPLE_ID, "action")}, copy=False),
+                               "action")
         if self.labels is not None:
             columns["label"] = self.labels
         return pd.DataFrame(columns, copy=False)  # the arrays are this accumulator's own: no copy needed
-
-
-@dataclass
-class _Dynamics:
-    """Running per-sample state of the dynamics scores, one epoch table at a time.
-
-    Variability uses Welford's update of mean and squared deviations (no catastrophic
-    cancellation), giving the population standard deviation (ddof=0) as Cartography's
-    `np.std` does.
-    """
-
-    size: int
-    sources: frozenset[str]
-    epochs: int = 0
-    p_mean: np.ndarray | None = None
-    p_m2: np.ndarray | None = None
-    right: np.ndarray | None = None
-    previous: np.ndarray | None = None
-    ever_right: np.ndarray | None = None
-    forgotten: np.ndarray | None = None
-    margin_sum: np.ndarray | None = None
-    el2n: np.ndarray | None = None
-    delta: np.ndarray | None = None  # Welford's scratch buffers
-    scratch: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        zeros = lambda dtype: np.zeros(self.size, dtype=dtype)  # noqa: E731
-        if contract.P_TRUE in self.sources:
-            self.p_mean, self.p_m2 = zeros(np.float64), zeros(np.float64)
-            self.delta, self.scratch = np.empty(min(self.size, _BLOCK)), np.empty(min(self.size, _BLOCK))
-        if contract.CORRECT in self.sources:
-            self.right, self.forgotten = zeros(np.int32), zeros(np.int32)  # int32: 2x faster sums than int64
-            self.previous, self.ever_right = zeros(bool), zeros(bool)
-        if contract.MARGIN in self.sources:
-            self.margin_sum = zeros(np.float64)
-
-    def update(self, columns: dict[str, np.ndarray], take_el2n: bool) -> None:
-        """Fold in one epoch's columns: finite floats and `correct`, in the split's id order.
-
-        In place and in blocks of `_BLOCK` samples, so that the state a block touches stays in
-        the CPU cache through all its steps: 2x faster than whole-array steps at 1M samples.
-        """
-        self.epochs += 1
-        for start in range(0, self.size, _BLOCK):
-            block = slice(start, start + _BLOCK)
-            self._update_block(block, {column: values[block] for column, values in columns.items()})
-        if take_el2n and contract.EL2N in self.sources:
-            self.el2n = columns[contract.EL2N].astype(np.float64)
-
-    def _update_block(self, block: slice, columns: dict[str, np.ndarray]) -> None:
-        if self.p_mean is not None:  # Welford: delta = p - mean; mean += delta / n; m2 += delta * (p - mean)
-            p, mean = columns[contract.P_TRUE], self.p_mean[block]
-            delta, scratch = self.delta[:p.size], self.scratch[:p.size]
-            np.subtract(p, mean, out=delta)
-            np.divide(delta, self.epochs, out=scratch)
-            mean += scratch
-            np.subtract(p, mean, out=scratch)
-            scratch *= delta
-            self.p_m2[block] += scratch
-        if self.right is not None:
-            correct, previous = columns[contract.CORRECT], self.previous[block]
-            self.forgotten[block] += previous > correct  # right last epoch, wrong now
-            self.right[block] += correct
-            self.ever_right[block] |= correct
-            previous[:] = correct
-        if self.margin_sum is not None:
-            self.margin_sum[block] += columns[contract.MARGIN]
-
-    def compute(self) -> dict[str, np.ndarray]:
-        """Score columns this run's tables allow, in the contract's order."""
-        out: dict[str, np.ndarray] = {}
-        epochs = self.epochs
-        if self.p_mean is not None:
-            out["confidence"] = self.p_mean
-            out["variability"] = np.sqrt(self.p_m2 / epochs)
-        if self.right is not None:
-            out["correctness"] = self.right / epochs
-            # Never learned: `epochs`, above any learned sample's count (at most epochs // 2).
-            out["forgetting"] = np.where(self.ever_right, self.forgotten, epochs).astype(np.int64)
-        if self.margin_sum is not None:
-            out["aum"] = self.margin_sum / epochs
-        if self.el2n is not None:
-            out["el2n"] = self.el2n
-        return out
 
 
 def _check_same_ids(split: str, reference: np.ndarray, ids: np.ndarray, name: str) -> None:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
-from tracking.scoring.rank import rank_desc
+from tracking.scoring.rank import rank
 from tracking.scoring.tables import epoch_files, read_epoch_table
 
 
@@ -115,6 +115,6 @@ def score_tables_duckdb(paths: list[Path], split: str, memory_limit: str | None 
     scores[contract.SAMPLE_ID] = scores[contract.SAMPLE_ID].astype(np.int64)
     scores["epochs"] = scores["epochs"].astype(np.int64)
     scores["mean_loss"] = scores["action"] / len(paths)
-    scores["rank"] = rank_desc(scores, "action")
+    scores["rank"] = rank(scores, "action")
     ordered = [contract.SAMPLE_ID, "epochs", *action_columns, "mean_loss", "rank"] + (["label"] if label else [])
     return scores[ordered]

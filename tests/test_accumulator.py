@@ -1,4 +1,5 @@
-"""Action scores from hand-made epoch tables, checked against plain numpy / Python sums."""
+"""The streaming accumulator: scores from hand-made epoch tables, checked against plain numpy / Python sums,
+and every check and error message of the tables it is fed."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tracking.errors import ActionScoresError
-from tracking.scoring.rank import easiest, hardest, rank_desc
 from tracking.scoring.accumulator import ActionAccumulator
+from tracking.scoring.engines import score_split
 from tracking.scoring.tables import read_epoch_table
 
 
@@ -105,50 +106,6 @@ def test_rank_breaks_ties_by_lower_sample_id(tmp_path: Path) -> None:
     rank = dict(zip(scores["sample_id"].tolist(), scores["rank"].tolist()))
     assert rank == {9: 1, 2: 2, 4: 3, 5: 4, 0: 5, 1: 6}
     assert rank == _expected_ranks({k: e0[k] + e1[k] for k in e0})
-
-
-def test_hardest_and_easiest_order_with_ties() -> None:
-    scores = pd.DataFrame({
-        "sample_id": [7, 3, 11, 0, 5, 8],
-        "action": [2.0, 5.0, 2.0, 5.0, 1.0, 2.0],
-    })
-    expected_hard = [int(s) for s, _ in sorted(zip(scores["sample_id"], scores["action"]), key=lambda p: (-p[1], p[0]))]
-    expected_easy = [int(s) for s, _ in sorted(zip(scores["sample_id"], scores["action"]), key=lambda p: (p[1], p[0]))]
-    assert expected_hard == [0, 3, 7, 8, 11, 5]
-    assert expected_easy == [5, 7, 8, 11, 0, 3]
-    assert hardest(scores, "action", 4)["sample_id"].tolist() == expected_hard[:4]
-    assert easiest(scores, "action", 4)["sample_id"].tolist() == expected_easy[:4]
-    assert hardest(scores, "action", 100)["sample_id"].tolist() == expected_hard
-    # Whole rows come back, not just ids.
-    assert hardest(scores, "action", 2)["action"].tolist() == [5.0, 5.0]
-    ranks = dict(zip(scores["sample_id"], rank_desc(scores, "action")))
-    assert ranks == {s: i + 1 for i, s in enumerate(expected_hard)}
-    in_id_order = scores.sort_values("sample_id")  # the job's own layout
-    assert hardest(in_id_order, "action", 100)["sample_id"].tolist() == expected_hard
-    assert easiest(in_id_order, "action", 100)["sample_id"].tolist() == expected_easy
-    assert dict(zip(in_id_order["sample_id"], rank_desc(in_id_order, "action"))) == ranks
-
-
-def test_ranking_at_scale_breaks_every_tie_by_id_like_a_python_sort() -> None:
-    """Tens of thousands of rows (the SIMD sort's range) with many tied values and some NaN,
-    ids shuffled: the order must equal Python's sorted() on (value, id), NaN last."""
-    rng = np.random.default_rng(3)
-    size = 50_000
-    values = rng.integers(0, 500, size).astype(np.float64) / 4  # ~100 rows per value
-    values[rng.choice(size, 300, replace=False)] = np.nan
-    values[rng.choice(size, 50, replace=False)] = -0.0
-    scores = pd.DataFrame({"sample_id": rng.permutation(size * 3)[:size], "action": values})
-
-    def python_order(descending: bool) -> list[int]:
-        sign = -1.0 if descending else 1.0
-        pairs = zip(scores["sample_id"].tolist(), scores["action"].tolist())
-        return [i for i, v in sorted(pairs, key=lambda p: (np.isnan(p[1]), sign * p[1] if not np.isnan(p[1]) else 0.0, p[0]))]
-
-    expected_hard, expected_easy = python_order(True), python_order(False)
-    assert hardest(scores, "action", size)["sample_id"].tolist() == expected_hard
-    assert easiest(scores, "action", size)["sample_id"].tolist() == expected_easy
-    ranks = dict(zip(scores["sample_id"].tolist(), rank_desc(scores, "action").tolist()))
-    assert ranks == {sample: position + 1 for position, sample in enumerate(expected_hard)}
 
 
 def test_labels_come_from_the_target_column_and_are_absent_without_it(tmp_path: Path) -> None:
@@ -264,3 +221,90 @@ def test_a_column_with_an_empty_part_name_is_refused_naming_the_file(tmp_path: P
     path = _write(tmp_path / "t.parquet", {"sample_id": [0, 1], "loss": [1.0, 2.0], "loss_": [1.0, 2.0]})
     with pytest.raises(ActionScoresError, match=r"t\.parquet"):
         read_epoch_table(path, "t.parquet")
+
+
+# --- the training-dynamics scores on hand-made tables (moved from test_dynamics) -----------
+
+
+def _score_dynamics(tmp_path: Path, epochs: list[dict[str, object]], el2n_epoch: int = 0) -> pd.DataFrame:
+    accumulator = ActionAccumulator("test", el2n_epoch=el2n_epoch)
+    for epoch, columns in enumerate(epochs):
+        path = _write(tmp_path / f"epoch_{epoch:04d}.parquet", columns)
+        accumulator.update(epoch, read_epoch_table(path, path.name), path.name)
+    return accumulator.compute()
+
+
+def _columns(p_true: list[float], correct: list[bool]) -> dict[str, object]:
+    n = len(p_true)
+    return {"sample_id": pa.array(range(n), pa.int64()), "loss": pa.array([1.0] * n, pa.float32()),
+            "p_true": pa.array(p_true, pa.float32()), "correct": pa.array(correct),
+            "margin": pa.array([0.5] * n, pa.float32()), "el2n": pa.array([0.25] * n, pa.float32())}
+
+
+def test_forgetting_counts_every_right_to_wrong_transition(tmp_path: Path) -> None:
+    history = [[True, False], [False, False], [True, False], [False, False], [True, True]]
+    scores = _score_dynamics(tmp_path, [_columns([0.5, 0.5], row) for row in history])
+    assert scores["forgetting"].tolist() == [2, 0]  # right, wrong, right, wrong, right; learned at the end
+    assert scores["correctness"].tolist() == [0.6, 0.2]
+
+
+def test_el2n_epoch_outside_the_run_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ActionScoresError, match=r"el2n epoch 2 is not one of the run's epochs 0\.\.1"):
+        _score_dynamics(tmp_path, [_columns([0.5], [True])] * 2, el2n_epoch=2)
+
+
+def test_columns_changing_between_epochs_are_refused(tmp_path: Path) -> None:
+    second = _columns([0.5], [True])
+    del second["margin"]
+    with pytest.raises(ActionScoresError, match=r"epoch_0001\.parquet: per-sample columns .* differ from epoch 0's"):
+        _score_dynamics(tmp_path, [_columns([0.5], [True]), second])
+
+
+def test_wrong_column_types_are_refused(tmp_path: Path) -> None:
+    bad = _columns([0.5], [True])
+    bad["correct"] = pa.array([1], pa.int64())
+    with pytest.raises(ActionScoresError, match=r"column 'correct' must be bool, got int64"):
+        _score_dynamics(tmp_path, [bad])
+
+
+def test_nan_probability_is_refused_naming_the_sample(tmp_path: Path) -> None:
+    with pytest.raises(ActionScoresError, match=r"NaN or infinite values in \['p_true'\], .* epoch 0: samples \[1\]"):
+        _score_dynamics(tmp_path, [_columns([0.5, float("nan")], [True, True])])
+
+
+def test_job_scores_of_many_samples_equal_numpy_over_all_epochs(tmp_path: Path) -> None:
+    """The job's own path (parallel readers, unused columns skipped, blocked updates) on tables
+    larger than a block, cut in several row groups, ids shuffled, against formulas on the whole
+    stacked (epochs x samples) arrays."""
+    rng = np.random.default_rng(7)
+    size, epochs, el2n_epoch = 70_001, 5, 2
+    ids = rng.permutation(size * 2)[:size]
+    target = rng.integers(0, 10, size)
+    loss = rng.exponential(1.0, (epochs, size)).astype(np.float32)
+    p_true = rng.uniform(0, 1, (epochs, size)).astype(np.float32)
+    correct = rng.uniform(0, 1, (epochs, size)) < 0.6
+    margin = rng.normal(0, 2, (epochs, size)).astype(np.float32)
+    el2n = rng.uniform(0, 1.4, (epochs, size)).astype(np.float32)
+    tables = []
+    for epoch in range(epochs):
+        order = rng.permutation(size)
+        table = pa.table({"sample_id": ids[order], "loss": loss[epoch, order], "target": target[order],
+                          "correct": correct[epoch, order], "p_true": p_true[epoch, order],
+                          "margin": margin[epoch, order], "el2n": el2n[epoch, order]})
+        path = tmp_path / f"epoch_{epoch:04d}.parquet"
+        pq.write_table(table, path, row_group_size=30_000)
+        tables.append((path.name, path))
+
+    scores = score_split("train", tables, el2n_epoch=el2n_epoch).set_index("sample_id")
+    by_id = np.argsort(ids)  # the scores come in id order
+    p64 = p_true.astype(np.float64)[:, by_id]
+    right = correct[:, by_id]
+    forgotten = (right[:-1] & ~right[1:]).sum(axis=0)
+    np.testing.assert_allclose(scores["action"], loss.astype(np.float64)[:, by_id].sum(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(scores["label"], target[by_id])
+    np.testing.assert_allclose(scores["confidence"], p64.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(scores["variability"], p64.std(axis=0), rtol=1e-9)
+    np.testing.assert_array_equal(scores["correctness"], right.mean(axis=0))
+    np.testing.assert_array_equal(scores["forgetting"], np.where(right.any(axis=0), forgotten, epochs))
+    np.testing.assert_allclose(scores["aum"], margin.astype(np.float64)[:, by_id].mean(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(scores["el2n"], el2n[el2n_epoch, by_id])
