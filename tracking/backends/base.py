@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tracking.backends.uploads import spool_root
+from tracking.backends.uploads import Operation, spool_root
 from tracking.errors import ActionScoresError
 
 
@@ -102,6 +102,17 @@ class RunWriter(_Run, ABC):
     def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
         """`log_metrics` without waiting for the network, in order with `upload_later`."""
         self.log_metrics(metrics, step)
+
+    def upload_spool(self, spool: Path, run_id: str | None = None) -> list[Operation]:
+        """Perform the writes a training process left in `spool` (`action-scores upload`), attached
+        to the spool's run (`run_id`: refuse a spool of another run); returns what was done.
+
+        Only a backend whose `upload_later` queues writes leaves a spool; the others say so.
+        """
+        raise ActionScoresError(
+            f"{spool}: the {self.name} tracker writes straight to its runs and spools nothing, "
+            "so there is nothing for `action-scores upload` to do"
+        )
 
 
 class RunReader(_Run, ABC):
