@@ -71,11 +71,11 @@ class RunWriter(_Run, ABC):
         """Upload one file into `artifact_dir` of the run, replacing a file of the same name."""
 
     def log_artifacts(self, local_dir: str | Path, artifact_dir: str) -> None:
-        """Upload every file under `local_dir`, keeping the folder layout."""
+        """Upload every file under `local_dir`, keeping the folder layout (`artifact_dir` "": the run's root)."""
         root = Path(local_dir)
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             relative = path.parent.relative_to(root).as_posix()
-            self.log_artifact(path, artifact_dir if relative == "." else f"{artifact_dir}/{relative}")
+            self.log_artifact(path, "/".join(part for part in (artifact_dir, relative) if part not in ("", ".")))
 
     def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
         """Show a ranked set of samples natively where the backend has a view for it.

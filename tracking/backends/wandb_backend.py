@@ -128,7 +128,8 @@ class WandbTracker(Tracker):
 
         attached = self._offline or self._online
         project = experiment or (attached.project if attached else None) or self.project
-        folder = str(self._offline.root.parent) if self._offline else None
+        # Always where `attach` and `find_runs` look: wandb keeps the WANDB_DIR of its first run in a process.
+        folder = str(self._offline.root.parent if self._offline else offline_root().parent)
         self._offline = self._online = None
         self._live = wandb.init(project=project, entity=self.entity, name=run_name, mode=self.mode,
                                 dir=folder)  # type: ignore[arg-type]
