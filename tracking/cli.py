@@ -61,6 +61,16 @@ def _tracker(args: argparse.Namespace, name: str, offline: bool | None = None) -
     return make_tracker(name, **options.get(name, {}))
 
 
+def _offline(refs: Sequence[str]) -> bool | None:
+    """W&B runs as given: all offline folders (True), some on a server, entity/project/run_id (False),
+    or bare ids ($WANDB_MODE decides)."""
+    from tracking.backends.wandb_backend import is_offline_run_folder
+
+    if all(is_offline_run_folder(ref) for ref in refs):
+        return True
+    return False if any(ref.count("/") == 2 and not os.path.exists(ref) for ref in refs) else None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="action-scores", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,11 +159,10 @@ def _upload(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tracking.backends.wandb_backend import WandbTracker, is_offline_run_folder
+    from tracking.backends.wandb_backend import WandbTracker
     from tracking.report.wandb_report import build_spec, publish, write_spec
 
-    tracker = cast(WandbTracker, _tracker(args, WandbTracker.name,
-                                          offline=all(is_offline_run_folder(ref) for ref in args.runs)))
+    tracker = cast(WandbTracker, _tracker(args, WandbTracker.name, offline=_offline(args.runs)))
     runs, project, entity = [], "", ""
     for ref in args.runs:
         tracker.attach(ref)
@@ -176,9 +185,9 @@ def _compare(args: argparse.Namespace) -> int:
     from tracking.compare import COMPARE_DIR, compare_runs
 
     refs = [ref for item in args.runs for ref in item.replace(",", " ").split()]
-    folders = [is_offline_run_folder(ref) for ref in refs]
-    tracker = _tracker(args, args.tracker or (WandbTracker.name if any(folders) else MLflowTracker.name),
-                       offline=all(folders))
+    wandb_folders = any(is_offline_run_folder(ref) for ref in refs)
+    tracker = _tracker(args, args.tracker or (WandbTracker.name if wandb_folders else MLflowTracker.name),
+                       offline=_offline(refs))
     run_ids = []
     for ref in refs:  # W&B folders and paths become run ids the tracker attaches to again
         tracker.attach(ref)
