@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tracking.backends import TRACKERS, FanOutTracker, MLflowTracker, Tracker, make_tracker, redact
+from tracking.backends import TRACKERS, FanOutTracker, MLflowTracker, Tracker, WandbTracker, make_tracker, redact
 from tracking.errors import ActionScoresError
 
 BACKENDS = sorted(name for name, cls in TRACKERS.items() if cls is not FanOutTracker)  # "both" fans out to these
@@ -272,3 +272,10 @@ def test_redact_hides_a_password_containing_at() -> None:
     redacted = redact("http://user:p@ss@host:5000")
     assert "ss" not in redacted.replace("host", "")
     assert redacted == "http://***@host:5000"
+
+
+def test_the_fan_out_tracker_refuses_to_attach_and_names_its_backends(mlflow_server: str, wandb_env: dict[str, str]) -> None:
+    both = FanOutTracker([MLflowTracker(mlflow_server), WandbTracker()])
+    with pytest.raises(ActionScoresError, match=r"^'both' writes to several backends; attach to one at a time: "
+                                                r"'mlflow' or 'wandb'$"):
+        both.attach("anything")
