@@ -166,3 +166,20 @@ def tracker(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> MLflowTracke
 def experiment_id(client: mlflow.MlflowClient) -> str:
     """A fresh experiment, so each test's runs are its own."""
     return client.create_experiment(f"analyze-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture()
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Offline W&B confined to tmp_path, for this process and its subprocesses."""
+    settings = {
+        "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+        "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "data"), "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+        "WANDB_PROJECT": f"test-{uuid.uuid4().hex[:6]}",
+    }
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    env = dict(os.environ, **settings)
+    env.pop("MLFLOW_RUN_ID", None)
+    return env

@@ -23,25 +23,9 @@ from tests.conftest import BIN, run_command
 from tracking.report.panels import read_panel_rows
 from tracking.record.recorder import LossRecorder
 from tracking.backends.wandb_backend import OfflineRun, WandbTracker, _leet_records
+from tracking.errors import ActionScoresError
 
 EPOCHS = 3
-
-
-@pytest.fixture()
-def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Offline W&B confined to tmp_path, for this process and its subprocesses."""
-    settings = {
-        "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
-        "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_CACHE_DIR": str(tmp_path / "cache"),
-        "WANDB_DATA_DIR": str(tmp_path / "data"), "WANDB_CONFIG_DIR": str(tmp_path / "config"),
-        "WANDB_PROJECT": f"test-{uuid.uuid4().hex[:6]}",
-    }
-    for key, value in settings.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    env = dict(os.environ, **settings)
-    env.pop("MLFLOW_RUN_ID", None)
-    return env
 
 
 def _run_folder(wandb_dir: Path, run_id: str) -> Path:
@@ -137,8 +121,9 @@ def test_table_over_wandb_row_limits_survives_whole(wandb_env: dict[str, str], t
 
 def test_offline_attach_errors_are_clear(wandb_env: dict[str, str], tmp_path: Path) -> None:
     tracker = WandbTracker()
-    with pytest.raises(Exception, match="no such offline run folder, and W&B is offline"):
+    with pytest.raises(ActionScoresError, match=r"W&B run 'entity/project/abc123' not found: no such offline run "
+                                                 r"folder, nor a run of that id under .*, and W&B is offline"):
         tracker.attach("entity/project/abc123")
     (tmp_path / "not-a-run").mkdir()
-    with pytest.raises(Exception, match="is not a W&B offline run folder"):
+    with pytest.raises(ActionScoresError, match="is not a W&B offline run folder"):
         tracker.attach(str(tmp_path / "not-a-run"))

@@ -3,6 +3,7 @@
     action-scores analyze --run-id <id>              # one run
     action-scores analyze --experiment <name>        # every finished run that needs it
     action-scores analyze --experiment <name> --force
+    action-scores compare <run> <run> ...            # MLflow run ids, or W&B runs with --tracker wandb
     action-scores upload --spool <folder>            # what a tracking outage left behind
 
 Bad input ends with one line on stderr (`action-scores: error: ...`) and exit code 2.
@@ -15,8 +16,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 from tracking import contract
+from tracking.backends import TRACKERS, Tracker
 from tracking.errors import ActionScoresError
 from tracking.scoring.registry import SCORES
 
@@ -46,6 +49,33 @@ def _dynamics_help(all_scores: bool = False) -> str:
     """The registered scores with their directions, for help texts (the registry is numpy only: no torch)."""
     return ", ".join(f"{score.name} ({score.direction})" for score in SCORES.values()
                      if all_scores or not (score.per_loss_part or not score.panels))
+
+
+def _tracker_options(parser: argparse.ArgumentParser, default: str, what: str) -> None:
+    """`--tracker` (named by the registry) and `--tracking-uri`, the same for every command."""
+    parser.add_argument("--tracker", default=default, choices=sorted(TRACKERS), help=what)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+
+
+def _tracker(args: argparse.Namespace, name: str, offline: bool | None = None) -> Tracker:
+    """The tracker `name` built with the options the command line gave it. `offline`: W&B runs given
+    as offline folders (True: no network call), as server paths (False), or either ($WANDB_MODE)."""
+    from tracking.backends import MLflowTracker, WandbTracker, make_tracker
+
+    modes = {True: "offline", False: "online", None: None}
+    options = {MLflowTracker.name: {"tracking_uri": getattr(args, "tracking_uri", None)},
+               WandbTracker.name: {"mode": modes[offline]}}
+    return make_tracker(name, **options.get(name, {}))
+
+
+def _offline(refs: Sequence[str]) -> bool | None:
+    """W&B runs as given: all offline folders (True), some on a server, entity/project/run_id (False),
+    or bare ids ($WANDB_MODE decides)."""
+    from tracking.backends.wandb_backend import is_offline_run_folder
+
+    if all(is_offline_run_folder(ref) for ref in refs):
+        return True
+    return False if any(ref.count("/") == 2 and not os.path.exists(ref) for ref in refs) else None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,11 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                               "spills to disk when a run's sums outgrow memory)")
     analyze.add_argument("--el2n-epoch", type=_epoch_or_default, default=None,
                          help="zero-based epoch whose table gives el2n (default: epochs // 10, a tenth into training)")
-    analyze.add_argument(
-        "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"
-    )
-    analyze.add_argument("--tracker", default="mlflow", choices=["mlflow", "wandb"],
-                         help="where the runs live (--wandb-run and --wandb-dir imply wandb)")
+    _tracker_options(analyze, "mlflow", "where the runs live (--wandb-run and --wandb-dir imply wandb)")
     compare = commands.add_parser(
         "compare",
         help="rank correlation and top-k overlap of one score of several analysed runs, logged to a new run",
@@ -92,13 +118,16 @@ def _parser() -> argparse.ArgumentParser:
                      "of the top-k hardest in that score's direction (CSV and a heatmap PNG) and a combined score, "
                      "each sample's mean rank (action_scores_compare/<split>/)."),
     )
-    compare.add_argument("runs", nargs="+", help="run ids (space or comma separated), at least two")
+    compare.add_argument("runs", nargs="+", help="run ids (space or comma separated), at least two; W&B: offline "
+                         "run folders, run ids under $WANDB_DIR/wandb, or entity/project/run_id on a server")
     compare.add_argument("--split", default="", help="split to compare (default: the one every run has scored)")
     compare.add_argument("--top-k", type=int, default=50, help="how many hardest samples to overlap (default 50)")
     compare.add_argument("--score", default="action", choices=list(SCORES), metavar="SCORE",
                          help=f"the score to compare (default action): {_dynamics_help(all_scores=True)}")
-    compare.add_argument("--experiment", default="", help="experiment of the new run (default: the active one)")
-    compare.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    compare.add_argument("--experiment", default="", help="experiment of the new run (default: the active one; "
+                         "W&B: the compared runs' project)")
+    _tracker_options(compare, "", "where the runs live (default: wandb when the runs are W&B offline folders, "
+                                  "else mlflow); a W&B comparison run is written beside the runs it compares")
     report = commands.add_parser(
         "report",
         help="lay out the panels of analysed W&B runs as a W&B report",
@@ -119,50 +148,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     upload.add_argument("--spool", required=True, help="the run's spool folder ($ACTION_SCORES_SPOOL/mlflow-<run id>)")
     upload.add_argument("--run-id", default="", help="refuse a spool folder of another run")
-    upload.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    _tracker_options(upload, "", "the backend of the spool (default: the one its run.json names)")
     return parser
 
 
 def _upload(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tracking.backends import MLflowTracker
-    from tracking.backends.uploads import read_run_record, replay
+    from tracking.backends.uploads import read_run_record
+    from tracking.backends.wandb_backend import WandbTracker, is_offline_run_folder
 
     spool = Path(args.spool)
-    record = read_run_record(spool)
-    if record.get("backend") != MLflowTracker.name:
-        raise ActionScoresError(f"{spool} holds writes for {record.get('backend')!r}; only MLflow spools are uploaded")
-    if args.run_id and args.run_id != record["run_id"]:
-        raise ActionScoresError(f"{spool} belongs to run {record['run_id']}, not {args.run_id}")
-    tracker = MLflowTracker(args.tracking_uri)
-    tracker.attach(record["run_id"])
-    done = replay(spool, lambda operation, maybe_done: tracker.perform(record["run_id"], operation, maybe_done))
+    name = args.tracker or (WandbTracker.name if is_offline_run_folder(spool) else read_run_record(spool).get("backend"))
+    tracker = _tracker(args, name)
+    done = tracker.upload_spool(spool, run_id=args.run_id or None)
     tables = sum(op.kind == "artifact" for op in done)
-    print(f"run {record['run_id']}: {len(done)} pending write(s) done ({tables} table(s))" if done
-          else f"run {record['run_id']}: nothing left to upload in {spool}")
+    print(f"run {tracker.run_id}: {len(done)} pending write(s) done ({tables} table(s))" if done
+          else f"run {tracker.run_id}: nothing left to upload in {spool}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
+    from tracking.backends.wandb_backend import WandbTracker
     from tracking.report.wandb_report import build_spec, publish, write_spec
-    from tracking.backends.wandb_backend import OfflineRun
 
+    tracker = cast(WandbTracker, _tracker(args, WandbTracker.name, offline=_offline(args.runs)))
     runs, project, entity = [], "", ""
     for ref in args.runs:
-        if os.path.isdir(ref):
-            offline = OfflineRun(ref)
-            runs.append({"id": offline.run_id, "name": offline.run_id, "summary": offline.summary})
-            project = project or offline.project
-        else:
-            import wandb
-
-            try:
-                online = wandb.Api().run(ref)
-            except Exception as error:  # no server, no key, unknown run: wandb's own error types
-                raise ActionScoresError(f"W&B run {ref!r}: {error}") from None
-            runs.append({"id": online.id, "name": online.name, "summary": dict(online.summary)})
-            project, entity = project or online.project, entity or online.entity
+        tracker.attach(ref)
+        described = tracker.describe()
+        runs.append({key: described[key] for key in ("id", "name", "summary")})
+        project, entity = project or described["project"], entity or described["entity"]
     spec = build_spec(runs, project, entity, args.title)
     if args.publish:
         print(f"report published: {publish(spec)}")
@@ -174,31 +190,38 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from tracking.compare import compare_runs
-    from tracking.backends import MLflowTracker
+    from tracking.backends import MLflowTracker, WandbTracker
+    from tracking.backends.wandb_backend import is_offline_run_folder
+    from tracking.compare import COMPARE_DIR, compare_runs
 
-    run_ids = [run_id for item in args.runs for run_id in item.replace(",", " ").split()]
-    result = compare_runs(MLflowTracker(args.tracking_uri), run_ids, split=args.split or None, top_k=args.top_k,
+    refs = [ref for item in args.runs for ref in item.replace(",", " ").split()]
+    wandb_folders = any(is_offline_run_folder(ref) for ref in refs)
+    tracker = _tracker(args, args.tracker or (WandbTracker.name if wandb_folders else MLflowTracker.name),
+                       offline=_offline(refs))
+    run_ids = []
+    for ref in refs:  # W&B folders and paths become run ids the tracker attaches to again
+        tracker.attach(ref)
+        run_ids.append(tracker.run_id)
+    result = compare_runs(tracker, run_ids, split=args.split or None, top_k=args.top_k,
                           experiment=args.experiment or None, score=args.score)
     print(f"compared {len(run_ids)} runs on split {result.split!r}; logged to run {result.run_id}")
     print(f"Spearman correlation of {result.score}:\n" + result.spearman.round(3).to_string())
     print(f"top-{args.top_k} hardest overlap:\n" + result.overlap.round(3).to_string())
+    tracker.attach(result.run_id)
+    print(f"  heatmap: {tracker.artifact_uri(f'{COMPARE_DIR}/{result.split}/heatmap.png')}")
     return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
     from tracking.analyze import analyze_experiment, analyze_run
-    from tracking.backends import MLflowTracker, WandbTracker
+    from tracking.backends import WandbTracker
 
     targets = [args.run_id, args.experiment, args.wandb_run, args.wandb_dir]
     if sum(bool(t) for t in targets) != 1:
         raise ActionScoresError("give exactly one of --run-id, --experiment, --wandb-run or --wandb-dir")
     if args.wandb_run or args.wandb_dir:
-        args.tracker, args.run_id = "wandb", args.wandb_run or args.wandb_dir
-    if args.tracker == "wandb":
-        tracker = WandbTracker(mode="offline" if args.wandb_dir else None)
-    else:
-        tracker = MLflowTracker(args.tracking_uri)
+        args.tracker, args.run_id = WandbTracker.name, args.wandb_run or args.wandb_dir
+    tracker = _tracker(args, args.tracker, offline=True if args.wandb_dir else False if args.wandb_run else None)
     options = dict(top_k=args.top_k, force=args.force, data_root=args.data_root or None, panels=not args.no_panels,
                    engine=args.engine, el2n_epoch=args.el2n_epoch)
     if args.run_id:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tracking.backends.uploads import spool_root
+from tracking.backends.uploads import Operation, spool_root
 from tracking.errors import ActionScoresError
 
 
@@ -71,11 +71,11 @@ class RunWriter(_Run, ABC):
         """Upload one file into `artifact_dir` of the run, replacing a file of the same name."""
 
     def log_artifacts(self, local_dir: str | Path, artifact_dir: str) -> None:
-        """Upload every file under `local_dir`, keeping the folder layout."""
+        """Upload every file under `local_dir`, keeping the folder layout (`artifact_dir` "": the run's root)."""
         root = Path(local_dir)
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             relative = path.parent.relative_to(root).as_posix()
-            self.log_artifact(path, artifact_dir if relative == "." else f"{artifact_dir}/{relative}")
+            self.log_artifact(path, "/".join(part for part in (artifact_dir, relative) if part not in ("", ".")))
 
     def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
         """Show a ranked set of samples natively where the backend has a view for it.
@@ -102,6 +102,17 @@ class RunWriter(_Run, ABC):
     def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
         """`log_metrics` without waiting for the network, in order with `upload_later`."""
         self.log_metrics(metrics, step)
+
+    def upload_spool(self, spool: Path, run_id: str | None = None) -> list[Operation]:
+        """Perform the writes a training process left in `spool` (`action-scores upload`), attached
+        to the spool's run (`run_id`: refuse a spool of another run); returns what was done.
+
+        Only a backend whose `upload_later` queues writes leaves a spool; the others say so.
+        """
+        raise ActionScoresError(
+            f"{spool}: the {self.name} tracker writes straight to its runs and spools nothing, "
+            "so there is nothing for `action-scores upload` to do"
+        )
 
 
 class RunReader(_Run, ABC):

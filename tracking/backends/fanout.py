@@ -36,7 +36,8 @@ class FanOutTracker(Tracker):
         return self.run_id
 
     def attach(self, run_id: str) -> None:
-        raise ActionScoresError("attach to one backend at a time: use the mlflow or the wandb tracker")
+        names = " or ".join(repr(tracker.name) for tracker in self.trackers)
+        raise ActionScoresError(f"{self.name!r} writes to several backends; attach to one at a time: {names}")
 
     def finish(self, failed: bool = False) -> None:
         for tracker in self.trackers:

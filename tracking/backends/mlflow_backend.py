@@ -19,7 +19,7 @@ from typing import Any
 from tracking import contract
 from tracking.backends.base import Tracker, patched_environ, redact
 from tracking.backends.lock import SETTLE_SECONDS, tag_lock
-from tracking.backends.uploads import Operation, Uploader, UploadRefused, left_behind_message
+from tracking.backends.uploads import Operation, Uploader, UploadRefused, left_behind_message, read_run_record, replay
 from tracking.errors import ActionScoresError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ def _end_run_without_waiting(status: str) -> None:
             mlflow.end_run(status=status)  # forgets the run locally first, then tries the server once
         except MlflowException:
             pass
-
 
 
 class MLflowTracker(Tracker):
@@ -138,6 +137,16 @@ class MLflowTracker(Tracker):
     def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
         self._uploads().submit("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=int(step),
                                timestamp_ms=int(time.time() * 1000))  # the history shows when, not when uploaded
+
+    def upload_spool(self, spool: Path, run_id: str | None = None) -> list[Operation]:
+        """Replay the spool's pending and set-aside writes in order (see `tracking.backends.uploads.replay`)."""
+        record = read_run_record(spool)
+        if record.get("backend") != self.name:
+            raise ActionScoresError(f"{spool} holds writes for a {record.get('backend')!r} run, not an MLflow run")
+        if run_id and run_id != record["run_id"]:
+            raise ActionScoresError(f"{spool} belongs to run {record['run_id']}, not {run_id}")
+        self.attach(record["run_id"])
+        return replay(spool, functools.partial(self.perform, self.run_id))
 
     def perform(self, run_id: str, operation: Operation, maybe_done: bool) -> None:
         """Do one queued write to `run_id`; raises on any failure.

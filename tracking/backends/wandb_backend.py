@@ -11,7 +11,8 @@ Reading: an offline run is a folder `offline-run-<time>-<id>`; a resumed offline
 read as the union of every folder with its id, the newest winning. Config and summary
 come from the `.wandb` records through `wandb leet inspect --json`, the CLI that wandb
 ships for exactly that (sturdier than importing wandb's private protobuf modules).
-Online runs (`entity/project/run_id`) are read through `wandb.Api`.
+Online runs (`entity/project/run_id`) are read through `wandb.Api`. Offline, a bare run id
+names the run's folders under `$WANDB_DIR/wandb`.
 
 No network call is made when the mode is offline (the default when WANDB_MODE is unset),
 and no login is needed for offline use.
@@ -29,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from tracking import contract
-from tracking.errors import ActionScoresError
 from tracking.backends.base import Tracker
+from tracking.backends.uploads import Operation
+from tracking.errors import ActionScoresError
 
 STATUS_PREFIX = "action_scores."
 
@@ -43,6 +45,16 @@ def _leet_records(wandb_file: Path) -> list[dict[str, Any]]:
     if result.returncode != 0:
         raise ActionScoresError(f"cannot read W&B records of {wandb_file}: {result.stderr.strip()[-300:]}")
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def offline_root() -> Path:
+    """Where W&B puts offline run folders when no `dir` is given: `$WANDB_DIR/wandb` (default ./wandb)."""
+    return Path(os.environ.get("WANDB_DIR", ".")) / "wandb"
+
+
+def is_offline_run_folder(path: str | Path) -> bool:
+    """Whether `path` is one folder of a W&B offline run (it holds `run-<id>.wandb`)."""
+    return Path(path).is_dir() and any(Path(path).glob("run-*.wandb"))
 
 
 class OfflineRun:
@@ -86,7 +98,8 @@ class OfflineRun:
 
 
 class WandbTracker(Tracker):
-    """W&B backend. `attach` takes an offline run folder, or `entity/project/run_id` with a server."""
+    """W&B backend. `attach` takes an offline run folder, a bare run id (offline: found under
+    `$WANDB_DIR/wandb`), or `entity/project/run_id` with a server."""
 
     name = "wandb"
 
@@ -97,6 +110,7 @@ class WandbTracker(Tracker):
         self._live: Any = None  # the wandb Run we write to
         self._offline: OfflineRun | None = None
         self._online: Any = None  # wandb.apis.public.Run
+        self._refs: dict[str, str] = {}  # run id -> the folder or path it was found at, so ids attach again
 
     @property
     def native(self) -> Any:
@@ -108,32 +122,47 @@ class WandbTracker(Tracker):
         return Path(self._live.dir).parent if self._live is not None and self.mode == "offline" else None
 
     def start(self, experiment: str | None = None, run_name: str | None = None) -> str:
+        """A new run. After `attach` (compare writing its result), the new run goes into the attached
+        run's project and, offline, beside its folders."""
         import wandb
 
-        self._live = wandb.init(project=experiment or self.project, entity=self.entity, name=run_name,
-                                mode=self.mode)  # type: ignore[arg-type]
+        attached = self._offline or self._online
+        project = experiment or (attached.project if attached else None) or self.project
+        # Always where `attach` and `find_runs` look: wandb keeps the WANDB_DIR of its first run in a process.
+        folder = str(self._offline.root.parent if self._offline else offline_root().parent)
+        self._offline = self._online = None
+        self._live = wandb.init(project=project, entity=self.entity, name=run_name, mode=self.mode,
+                                dir=folder)  # type: ignore[arg-type]
         self._run_id = self._live.id
+        if self.offline_folder is not None:
+            self._refs[self._run_id] = str(self.offline_folder)
         return self._run_id
 
     def attach(self, run_id: str) -> None:
-        self.finish()
-        self._offline = self._online = None
-        if Path(run_id).exists():
-            self._offline = OfflineRun(run_id)
-            self._run_id = self._offline.run_id
-            return
-        if self.mode == "offline":
+        """Point at a run; a failed attach keeps the previous one."""
+        ref = self._refs.get(run_id, run_id)
+        if not Path(ref).exists() and self.mode == "offline" and "/" not in ref:  # a bare id
+            ref = str(next(iter(sorted(offline_root().glob(f"offline-run-*-{ref}"))), ref))
+        offline = online = None
+        if Path(ref).exists():
+            offline = OfflineRun(ref)
+        elif self.mode == "offline":
             raise ActionScoresError(
-                f"W&B run {run_id!r}: no such offline run folder, and W&B is offline; "
-                "pass the run's offline folder (wandb/offline-run-<time>-<id>)"
+                f"W&B run {run_id!r} not found: no such offline run folder, nor a run of that id under "
+                f"{offline_root().resolve()} ($WANDB_DIR/wandb), and W&B is offline; pass the run's offline "
+                "folder (wandb/offline-run-<time>-<id>)"
             )
-        import wandb
+        else:
+            import wandb
 
-        try:
-            self._online = wandb.Api().run(run_id)
-        except Exception as error:  # wandb raises its own CommError/ValueError variants
-            raise ActionScoresError(f"W&B run {run_id!r} not found: {error}") from None
-        self._run_id = self._online.id
+            try:
+                online = wandb.Api().run(ref)
+            except Exception as error:  # wandb raises its own CommError/ValueError variants
+                raise ActionScoresError(f"W&B run {run_id!r} not found: {error}") from None
+        self.finish()
+        self._offline, self._online = offline, online
+        self._run_id = offline.run_id if offline else online.id
+        self._refs[self._run_id] = str(offline.folders[0]) if offline else ref
 
     def _writer(self) -> Any:
         """The live run; for an attached run, resume it (offline: a new folder with the same id)."""
@@ -185,9 +214,20 @@ class WandbTracker(Tracker):
         config = self._offline.config if self._offline else dict(self._online.config)
         return {key: str(value) for key, value in config.items() if not key.startswith("_")}
 
+    def summary(self) -> dict[str, Any]:
+        """The attached run's summary: its tags, scalar results and the keys of its logged media."""
+        return dict(self._offline.summary if self._offline else self._online.summary)
+
+    def describe(self) -> dict[str, Any]:
+        """What a W&B report needs of the attached run: id, name, summary, project and entity."""
+        if self._offline:
+            return {"id": self.run_id, "name": self.run_id, "summary": self.summary(),
+                    "project": self._offline.project, "entity": ""}
+        return {"id": self.run_id, "name": self._online.name, "summary": self.summary(),
+                "project": self._online.project, "entity": self._online.entity}
+
     def tags(self) -> dict[str, str]:
-        summary = self._offline.summary if self._offline else dict(self._online.summary)
-        return {key: value for key, value in summary.items()
+        return {key: value for key, value in self.summary().items()
                 if key.startswith(STATUS_PREFIX) and isinstance(value, str)}
 
     def list_files(self, artifact_dir: str) -> list[str]:
@@ -209,12 +249,12 @@ class WandbTracker(Tracker):
         return target
 
     def find_runs(self, experiment: str) -> list[str]:
+        """Offline: the first folder of each finished run of project `experiment`, newest first."""
         if self.mode == "offline":
-            root = Path(os.environ.get("WANDB_DIR", ".")) / "wandb"
             oldest: dict[str, Path] = {}  # run id -> its first folder (folder names start with the time)
-            for folder in sorted(root.glob("offline-run-*")):
+            for folder in sorted(offline_root().glob("offline-run-*")):
                 oldest.setdefault(folder.name.rsplit("-", 1)[1], folder)
-            runs = [OfflineRun(folder) for folder in oldest.values()]
+            runs = [OfflineRun(folder) for folder in sorted(oldest.values(), reverse=True)]
             return [str(run.folders[0]) for run in runs if run.project == experiment and run.finished]
         import wandb
 
@@ -225,6 +265,13 @@ class WandbTracker(Tracker):
         if self._offline:
             return str(self._offline.files(artifact_path.rsplit("/", 1)[0]).get(artifact_path, artifact_path))
         return f"{self._online.url}/files/{artifact_path}"
+
+    def upload_spool(self, spool: Path, run_id: str | None = None) -> list[Operation]:
+        folder = spool if is_offline_run_folder(spool) else "<the run's folder wandb/offline-run-<time>-<id>>"
+        raise ActionScoresError(
+            f"{spool}: a W&B offline run writes straight to its run folder, so nothing is spooled for "
+            f"`action-scores upload`; to send the run to a W&B server, use `wandb sync {folder}`"
+        )
 
     def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
         """W&B-native view of a ranked panel: captioned `wandb.Image`s and a table with the images."""

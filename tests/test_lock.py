@@ -1,0 +1,124 @@
+"""`tracking.backends.lock` on its own: when a lock tag is stale, and what `tag_lock` does with each
+holder. A run's tags are a dict behind the three functions a backend supplies (MLflow's own are
+exercised by tests/test_job_lock.py with real processes)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from tracking.backends.lock import DEFAULT_TTL_SECONDS, stale, tag_lock
+from tracking.errors import ActionScoresError
+
+HOST = socket.gethostname()
+RUN = "run0"
+
+
+def _held(host: str, pid: int, age_seconds: float) -> str:
+    """A lock value as `tag_lock` writes it, `age_seconds` old."""
+    since = datetime.now(timezone.utc) - timedelta(seconds=age_seconds)
+    return f"{host}:{pid}:cafe0123 {since.isoformat(timespec='seconds')}"
+
+
+def _dead_pid() -> int:
+    """The pid of a process of this host that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+class Tags:
+    """One run's lock tag; `thief` (if set) overwrites it right after our write, as a second job would."""
+
+    def __init__(self, value: str | None = None, thief: str | None = None) -> None:
+        self.value, self.thief, self.writes = value, thief, []
+
+    def read(self) -> str | None:
+        return self.value
+
+    def write(self, value: str) -> None:
+        self.writes.append(value)
+        self.value = self.thief or value
+
+    def delete(self) -> None:
+        self.value = None
+
+
+def _lock(tags: Tags) -> AbstractContextManager[None]:
+    return tag_lock(RUN, tags.read, tags.write, tags.delete, settle_seconds=0)
+
+
+def test_a_live_job_of_this_host_holds_its_lock() -> None:
+    assert not stale(_held(HOST, os.getpid(), 0))
+
+
+def test_a_dead_job_of_this_host_leaves_a_stale_lock() -> None:
+    assert stale(_held(HOST, _dead_pid(), 0))
+
+
+def test_a_job_of_another_host_holds_its_lock_until_the_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ACTION_SCORES_LOCK_TTL", raising=False)
+    assert not stale(_held("elsewhere", 1, DEFAULT_TTL_SECONDS - 60))
+    assert stale(_held("elsewhere", 1, DEFAULT_TTL_SECONDS + 60))
+    monkeypatch.setenv("ACTION_SCORES_LOCK_TTL", "60")
+    assert not stale(_held("elsewhere", 1, 30))
+    assert stale(_held("elsewhere", 1, 120))
+    assert stale(_held(HOST, os.getpid(), 120))  # even a live job of this host, past the TTL
+
+
+@pytest.mark.parametrize("value", ["held by hand", "", "host:1:x yesterday"])
+def test_a_tag_this_library_did_not_write_is_stale(value: str) -> None:
+    assert stale(value)
+
+
+def test_a_live_holder_is_named_and_nothing_is_written() -> None:
+    holder = _held(HOST, os.getpid(), 0)
+    tags = Tags(holder)
+    with pytest.raises(ActionScoresError) as error, _lock(tags):
+        pytest.fail("the block must not run")
+    assert str(error.value).startswith(
+        f"run {RUN} is being analysed by another job (action_scores.lock = {holder!r}); try again when it has finished"
+    )
+    assert (tags.value, tags.writes) == (holder, [])
+
+
+@pytest.mark.parametrize("left", [None, "held by hand", _held("elsewhere", 1, DEFAULT_TTL_SECONDS + 60)])
+def test_the_lock_is_held_during_the_block_and_removed_after(left: str | None) -> None:
+    tags = Tags(left)
+    with _lock(tags):
+        assert re.fullmatch(rf"{re.escape(HOST)}:{os.getpid()}:[0-9a-f]{{8}} \S+", tags.value)
+        mine = tags.value
+    assert tags.value is None and tags.writes == [mine]
+
+
+def test_the_lock_is_removed_when_the_block_fails() -> None:
+    tags = Tags()
+    with pytest.raises(ZeroDivisionError), _lock(tags):
+        1 / 0
+    assert tags.value is None and len(tags.writes) == 1
+
+
+def test_a_job_that_took_the_tag_at_the_same_moment_keeps_it() -> None:
+    other = _held("elsewhere", 2, 0)
+    tags = Tags(thief=other)
+    with pytest.raises(ActionScoresError, match=rf"run {RUN}: another job took it at the same moment "
+                                                rf"\(action_scores.lock = {re.escape(repr(other))}\); it does the work"):
+        with _lock(tags):
+            pytest.fail("the block must not run")
+    assert tags.value == other  # the winner's tag is left alone
+
+
+def test_a_refused_write_is_the_backend_s_own_error() -> None:
+    def refuse(value: str) -> None:
+        raise ActionScoresError("permission denied: needs EDIT")
+
+    with pytest.raises(ActionScoresError, match="^permission denied: needs EDIT$"), \
+            tag_lock(RUN, lambda: None, refuse, lambda: None, settle_seconds=0):
+        pytest.fail("the block must not run")
