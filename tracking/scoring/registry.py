@@ -38,7 +38,10 @@ class Score:
     score reads its columns at one chosen epoch only (the accumulator's `el2n_epoch`).
     `per_loss_part`: the score applies to `loss` and to every `loss_<part>` column
     (`action`, `action_<part>`). `panels`: whether the job draws its hardest and easiest
-    (False where the order is another score's).
+    (False where the order is another score's). `shares`: a score with the same columns, init
+    and update whose state this one reduces, so the accumulator keeps one state for both
+    (mean_loss is action / epochs, confidence variability's running mean); the entry still
+    works alone.
     """
 
     name: str
@@ -52,6 +55,7 @@ class Score:
     at_one_epoch: bool = False
     per_loss_part: bool = False
     panels: bool = True
+    shares: str | None = None
 
     @property
     def direction(self) -> str:
@@ -141,17 +145,20 @@ def _take_el2n(state: State, columns: dict[str, np.ndarray], epoch: int) -> None
     state["value"][:] = columns[contract.EL2N]
 
 
+ACTION_INIT, ACTION_UPDATE = _zeros("total"), _add(contract.LOSS)
+
 SCORES: dict[str, Score] = {score.name: score for score in (
-    Score("action", (contract.LOSS,), _zeros("total"), _add(contract.LOSS), _total, higher_is_harder=True,
+    Score("action", (contract.LOSS,), ACTION_INIT, ACTION_UPDATE, _total, higher_is_harder=True,
           definition="the sample's loss summed over epochs; per loss part too (action_<part>); "
                      "lowest = easy, often a dataset bias",
           paper="Arriaga & Valdenegro-Toro, Unsupervised Difficulty Estimation with Action Scores, 2020",
           per_loss_part=True),
-    Score("mean_loss", (contract.LOSS,), _zeros("total"), _add(contract.LOSS), _mean, higher_is_harder=True,
+    Score("mean_loss", (contract.LOSS,), ACTION_INIT, ACTION_UPDATE, _mean, higher_is_harder=True, shares="action",
           definition="the sample's loss averaged over epochs (action / epochs)",
           paper="Arriaga & Valdenegro-Toro, Unsupervised Difficulty Estimation with Action Scores, 2020",
           panels=False),  # the order of action
-    Score("confidence", (contract.P_TRUE,), _zeros("total"), _add(contract.P_TRUE), _mean, higher_is_harder=False,
+    Score("confidence", (contract.P_TRUE,), _welford_init, _welford_update, lambda state, epochs: state["mean"],
+          higher_is_harder=False, shares="variability",
           definition="mean over epochs of the softmax probability of the target class; low = hard or mislabeled",
           paper="Swayamdipta et al., Dataset Cartography, EMNLP 2020"),
     Score("variability", (contract.P_TRUE,), _welford_init, _welford_update, _std, higher_is_harder=True,
@@ -176,6 +183,21 @@ SCORES: dict[str, Score] = {score.name: score for score in (
           definition="L2 norm of softmax minus the one-hot target, at one early epoch; high = hard",
           paper="Paul et al., Deep Learning on a Data Diet, NeurIPS 2021", at_one_epoch=True),
 )}
+
+
+def _check_shares() -> None:
+    """A score may share only the state of a registered score that keeps it the same way."""
+    for score in SCORES.values():
+        if score.shares is None:
+            continue
+        other = SCORES.get(score.shares)
+        if other is None or other.shares or (other.columns, other.init, other.update) != (score.columns, score.init,
+                                                                                           score.update):
+            raise ActionScoresError(f"score {score.name!r} shares the state of {score.shares!r}, "
+                                    "which must be a registered score with the same columns, init and update")
+
+
+_check_shares()
 
 
 def get(name: str) -> Score:
