@@ -25,7 +25,8 @@ from tracking.errors import ActionScoresError
 log = logging.getLogger(__name__)
 # MLflow error codes of a write that no retry can make succeed (the run deleted or missing, no permission).
 REFUSALS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
-# MLflow 3 opens an experiment without this tag in its GenAI view; training runs belong in the model-training one.
+# MLflow 3's experiment kind: model training, not GenAI. (MLflow 3.17's UI shows the view of its global
+# GenAI / Model training switch instead; `?workflowType=machine_learning` in a link selects the latter.)
 EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
