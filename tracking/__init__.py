@@ -20,6 +20,8 @@ _EXPORTS = {
     "LossRecorder": "tracking.record",
     "IndexedDataset": "tracking.record",
     "classification_columns": "tracking.record",
+    "record_media": "tracking.record",
+    "MediaSummary": "tracking.record",
     "MLflowTracker": "tracking.backends",
     "WandbTracker": "tracking.backends",
     "TRACKERS": "tracking.backends",

@@ -13,6 +13,8 @@ from pathlib import PurePosixPath
 from tracking.errors import ActionScoresError
 
 LOSSES_DIR = "per_sample_losses"
+MEDIA_DIR = "per_sample_media"  # per_sample_media/<split>/media.parquet: what a panel shows of each sample
+MEDIA_FILE = "media.parquet"
 SCORES_DIR = "action_scores"
 SCORES_FILE = "scores.parquet"
 STATUS_TAG = "action_scores.status"
@@ -38,6 +40,14 @@ P_TRUE = "p_true"  # float32: softmax probability of the target class
 MARGIN = "margin"  # float32: target logit minus the largest other logit
 EL2N = "el2n"  # float32: L2 norm of softmax minus the one-hot target
 RECORDED_COLUMNS = (CORRECT, P_TRUE, MARGIN, EL2N)  # the per-sample columns scores may read beside the losses
+
+# Columns of per_sample_media/<split>/media.parquet (tracking.record.media), one row per sample.
+LABEL_NAME = "label_name"  # string: the sample's label name, for captions and per-class panels (null: none given)
+MEDIA_KIND = "kind"  # string: what the panel draws, one of MEDIA_KINDS
+IMAGE_PNG = "image_png"  # binary: PNG of the picture (original pixels if small, else a thumbnail); null otherwise
+TEXT = "text"  # string: the sample's text (truncated); null otherwise
+URI = "uri"  # string: where the sample lives (a path or URL), whenever the recorder was given one; else null
+MEDIA_KINDS = ("image", "text", "uri")
 
 _EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.parquet$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -69,6 +79,11 @@ def parse_epoch_file_name(name: str) -> int | None:
 def losses_dir(split: str) -> str:
     """Artifact folder of one split's per-epoch tables."""
     return f"{LOSSES_DIR}/{check_name('split', split)}"
+
+
+def media_dir(split: str) -> str:
+    """Artifact folder of one split's media table (written once, not per epoch)."""
+    return f"{MEDIA_DIR}/{check_name('split', split)}"
 
 
 def scores_dir(split: str) -> str:

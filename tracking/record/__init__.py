@@ -9,6 +9,7 @@ Needs torch; the post-hoc job (`tracking.scoring`, `tracking.report`) does not.
 
 from tracking.record.columns import classification_columns
 from tracking.record.indexed import IndexedDataset
+from tracking.record.media import MediaSummary, record_media
 from tracking.record.recorder import LossRecorder, write_table
 
-__all__ = ["IndexedDataset", "LossRecorder", "classification_columns", "write_table"]
+__all__ = ["IndexedDataset", "LossRecorder", "MediaSummary", "classification_columns", "record_media", "write_table"]

@@ -6,6 +6,10 @@ Three lines in any PyTorch loop::
     recorder.update(batch["sample_id"], F.cross_entropy(logits, y, reduction="none"))
     recorder.end_epoch(epoch)  # writes and logs per_sample_losses/test/epoch_EEEE.parquet
 
+For classification, ``recorder.update_classification(ids, logits, targets)`` records the loss,
+the target and the training-dynamics columns in one call; ``recorder.record_media(ids, ...)``
+records once what the panels show of each sample (`tracking.record.media`).
+
 Two ways to score a split, both served by the same recorder:
 - *evaluation pass*: after each epoch, run the split through the model in eval mode and
   record the losses (what the paper did on the test set; costs one forward pass);
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +42,8 @@ import torch
 
 from tracking import contract
 from tracking.record import distributed
+from tracking.record.columns import classification_columns
+from tracking.record.media import DEFAULT_MAX_BYTES, MediaSummary, record_media
 from tracking.errors import ActionScoresError, preview
 
 if TYPE_CHECKING:
@@ -126,6 +132,55 @@ class LossRecorder:
         for name, values in checked.items():
             self._columns.setdefault(name, []).append(values)
         self._ids.append(ids)
+
+    def update_classification(self, sample_ids: torch.Tensor | np.ndarray, logits: torch.Tensor,
+                              targets: torch.Tensor) -> None:
+        """Add one classification batch from its logits: the unreduced cross-entropy as `loss`, the
+        `target`, and the columns the training-dynamics scores read (`classification_columns`).
+
+        One call, as the `aum` package's ``update(logits, targets, sample_ids)``; for any other
+        loss use ``update``. ``logits``: (N, C) floats; ``targets``: (N,) class indices.
+        """
+        logits = torch.as_tensor(logits)
+        targets = torch.as_tensor(targets)
+        if logits.dim() != 2 or not logits.dtype.is_floating_point:
+            raise ActionScoresError(
+                f"logits have shape {tuple(logits.shape)} and dtype {logits.dtype}; expected (N, C) floats, "
+                "one row of class scores per sample"
+            )
+        if targets.dim() != 1 or targets.shape[0] != logits.shape[0] or targets.dtype.is_floating_point:
+            raise ActionScoresError(
+                f"targets have shape {tuple(targets.shape)} and dtype {targets.dtype}; expected "
+                f"({logits.shape[0]},) class indices, one per row of logits (not one-hot or probabilities)"
+            )
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
+            raise ActionScoresError(
+                f"targets must be class indices in [0, {logits.shape[1]}), got values from "
+                f"{int(targets.min())} to {int(targets.max())}"
+            )
+        losses = torch.nn.functional.cross_entropy(logits.detach().float(), targets.long(), reduction="none")
+        self.update(sample_ids, losses, target=targets, **classification_columns(logits, targets))
+
+    def record_media(self, sample_ids: torch.Tensor | np.ndarray | Sequence[int], *,
+                     labels: Sequence[str] | None = None,
+                     images: np.ndarray | Sequence[np.ndarray] | None = None, texts: Sequence[str] | None = None,
+                     uris: Sequence[str] | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> MediaSummary:
+        """`tracking.record.media.record_media` for this recorder's split and tracker, into its local folder.
+
+        Ids must lie in ``[0, num_samples)``. Under torchrun only rank 0 records (the other
+        ranks get a summary of nothing): give it the media of the whole split.
+        """
+        if not distributed.is_main():
+            return MediaSummary(self.split, "none", 0, 0, reason=f"rank {distributed.rank()} records no media")
+        ids = torch.as_tensor(sample_ids).detach().reshape(-1).cpu()
+        if not ids.dtype.is_floating_point and ids.numel():
+            outside = ids[(ids < 0) | (ids >= self.num_samples)].numpy()
+            if outside.size:
+                raise ActionScoresError(
+                    f"split {self.split!r}: media sample ids out of range [0, {self.num_samples}): {preview(outside)}"
+                )
+        return record_media(self.tracker, self.split, ids.numpy(), labels=labels, images=images, texts=texts,
+                            uris=uris, max_bytes=max_bytes, local_dir=self.local_dir)
 
     @staticmethod
     def _checked(name: str, values: torch.Tensor, size: int, is_loss: bool) -> torch.Tensor:

@@ -1,0 +1,229 @@
+"""What a panel shows of each sample, recorded once per split so the job never needs the data.
+
+    record_media(tracker, "test", ids, labels=names, images=pixels)   # or texts=..., or uris=...
+
+writes `per_sample_media/<split>/media.parquet` (columns in `tracking.contract`) and hands it
+to the run. The post-hoc job draws its panels from this table, on any machine that reaches
+the tracking server, even after the training data is gone.
+
+- `images`: uint8 pixels, HxW (grey) or HxWx3 (RGB), channels last, as an NxHxW[x3] array or
+  a list of arrays of any sizes. Floats are refused rather than guessed at (is it [0, 1] or
+  [0, 255]?): convert with `(x * 255).round().astype(np.uint8)`. Pictures up to
+  `THUMBNAIL_SIDE` pixels a side are stored as they are (lossless PNG); larger ones as a PNG
+  thumbnail of that size.
+- `texts`: strings, stored up to `MAX_TEXT_CHARS` characters.
+- `uris`: paths or URLs, for data too large to copy. Given beside `images` or `texts` they
+  are stored too, and are what is kept when the media would exceed `max_bytes`.
+
+Above `max_bytes` of encoded media the table holds the URIs if given, else nothing is
+written; either way a warning says so and `MediaSummary.reason` says why.
+The job reads the table back in `tracking.report.views`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tracking import contract
+from tracking.errors import ActionScoresError, preview
+
+if TYPE_CHECKING:
+    from tracking.backends.base import RunWriter
+
+DEFAULT_MAX_BYTES = 256 * 2**20  # encoded media per split; CIFAR-10's 50,000 training images take ~120 MB
+THUMBNAIL_SIDE = 64  # pictures with a longer side are stored as a thumbnail of this side
+MAX_TEXT_CHARS = 1000  # a panel card shows a few hundred; the table keeps this many
+
+SCHEMA = pa.schema([
+    (contract.SAMPLE_ID, pa.int64()),
+    (contract.LABEL_NAME, pa.string()),
+    (contract.MEDIA_KIND, pa.string()),
+    (contract.IMAGE_PNG, pa.binary()),
+    (contract.TEXT, pa.string()),
+    (contract.URI, pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class MediaSummary:
+    """What `record_media` recorded for a split: `kind` is "image", "text", "uri", or "none" with the
+    `reason`; `bytes` is the size of the written table (0 when none)."""
+
+    split: str
+    kind: str
+    rows: int
+    bytes: int
+    path: Path | None = None
+    reason: str = ""
+
+    @property
+    def bytes_per_sample(self) -> float:
+        """Table bytes per recorded sample (0 when nothing was written)."""
+        return self.bytes / self.rows if self.rows else 0.0
+
+
+def _host_array(values: Any) -> np.ndarray:
+    """A numpy array of a numpy array, a list, or a torch tensor on any device (without importing torch)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _checked_ids(sample_ids: Any) -> np.ndarray:
+    ids = _host_array(sample_ids).reshape(-1)
+    if ids.size == 0:
+        raise ActionScoresError("record_media: sample_ids is empty; pass the ids of the samples to show")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ActionScoresError(f"record_media: sample_ids must be integers, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if (negative := ids[ids < 0]).size:
+        raise ActionScoresError(f"record_media: sample ids must be >= 0, got {preview(negative)}")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (repeated := unique[counts > 1]).size:
+        raise ActionScoresError(
+            f"record_media: sample ids {preview(repeated)} appear more than once; pass each sample once"
+        )
+    return ids
+
+
+def _checked_strings(name: str, values: Sequence[Any], size: int, hint: str) -> list[str]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise ActionScoresError(f"record_media: {name} must be a list of strings, one per sample id, "
+                                f"got {type(values).__name__}")
+    if len(values) != size:
+        raise ActionScoresError(f"record_media: {len(values)} {name} for {size} sample ids; pass one per sample id")
+    wrong = [i for i, value in enumerate(values) if not isinstance(value, str)]
+    if wrong:
+        raise ActionScoresError(
+            f"record_media: {name} must be strings; positions {preview(wrong)} hold "
+            f"{type(values[wrong[0]]).__name__} ({hint})"
+        )
+    return list(values)
+
+
+def _checked_image(image: Any, position: int) -> np.ndarray:
+    """A uint8 HxW or HxWx3 array; HxWx1 becomes HxW."""
+    pixels = _host_array(image)
+    if pixels.dtype != np.uint8:
+        fix = ("convert with (x * 255).round().astype(np.uint8)" if np.issubdtype(pixels.dtype, np.floating)
+               else "convert to uint8 pixels in [0, 255]")
+        raise ActionScoresError(f"record_media: image {position} has dtype {pixels.dtype}, expected uint8; {fix}")
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    if pixels.ndim == 3 and pixels.shape[0] in (1, 3) and pixels.shape[2] not in (1, 3):
+        raise ActionScoresError(f"record_media: image {position} has shape {pixels.shape}, channels first; "
+                                "pass channels last (HxWx3), e.g. image.transpose(1, 2, 0)")
+    if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)) or 0 in pixels.shape:
+        raise ActionScoresError(f"record_media: image {position} has shape {pixels.shape}; "
+                                "expected HxW (grey) or HxWx3 (RGB) with both sides > 0")
+    return pixels
+
+
+def _split_images(images: Any, size: int) -> list[np.ndarray]:
+    """Per-sample image arrays from an NxHxW[x3] array or a list of arrays, checked."""
+    if isinstance(images, (str, bytes)) or not hasattr(images, "__len__"):
+        raise ActionScoresError(f"record_media: images must be an NxHxW[x3] uint8 array or a list of arrays, "
+                                f"got {type(images).__name__}")
+    if len(images) != size:
+        raise ActionScoresError(f"record_media: {len(images)} images for {size} sample ids; pass one per sample id")
+    return [_checked_image(image, position) for position, image in enumerate(images)]
+
+
+def encode_png(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
+    """PNG of the pixels as they are when both sides are <= `side`, else of a thumbnail that fits `side`."""
+    from PIL import Image
+
+    picture = Image.fromarray(pixels)
+    if max(pixels.shape[:2]) > side:
+        picture.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write(table: pa.Table, folder: Path) -> Path:
+    """Write atomically, so a re-recorded split never uploads half a table."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / contract.MEDIA_FILE
+    partial = path.with_name(path.name + ".partial")
+    pq.write_table(table, partial, compression="zstd",
+                   use_dictionary=[contract.LABEL_NAME, contract.MEDIA_KIND],
+                   column_encoding={contract.SAMPLE_ID: "DELTA_BINARY_PACKED"})
+    os.replace(partial, path)
+    return path
+
+
+def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, labels: Sequence[str] | None = None,
+                 images: np.ndarray | Sequence[np.ndarray] | None = None, texts: Sequence[str] | None = None,
+                 uris: Sequence[str] | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                 local_dir: Path | None = None) -> MediaSummary:
+    """Record what the panels of `split` show of each sample: a picture, a text or a URI, with its label name.
+
+    Give `images` or `texts` (or neither), and `uris` alone or beside them as the fallback
+    above `max_bytes`. Everything is checked before anything is written; the table goes to
+    `local_dir` (default: the writer's spool folder, or a temporary folder) and then to the
+    run through `writer.upload_later`. Returns what was recorded.
+    """
+    split = contract.check_name("split", split)
+    if images is not None and texts is not None:
+        raise ActionScoresError("record_media: got both images and texts; a split's media is one kind: pass one")
+    if images is None and texts is None and uris is None:
+        raise ActionScoresError("record_media: no media; pass images=, texts= or uris=")
+    if max_bytes <= 0:
+        raise ActionScoresError(f"record_media: max_bytes must be positive, got {max_bytes}")
+    ids = _checked_ids(sample_ids)
+    size = len(ids)
+    label_names = (_checked_strings("labels", labels, size, "pass label names, e.g. [class_names[y] for y in targets]")
+                   if labels is not None else [None] * size)
+    uri_list = _checked_strings("uris", uris, size, "pass paths or URLs as strings") if uris is not None else None
+    pngs: list[bytes | None] = [None] * size
+    text_list: list[str | None] = [None] * size
+    if images is not None:
+        kind = "image"
+        pngs = [encode_png(pixels) for pixels in _split_images(images, size)]
+        payload = sum(len(png) for png in pngs)
+    elif texts is not None:
+        kind = "text"
+        text_list = [text[:MAX_TEXT_CHARS] for text in _checked_strings("texts", texts, size, "pass the raw text")]
+        payload = sum(len(text.encode()) for text in text_list)
+    else:
+        kind = "uri"
+        payload = sum(len(uri.encode()) for uri in uri_list or [])
+    reason = ""
+    if payload > max_bytes:
+        reason = f"{kind} media of split {split!r} take {payload:,} bytes, above max_bytes={max_bytes:,}"
+        uri_bytes = sum(len(uri.encode()) for uri in uri_list) if uri_list is not None else None
+        if kind != "uri" and uri_bytes is not None and uri_bytes <= max_bytes:
+            reason += "; recorded the URIs instead"
+            kind, pngs, text_list = "uri", [None] * size, [None] * size
+            warnings.warn(f"action-scores: {reason}", stacklevel=2)
+        else:
+            reason += "; recorded nothing: pass uris= (paths or URLs) to record those instead, or raise max_bytes"
+            warnings.warn(f"action-scores: {reason}", stacklevel=2)
+            return MediaSummary(split, "none", 0, 0, reason=reason)
+    order = np.argsort(ids, kind="stable")
+    table = pa.table({
+        contract.SAMPLE_ID: pa.array(ids[order], pa.int64()),
+        contract.LABEL_NAME: pa.array([label_names[i] for i in order], pa.string()),
+        contract.MEDIA_KIND: pa.array([kind] * size, pa.string()),
+        contract.IMAGE_PNG: pa.array([pngs[i] for i in order], pa.binary()),
+        contract.TEXT: pa.array([text_list[i] for i in order], pa.string()),
+        contract.URI: pa.array([uri_list[i] for i in order] if uri_list is not None else [None] * size, pa.string()),
+    }, schema=SCHEMA)
+    if local_dir is None:
+        local_dir = writer.spool_dir if writer is not None else Path(tempfile.mkdtemp(prefix="action-scores-"))
+    path = _write(table, Path(local_dir) / contract.media_dir(split))
+    if writer is not None:
+        writer.upload_later(path, contract.media_dir(split))
+    return MediaSummary(split, kind, size, path.stat().st_size, path, reason)
