@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from tests.conftest import snapshot_run
-from tests.test_wandb import wandb_env  # noqa: F401  (a fixture)
 from tracking import cli, contract
 from tracking.analyze import analyze_run
 from tracking.backends import MLflowTracker, WandbTracker
