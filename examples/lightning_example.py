@@ -82,20 +82,18 @@ def main() -> None:
     trainer.fit(DigitsClassifier(), DataLoader(train, batch_size=64, shuffle=True))
     if not trainer.is_global_zero:
         return
-    run_id = logger.run_id if args.logger == "mlflow" else logger.experiment.id
-    print(f"run {run_id} finished")
+    run = scores.run  # action-scores: where the tables went
+    print(f"run {run.run_id} finished")
     if args.no_analyze:
         return
+    if args.logger == "wandb":
+        logger.experiment.finish()  # the job resumes the run
     from tracking.analyze import analyze_run
-    from tracking.backends import MLflowTracker, WandbTracker
+    from tracking.backends import make_tracker
 
-    if args.logger == "mlflow":
-        tracker, target = MLflowTracker(logger.experiment.tracking_uri), run_id
-    else:
-        logger.experiment.finish()
-        tracker, target = WandbTracker(), str(__import__("pathlib").Path(logger.experiment.dir).parent)
-    result = analyze_run(tracker, target)
-    print(f"analysed run {run_id}: {result.status}; panels: {tracker.artifact_uri('action_scores')}")
+    tracker = make_tracker(run.backend)
+    result = analyze_run(tracker, run.target)
+    print(f"analysed run {run.run_id}: {result.status}; panels: {tracker.artifact_uri('action_scores')}")
     for panel in result.panels:
         print(f"    {panel}")
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from tracking import contract
 from tracking.errors import ActionScoresError
-from tracking.integrations.session import RecordingSession, check_media, join_mlflow, join_wandb, open_run
+from tracking.integrations.session import RecordedRun, RecordingSession, check_media, join_mlflow, join_wandb, open_run
 from tracking.record.recorder import Losses
 
 PerSampleLoss = Callable[[pl.LightningModule, Any], Losses]
@@ -111,6 +111,7 @@ class ActionScoresCallback(pl.Callback):
         self.tracker = tracker
         self.experiment = experiment
         self.session: RecordingSession | None = None
+        self.run: RecordedRun | None = None  # set on rank 0 when training starts: where the tables go
 
     # --- when ---------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -118,6 +119,7 @@ class ActionScoresCallback(pl.Callback):
                      **({self.train_split: "train"} if self.train_split else {})}
         self.session = RecordingSession(self._writer(trainer) if trainer.is_global_zero else None, scored_by,
                                         self.media)
+        self.run = self.session.run
         for split, dataset in self.eval_sets.items():  # media checked now, before the first epoch
             self.session.recorder(split, len(dataset))  # type: ignore[arg-type]
 

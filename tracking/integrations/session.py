@@ -10,6 +10,7 @@ rank 0 has a writer; every rank records its share and `end_epoch` gathers the sh
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,21 @@ def check_sample_ids(split: str, sample_ids: Sequence[int] | np.ndarray, num_sam
         )
 
 
+@dataclass(frozen=True)
+class RecordedRun:
+    """Where a session's tables went: what `tracking.analyze.analyze_run` needs to find the run again."""
+
+    backend: str  # a name of `tracking.backends.TRACKERS`: "mlflow" or "wandb"
+    run_id: str
+    target: str  # what `Tracker.attach` takes: the MLflow run id, or the W&B offline run folder
+
+    @classmethod
+    def of(cls, writer: RunWriter) -> RecordedRun:
+        first = getattr(writer, "trackers", [writer])[0]  # `both`: the MLflow run, as the job reads it
+        folder = getattr(first, "offline_folder", None)
+        return cls(first.name, first.run_id, str(folder) if folder is not None else first.run_id)
+
+
 class RecordingSession:
     """One run and the recorders of its tracked splits, for the length of one training.
 
@@ -100,6 +116,7 @@ class RecordingSession:
     def __init__(self, writer: RunWriter | None, scored_by: Mapping[str, str],
                  media: Mapping[str, Mapping[str, Any]]) -> None:
         self.writer = writer
+        self.run = RecordedRun.of(writer) if writer is not None else None
         self.scored_by = dict(scored_by)
         self.media = dict(media)
         self.recorders: dict[str, LossRecorder] = {}
@@ -140,4 +157,4 @@ class RecordingSession:
             self.writer = None
 
 
-__all__ = ["RecordingSession", "check_media", "check_sample_ids", "join_mlflow", "join_wandb", "open_run"]
+__all__ = ["RecordedRun", "RecordingSession", "check_media", "check_sample_ids", "join_mlflow", "join_wandb", "open_run"]
