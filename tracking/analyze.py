@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tracking import contract
 from tracking.backends.base import Tracker
 from tracking.errors import ActionScoresError
 from tracking.report.plots import class_distribution
-from tracking.report.views import VIEWS, SplitView
+from tracking.report.views import VIEWS, SplitView, choose_view, load_picture_function
 from tracking.scoring.engines import ENGINES
 from tracking.scoring.tables import epoch_files
 
@@ -38,6 +39,7 @@ class AnalysisResult:
     samples: dict[str, int] = field(default_factory=dict)  # split -> number of samples
     epochs: dict[str, int] = field(default_factory=dict)  # split -> epochs summed
     panels: list[str] = field(default_factory=list)  # artifact paths of the PNGs
+    views: dict[str, str] = field(default_factory=dict)  # split -> where its panels' pictures came from
     message: str = ""
 
 
@@ -93,18 +95,25 @@ def analyze_run(
     panels: bool = True,
     engine: str = "arrow",
     el2n_epoch: int | None = None,
+    pictures: str | Callable[[int], object] | None = None,
 ) -> AnalysisResult:
     """Score every tracked split of one run and log scores, panels, metrics and the status tag.
 
     A run already tagged done is skipped unless `force`. `data_root` overrides the data
     folder the run recorded, for data that has moved. `engine`: a name in `ENGINES`;
-    `el2n_epoch`: see `score_split`. The run is held with `Tracker.job_lock` meanwhile:
-    a second job on it fails, naming the first.
+    `el2n_epoch`: see `score_split`. `pictures`: a function of a sample id that returns a
+    uint8 image, or its `module:function` name, for runs with neither media nor a built-in
+    dataset (`tracking.report.views.choose_view`). The run is held with `Tracker.job_lock`
+    meanwhile: a second job on it fails, naming the first.
     """
     if top_k <= 0:
         raise ActionScoresError(f"top_k must be positive, got {top_k}")
     if engine not in ENGINES:
         raise ActionScoresError(f"unknown scoring engine {engine!r}; choose one of {sorted(ENGINES)}")
+    named = None
+    if pictures is not None:  # a bad name fails before the run is touched
+        named = ((pictures, load_picture_function(pictures)) if isinstance(pictures, str)
+                 else (getattr(pictures, "__qualname__", repr(pictures)), pictures))
     tracker.attach(run_id)
 
     def skipped() -> AnalysisResult | None:
@@ -116,11 +125,35 @@ def analyze_run(
         return done
     with tracker.job_lock():
         return skipped() or _analyze_locked(tracker, run_id, top_k, data_root, panels, engine,  # a job may just have finished
-                                          el2n_epoch)
+                                          el2n_epoch, named)
+
+
+def media_files(tracker: Tracker, splits: list[str]) -> dict[str, str]:
+    """Split -> artifact path of its recorded media table, for the splits that have one."""
+    wanted = {f"{contract.media_dir(split)}/{contract.MEDIA_FILE}": split for split in splits}
+    return {wanted[path]: path for path in tracker.list_files(contract.MEDIA_DIR) if path in wanted}
+
+
+def write_text_tables(samples: dict[str, list[dict]], view: SplitView, out_dir: Path) -> list[Path]:
+    """Beside each text panel (`<objective>/hardest.png`), its ranked rows with their full text as
+    `hardest.csv`; adds `text` to the rows logged with `Tracker.log_samples` too."""
+    if view.text is None:
+        return []
+    written = []
+    for key, rows in samples.items():
+        for row in rows:
+            row["text"] = view.text(row["sample_id"])
+        path = out_dir / f"{key}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame([{name: value for name, value in row.items() if name not in ("image", "caption")}
+                      for row in rows]).to_csv(path, index=False)
+        written.append(path)
+    return written
 
 
 def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, panels: bool,
-                    engine: str, el2n_epoch: int | None) -> AnalysisResult:
+                    engine: str, el2n_epoch: int | None,
+                    pictures: tuple[str, Callable[[int], object]] | None) -> AnalysisResult:
     """The job's work on a run it holds: read and check everything, compute, then write, status last."""
     files = tracker.list_files(contract.LOSSES_DIR)
     by_split = epoch_files(files)
@@ -136,8 +169,10 @@ def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | 
         raise ActionScoresError(f"run {run_id}: unknown {contract.TASK_PARAM} {task!r}; known: {sorted(VIEWS)}")
     data_root = data_root or params.get(contract.DATA_ROOT_PARAM) or None
     result = AnalysisResult(run_id, "done")
+    media = media_files(tracker, list(by_split)) if panels else {}
     with tempfile.TemporaryDirectory(prefix="action-scores-job-") as work:
-        local = download_all(tracker, [p for paths in by_split.values() for p in paths], Path(work) / "in")
+        local = download_all(tracker, [p for paths in by_split.values() for p in paths] + list(media.values()),
+                             Path(work) / "in")
         out = Path(work) / "out"
         metrics: dict[str, float] = {}
         samples: dict[str, list[dict]] = {}
@@ -147,15 +182,23 @@ def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | 
                 result.message = "; ".join(filter(None, [result.message, f"split {split}: {scores.attrs['missing']}"]))
             split_out = out / split
             split_out.mkdir(parents=True)
-            if panels and dataset:
-                view = VIEWS[task](scores, dataset, split, data_root)
+            view, why = (choose_view(scores, split, media=local[media[split]] if split in media else None, task=task,
+                                     dataset=dataset, data_root=data_root, pictures=pictures)
+                         if panels else (None, ""))
+            if view is not None:
                 written, split_samples = render_split(scores, view, top_k, split_out)
+                written += write_text_tables(split_samples, view, split_out)
                 if view.groups:
                     written.append(class_distribution(
                         scores, "action", view.groups, split_out / contract.LOSS / CLASS_DISTRIBUTION,
                         f"{split}: action per class ({len(scores)} samples, {scores['epochs'].iloc[0]} epochs)"))
-                result.panels += [f"{contract.scores_dir(split)}/{p.relative_to(split_out).as_posix()}" for p in written]
+                result.panels += [f"{contract.scores_dir(split)}/{p.relative_to(split_out).as_posix()}" for p in written
+                                  if p.suffix == ".png"]
+                result.views[split] = view.source
                 samples |= {f"{contract.scores_dir(split)}/{key}": rows for key, rows in split_samples.items()}
+            elif why:
+                result.message = "; ".join(filter(None, [result.message, why]))
+                log.warning(why)
             scores.to_parquet(split_out / contract.SCORES_FILE, index=False)
             result.samples[split] = len(scores)
             result.epochs[split] = int(scores["epochs"].iloc[0])
@@ -166,11 +209,6 @@ def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | 
                 f"action_scores.{split}.action_max": float(scores["action"].max()),
                 f"action_scores.{split}.action_min": float(scores["action"].min()),
             }
-        if panels and not dataset:
-            why = (f"no panels: the run does not record the param {contract.DATASET_PARAM!r}, "
-                   "so its images cannot be rebuilt")
-            result.message = "; ".join(filter(None, [result.message, why]))
-            log.warning(why)
         tracker.log_artifacts(out, contract.SCORES_DIR)
     for key, rows in samples.items():
         tracker.log_samples(key, rows)

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--top-k", type=int, default=10, help="samples per panel row (default 10)")
     analyze.add_argument("--data-root", default="", help="where the run's data lives now, if it moved")
     analyze.add_argument("--no-panels", action="store_true", help="log scores only")
+    analyze.add_argument("--pictures", default="", metavar="MODULE:FUNCTION",
+                         help="for runs without recorded media or a built-in dataset: a function of a sample id "
+                              "that returns a uint8 image (HxW or HxWx3), imported from the current folder")
     analyze.add_argument("--engine", default="arrow", choices=["arrow", "duckdb"],
                          help="scoring engine: arrow (default, one epoch at a time) or duckdb (one query; "
                               "spills to disk when a run's sums outgrow memory)")
@@ -190,7 +193,7 @@ def _analyze(args: argparse.Namespace) -> int:
     else:
         tracker = MLflowTracker(args.tracking_uri)
     options = dict(top_k=args.top_k, force=args.force, data_root=args.data_root or None, panels=not args.no_panels,
-                   engine=args.engine, el2n_epoch=args.el2n_epoch)
+                   engine=args.engine, el2n_epoch=args.el2n_epoch, pictures=args.pictures or None)
     if args.run_id:
         results = [analyze_run(tracker, args.run_id, **options)]
     else:

@@ -24,6 +24,13 @@ from tracking.scoring.rank import easiest, hardest
 ROWS_KEY = "action_scores.rows"
 MIN_SIDE = 96  # small images are upscaled (nearest neighbour) to at least this many pixels
 DPI = 100
+PANEL_WIDTH = 10.0  # inches of tiles at DPI: ~1000 px, what MLflow's artifact pane shows unscaled
+MAX_COLUMNS = 5  # 10 samples -> 2 rows of 5, as the paper's figures
+TILE_HEIGHT = 1.9  # inches per picture
+CAPTION_HEIGHT = 0.55  # inches under each picture for its two caption lines
+CAPTION_POINTS = 10
+CARD_SIZE = (190, 190)  # pixels (width, height) of a text card: a tile, shown unscaled
+CARD_FONT_PIXELS = 12  # ~28 characters x 12 lines: a ~300-character snippet
 
 
 @dataclass
@@ -41,32 +48,50 @@ def upscale(image: np.ndarray, min_side: int = MIN_SIDE) -> np.ndarray:
     return image.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
-def render_panel(rows: Sequence[tuple[str, Sequence[PanelItem]]], path: Path, title: str) -> Path:
-    """Draw a grid (one row per `(row_title, items)`) to a PNG with the shown ids in its metadata.
+def grid_shape(count: int, max_columns: int) -> tuple[int, int]:
+    """(rows, columns) of a balanced grid for `count` tiles, at most `max_columns` wide: 10 -> 2 x 5, 7 -> 2 x 4."""
+    rows = max(1, -(-count // max_columns))
+    return rows, max(1, -(-count // rows))
 
-    Uses a bare Agg canvas rather than pyplot, so drawing never changes the caller's backend.
+
+def render_panel(rows: Sequence[tuple[str, Sequence[PanelItem]]], path: Path, title: str) -> Path:
+    """Draw each `(row_title, items)` as a grid of at most `MAX_COLUMNS` tiles a line, one under
+    another, to a PNG with the shown ids, in order, in its metadata (`read_panel_rows`).
+
+    Sized for where people look: about `PANEL_WIDTH` inches at `DPI` (~1000 px), the width
+    of MLflow's artifact pane in a 1600-px window, so the pane shows it at full size and
+    the 10-pt captions stay readable (a 10-tile strip was 1660 px wide and got shrunk).
+    Wide tiles (text cards, detection scenes) get fewer columns. Uses a bare Agg canvas
+    rather than pyplot, so drawing never changes the caller's backend.
     """
     if not rows:
         raise ActionScoresError(f"panel {path}: no rows to draw; pass at least one (title, items) row")
-    columns = max([1, *(len(items) for _, items in rows)])
-    largest = max((max(item.image.shape[:2]) for _, items in rows for item in items), default=0)
-    tile = 1.6 if largest <= MIN_SIDE else 2.6  # inches: detection scenes need room for box labels
-    figure = agg_figure(tile * columns + 0.6, (tile + 0.45) * len(rows) + 0.5)
-    axes = figure.subplots(len(rows), columns, squeeze=False)
-    for row, (row_title, items) in enumerate(rows):
-        for column, axis in enumerate(axes[row]):
+    shapes = [item.image.shape[:2] for _, items in rows for item in items]
+    aspect = min(2.0, max([1.0, *(width / height for height, width in shapes)]))
+    tile_width = TILE_HEIGHT * aspect
+    columns = max(1, min(MAX_COLUMNS, int(PANEL_WIDTH // tile_width)))
+    columns = max(grid_shape(len(items), columns)[1] for _, items in rows)  # balanced: 7 tiles -> 4 + 3
+    lines = sum(max(1, -(-len(items) // columns)) for _, items in rows)
+    figure = agg_figure(tile_width * columns + 0.7, (TILE_HEIGHT + CAPTION_HEIGHT) * lines + 0.6)
+    axes = figure.subplots(lines, columns, squeeze=False)
+    line = 0
+    for row_title, items in rows:
+        grid_rows = max(1, -(-len(items) // columns))
+        for position in range(grid_rows * columns):
+            axis = axes[line + position // columns][position % columns]
             axis.set_xticks([])
             axis.set_yticks([])
-            if column >= len(items):
+            if position >= len(items):
                 axis.axis("off")
                 continue
-            picture = upscale(items[column].image)
+            picture = upscale(items[position].image)
             axis.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=255,
                         interpolation="nearest")
-            axis.set_xlabel(items[column].caption, fontsize=8)
-        axes[row][0].axis("on")  # keep the row title visible even on an empty row
-        axes[row][0].set_ylabel(row_title, fontsize=10, fontweight="bold")
-    figure.suptitle(title, fontsize=11)
+            axis.set_xlabel(items[position].caption, fontsize=CAPTION_POINTS)
+        axes[line][0].axis("on")  # keep the row title visible even on an empty row
+        axes[line][0].set_ylabel(row_title, fontsize=CAPTION_POINTS + 1, fontweight="bold")
+        line += grid_rows
+    figure.suptitle(title, fontsize=CAPTION_POINTS + 2)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     described = [{"title": t, "sample_ids": [int(i.sample_id) for i in items], "captions": [i.caption for i in items]}
@@ -148,3 +173,68 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, names: Sequence[str], min_s
         draw.rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=2)
         draw.text((x1 + 3, y1 + 1), name, fill=(255, 255, 0))
     return np.asarray(picture)
+
+
+def wrap_to_width(text: str, fits: Callable[[str], bool]) -> list[str]:
+    """Greedy word wrap: each line as many words as `fits` allows; a word too long for a line is cut."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        while not fits(word):  # a URL or a long token: cut it where it stops fitting
+            cut = max(1, max(n for n in range(1, len(word) + 1) if n == 1 or fits(word[:n])))
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(word[:cut])
+            word = word[cut:]
+        if not word:
+            continue
+        if line and fits(f"{line} {word}"):
+            line = f"{line} {word}"
+        elif line:
+            lines.append(line)
+            line = word
+        else:
+            line = word
+    return [*lines, line] if line else lines or [""]
+
+
+def text_card(text: str, size: tuple[int, int] = CARD_SIZE, font_pixels: int = CARD_FONT_PIXELS) -> np.ndarray:
+    """A uint8 RGB picture of `text`, word-wrapped to the card and cut with '…' where it does not fit,
+    so that a text sample takes a tile of a panel like a picture does (its caption holds score and label).
+    Square and about a tile's size in pixels, so the panel shows it unscaled."""
+    from matplotlib import font_manager
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), font_pixels)
+    width, height = size
+    margin, line_height = 6, round(font_pixels * 1.3)
+    lines = wrap_to_width(text, lambda line: font.getlength(line) <= width - 2 * margin)
+    fit = max(1, (height - 2 * margin) // line_height)
+    if len(lines) > fit:
+        lines = lines[:fit]
+        while lines[-1] and font.getlength(lines[-1] + "…") > width - 2 * margin:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] = lines[-1].rstrip() + "…"
+    card = Image.new("RGB", size, (250, 250, 245))
+    draw = ImageDraw.Draw(card)
+    for number, line in enumerate(lines):
+        draw.text((margin, margin + number * line_height), line, font=font, fill=(20, 20, 20))
+    return np.asarray(card)
+
+
+def local_picture(uri: str, side: int = 256) -> np.ndarray | None:
+    """The uint8 pixels of a readable local image file (`/x.png` or `file:///x.png`), at most `side`
+    pixels a side; None for anything else (a URL, a missing file, not an image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    try:
+        if not path.is_file():
+            return None
+        with Image.open(path) as picture:
+            picture = picture.convert("RGB")
+            picture.thumbnail((side, side))
+            return np.asarray(picture)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None

@@ -1,0 +1,152 @@
+"""The job's choice of view on real MLflow runs: recorded media (pictures, texts, URIs) with the data
+deleted, a `--pictures` function, or scores only with the reason; and the order of preference."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import snapshot_run
+from tracking import cli, contract
+from tracking.analyze import analyze_run
+from tracking.backends import MLflowTracker
+from tracking.errors import ActionScoresError
+from tracking.record import LossRecorder
+from tracking.report.panels import read_panel_rows
+
+N, EPOCHS, TOP_K = 12, 3, 4
+
+
+def _train(tracker: MLflowTracker, tmp: Path, media: dict | None, params: dict | None = None) -> tuple[str, np.ndarray]:
+    """A finished run with EPOCHS tables of N random losses (given in shuffled batches) and, if given,
+    `recorder.record_media(range(N), **media)`; returns the run id and each sample's action by numpy."""
+    rng = np.random.default_rng(7)
+    losses = rng.random((EPOCHS, N)).astype(np.float32) * 4
+    run_id = tracker.start(experiment=f"views-{uuid.uuid4().hex[:8]}")
+    try:
+        if params:
+            tracker.log_params(params)
+        recorder = LossRecorder("test", num_samples=N, tracker=tracker, local_dir=tmp / "spool")
+        if media is not None:
+            recorder.record_media(np.arange(N), **media)
+        for epoch in range(EPOCHS):
+            order = rng.permutation(N)
+            for batch in (order[:5], order[5:]):
+                recorder.update(torch.as_tensor(batch), torch.as_tensor(losses[epoch, batch]))
+            recorder.end_epoch(epoch)
+    finally:
+        tracker.finish()
+    return run_id, losses.astype(np.float64).sum(axis=0)
+
+
+def _hardest(action: np.ndarray, k: int = TOP_K) -> list[int]:
+    return [int(i) for i in np.argsort(-action, kind="stable")[:k]]
+
+
+def _download(client: mlflow.MlflowClient, run_id: str, path: str, dst: Path) -> Path:
+    return Path(client.download_artifacts(run_id, path, str(dst)))
+
+
+@pytest.fixture()
+def job(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> MLflowTracker:
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return MLflowTracker(mlflow_server)
+
+
+def test_picture_panels_come_from_recorded_media_after_the_data_is_deleted(
+        job: MLflowTracker, client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(N):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    images = [np.asarray(Image.open(data / f"{i}.png")) for i in range(N)]
+    names = ["cat" if i % 3 else "dog" for i in range(N)]
+    run_id, action = _train(job, tmp_path, dict(images=images, labels=names), params={contract.DATASET_PARAM: "digits"})
+    shutil.rmtree(data)
+    shutil.rmtree(tmp_path / "spool")  # the local copy of the media too
+
+    result = analyze_run(job, run_id, top_k=TOP_K)
+    assert result.views == {"test": "recorded media (image)"}  # media win over the dataset param
+    panel = _download(client, run_id, "action_scores/test/loss/hardest.png", tmp_path / "out")
+    rows = read_panel_rows(panel)
+    assert rows[0]["sample_ids"] == _hardest(action)
+    assert [caption.split("\n")[1] for caption in rows[0]["captions"]] == [names[i] for i in _hardest(action)]
+    dogs = np.array([i % 3 == 0 for i in range(N)])
+    by_class = read_panel_rows(_download(client, run_id, "action_scores/test/loss/by_class/dog.png", tmp_path / "out"))
+    assert by_class[0]["sample_ids"] == [int(i) for i in np.flatnonzero(dogs)[np.argsort(-action[dogs])][:TOP_K]]
+    with Image.open(panel) as picture:
+        assert picture.size[0] <= 1100  # a grid that MLflow's artifact pane shows unscaled, not a 10-image strip
+
+
+def test_text_media_give_text_panels_and_a_table_with_the_text(
+        job: MLflowTracker, client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    texts = [f"review {i}: " + "a rather long sentence about the film " * (i % 4 + 1) for i in range(N)]
+    run_id, action = _train(job, tmp_path, dict(texts=texts, labels=["pos", "neg"] * (N // 2)))
+    result = analyze_run(job, run_id, top_k=TOP_K)
+    assert result.views == {"test": "recorded media (text)"}
+    rows = read_panel_rows(_download(client, run_id, "action_scores/test/loss/hardest.png", tmp_path / "out"))
+    assert rows[0]["sample_ids"] == _hardest(action)
+    table = pd.read_csv(_download(client, run_id, "action_scores/test/loss/hardest.csv", tmp_path / "out"))
+    assert table["sample_id"].tolist() == _hardest(action)
+    assert table["text"].tolist() == [texts[i] for i in _hardest(action)]
+    np.testing.assert_allclose(table["action"], action[_hardest(action)], rtol=1e-6)
+    assert table["label"].tolist() == [["pos", "neg"][i % 2] for i in _hardest(action)]
+
+
+def test_uri_media_show_local_images_and_other_uris_as_cards(
+        job: MLflowTracker, client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    Image.fromarray(np.full((40, 30, 3), 200, dtype=np.uint8)).save(tmp_path / "local.png")
+    uris = [str(tmp_path / "local.png") if i % 2 else f"s3://bucket/sample-{i}.jpg" for i in range(N)]
+    run_id, action = _train(job, tmp_path, dict(uris=uris))
+    analyze_run(job, run_id, top_k=TOP_K)
+    rows = read_panel_rows(_download(client, run_id, "action_scores/test/loss/hardest.png", tmp_path / "out"))
+    assert rows[0]["sample_ids"] == _hardest(action)
+    table = pd.read_csv(_download(client, run_id, "action_scores/test/loss/hardest.csv", tmp_path / "out"))
+    assert table["text"].tolist() == [uris[i] for i in _hardest(action)]
+
+
+def test_without_media_or_dataset_a_picture_function_from_the_command_line_draws_the_panels(
+        job: MLflowTracker, client: mlflow.MlflowClient, mlflow_server: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run_id, action = _train(job, tmp_path, None)
+    module = f"pictures_{uuid.uuid4().hex[:6]}"
+    (tmp_path / f"{module}.py").write_text(
+        "import numpy as np\n"
+        "def picture(sample_id):\n"
+        "    return np.full((8, 8), sample_id * 20, dtype=np.uint8)\n"
+        "def broken(sample_id):\n"
+        "    return np.zeros((8, 8), dtype=np.float32)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    before = snapshot_run(client, run_id)
+    for spec, message in [("nomodule_xyz:picture", "cannot import 'nomodule_xyz'"),
+                          (f"{module}:missing", f"has no function 'missing'; its functions: \\['broken', 'picture'\\]"),
+                          ("no_colon", "give module:function")]:
+        with pytest.raises(ActionScoresError, match=message):
+            analyze_run(job, run_id, pictures=spec)
+    with pytest.raises(ActionScoresError, match=r"returned float32 \(8, 8\) for sample \d+; return a uint8 array"):
+        analyze_run(job, run_id, pictures=f"{module}:broken")
+    assert snapshot_run(client, run_id) == before  # refused: nothing written
+
+    code = cli.main(["analyze", "--run-id", run_id, "--tracking-uri", mlflow_server, "--top-k", str(TOP_K),
+                     "--pictures", f"{module}:picture"])
+    assert code == 0
+    rows = read_panel_rows(_download(client, run_id, "action_scores/test/loss/hardest.png", tmp_path / "out"))
+    assert rows[0]["sample_ids"] == _hardest(action)
+
+
+def test_with_nothing_to_draw_the_job_logs_scores_and_says_why(job: MLflowTracker, tmp_path: Path) -> None:
+    run_id, _ = _train(job, tmp_path, None)
+    result = analyze_run(job, run_id)
+    assert result.status == "done" and result.panels == [] and result.views == {}
+    assert "no panels for split 'test': the run records no media" in result.message
+    assert "record media with LossRecorder.record_media, or pass --pictures module:function" in result.message
