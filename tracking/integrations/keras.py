@@ -8,8 +8,8 @@ positions), computes the model's compiled loss per sample (unreduced) and record
 integer class targets and one output per class it also records the target and the
 dynamics columns, from the outputs taken as logits, or as probabilities when the loss says
 `from_logits=False` (the default of Keras' cross-entropies). Keras has no tracking logger
-of its own, so the callback opens a run of `tracker` (MLflow: the active run, if any, e.g.
-under `mlflow run`) and ends it when training ends.
+of its own, so the callback writes into the run the script has active (`mlflow.start_run()`,
+`wandb.init()`, `mlflow run`), or opens a run of `tracker` and ends it when training ends.
 """
 
 from __future__ import annotations
@@ -88,6 +88,16 @@ class ActionScoresCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self.session is None:
             raise ActionScoresError("ActionScoresCallback used outside model.fit()")
+        try:
+            self._record(epoch)
+        except BaseException:  # Keras has no exception hook: end a run we opened as failed, here
+            self.session.close(failed=True)
+            self.session = None
+            raise
+
+    def _record(self, epoch: int) -> None:
+        """Predict every tracked split, and record and write its table of `epoch`."""
+        assert self.session is not None
         loss, loss_takes_logits = self._loss()
         from_logits = loss_takes_logits if self.from_logits is None else self.from_logits
         for split, (x, y) in self.tracked.items():

@@ -51,13 +51,19 @@ def join_wandb(run: Any) -> RunWriter:
 
 def open_run(tracker: str, experiment: str | None) -> RunWriter:
     """A new run of the named backend (`mlflow`, `wandb`, `both`), for a framework without a logger;
-    for `mlflow`, the run this process already has active (`with mlflow.start_run():`), if any."""
+    for `mlflow` or `wandb`, the run this process already has active (`with mlflow.start_run():`,
+    `wandb.init()`), if any, so that the tables join the user's own metrics."""
     if tracker == MLflowTracker.name:
         import mlflow
 
         active = mlflow.active_run()
         if active is not None:
             return join_mlflow(mlflow.get_tracking_uri(), active.info.run_id)
+    if tracker == WandbTracker.name:
+        import wandb
+
+        if wandb.run is not None:
+            return join_wandb(wandb.run)
     writer = make_tracker(tracker)
     writer.start(experiment=experiment or None)
     return writer
