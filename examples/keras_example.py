@@ -56,15 +56,12 @@ def main() -> None:
         media={"test": {"images": test_images, "labels": [str(y) for y in y_test]}},  # action-scores
         tracker=args.tracker, experiment=args.experiment)  # action-scores
     model.fit(x_train, y_train, epochs=args.epochs, batch_size=64, callbacks=[scores], verbose=2)
-    print(f"run {scores.run.run_id} finished")
+    run = scores.run  # action-scores: where the tables went
+    print(f"run {run.run_id} finished")
     if args.no_analyze:
         return
-    from tracking.analyze import analyze_run
-    from tracking.backends import make_tracker
-
-    tracker = make_tracker(scores.run.backend)
-    result = analyze_run(tracker, scores.run.target)
-    print(f"analysed run {scores.run.run_id}: {result.status}; panels: {tracker.artifact_uri('action_scores')}")
+    result, panels = run.analyze()
+    print(f"analysed run {run.run_id}: {result.status}; panels under {panels}:")
     for panel in result.panels:
         print(f"    {panel}")
 

@@ -88,12 +88,8 @@ def main() -> None:
         return
     if args.logger == "wandb":
         logger.experiment.finish()  # the job resumes the run
-    from tracking.analyze import analyze_run
-    from tracking.backends import make_tracker
-
-    tracker = make_tracker(run.backend)
-    result = analyze_run(tracker, run.target)
-    print(f"analysed run {run.run_id}: {result.status}; panels: {tracker.artifact_uri('action_scores')}")
+    result, panels = run.analyze()
+    print(f"analysed run {run.run_id}: {result.status}; panels under {panels}:")
     for panel in result.panels:
         print(f"    {panel}")
 

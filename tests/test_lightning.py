@@ -14,13 +14,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import ROOT, in_process_training, run_command
+from tests.test_wandb import wandb_env  # noqa: F401  (fixture)
 from tracking.analyze import analyze_run
-from tracking.backends import MLflowTracker
+from tracking.backends import MLflowTracker, WandbTracker
 from tracking.errors import ActionScoresError
 from tracking.integrations.lightning import ActionScoresCallback
 from tracking.record import IndexedDataset
@@ -148,6 +149,25 @@ def test_ddp_two_processes_write_each_epoch_once_into_the_loggers_run(
     assert files == [f"per_sample_losses/test/epoch_{e:04d}.parquet" for e in range(EPOCHS)]
     for table in _tables(client, run_id, "test", tmp_path / "tables"):
         assert table["sample_id"].tolist() == list(range(360))  # both ranks' shares, each sample once
+
+
+def test_wandb_logger_run_gets_the_tables(wandb_env: dict[str, str]) -> None:  # noqa: F811
+    _, test, _, _ = _digits()
+    train, _, _, _ = _digits()
+    logger = WandbLogger(project=wandb_env["WANDB_PROJECT"], offline=True)
+    callback = ActionScoresCallback({"test": test})
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyClassifier(), DataLoader(IndexedDataset(train), batch_size=64))
+    assert callback.run.run_id == logger.experiment.id  # the logger's own run
+    logger.experiment.finish()
+    tracker = WandbTracker()
+    tracker.attach(callback.run.target)
+    paths = tracker.list_files("per_sample_losses/test")
+    assert paths == [f"per_sample_losses/test/epoch_{e:04d}.parquet" for e in range(2)]
+    for path in paths:
+        table = pd.read_parquet(tracker.download(path, Path(wandb_env["WANDB_DIR"]) / "dl"))
+        assert table["sample_id"].tolist() == list(range(TEST))
 
 
 def test_bad_hand_over_is_an_error_that_writes_nothing(mlflow_server: str, client: mlflow.MlflowClient) -> None:

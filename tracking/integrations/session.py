@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from tracking.errors import ActionScoresError, preview
 from tracking.record.media import MediaSummary, record_media
 from tracking.record.recorder import LossRecorder
 
+if TYPE_CHECKING:
+    from tracking.analyze import AnalysisResult
+
 MEDIA_KEYS = frozenset({"images", "texts", "uris", "labels", "max_bytes"})  # keywords of `record_media`
 
 
@@ -28,7 +31,8 @@ class _JoinedWandbRun(WandbTracker):
     """A W&B run the user's framework opened: written into, never finished here (its owner finishes it)."""
 
     def __init__(self, run: Any) -> None:
-        super().__init__(project=run.project, mode=run.settings.mode)
+        offline = run.settings.mode in ("offline", "dryrun")  # Lightning's WandbLogger(offline=True) says dryrun
+        super().__init__(project=run.project, mode="offline" if offline else run.settings.mode)
         self._live = run
         self._run_id = run.id
 
@@ -111,6 +115,15 @@ class RecordedRun:
         first = getattr(writer, "trackers", [writer])[0]  # `both`: the MLflow run, as the job reads it
         folder = getattr(first, "offline_folder", None)
         return cls(first.name, first.run_id, str(folder) if folder is not None else first.run_id)
+
+    def analyze(self, **options: Any) -> tuple[AnalysisResult, str]:
+        """The post-hoc job on this run, now (at the end of a script; `action-scores analyze` later works as
+        well): its result, and where the panels are. `options`: those of `tracking.analyze.analyze_run`."""
+        from tracking.analyze import analyze_run
+
+        tracker = make_tracker(self.backend)
+        result = analyze_run(tracker, self.target, **options)
+        return result, tracker.artifact_uri(contract.SCORES_DIR)
 
 
 class RecordingSession:
