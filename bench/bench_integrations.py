@@ -1,12 +1,13 @@
 """What recording costs under Lightning, the Hugging Face Trainer and Keras, on the examples' models (target: <= 2%).
 
-    python bench/bench_integrations.py                          # all three, 3 pairs of 3-epoch fits each
+    python bench/bench_integrations.py                          # all three, 3 pairs of 5-epoch fits each
     python bench/bench_integrations.py --frameworks keras --repeats 5 --epochs 5
 
 Two figures per framework:
 - attribution: the time spent inside the recorder's calls (`LossRecorder.update`,
-  `update_classification`, `end_epoch`, and `record_media`), summed over a fit and divided
-  by the fit's time. It is what recording adds, measured where it happens, so the noise
+  `update_classification`, `end_epoch`, and `record_media`; for Keras also the dynamics
+  columns its callback computes beside `update`), summed over a fit and divided by the
+  fit's time (the forward pass of an evaluation pass is the measurement, not counted). It is what recording adds, measured where it happens, so the noise
   of a shared machine hardly touches it;
 - the paired ratio: the same fit with the callback against without it, alternating which
   goes first (median of the neighbouring pairs' ratios). With the callback, Lightning and
@@ -48,6 +49,7 @@ class Attribution:
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.by_call: dict[str, float] = {}  # outermost call name -> seconds
         self._depth = 0
 
     def timed(self, function: Callable) -> Callable:
@@ -60,13 +62,17 @@ class Attribution:
             finally:
                 self._depth -= 1
                 if self._depth == 0:
-                    self.seconds += time.perf_counter() - start
+                    elapsed = time.perf_counter() - start
+                    self.seconds += elapsed
+                    self.by_call[function.__name__] = self.by_call.get(function.__name__, 0.0) + elapsed
         return wrapper
 
     @contextlib.contextmanager
     def patched(self) -> Iterator[None]:
+        from tracking.integrations import keras as keras_module  # its dynamics columns are computed beside `update`
+
         targets = [(LossRecorder, "update"), (LossRecorder, "update_classification"), (LossRecorder, "end_epoch"),
-                   (session_module, "record_media")]
+                   (session_module, "record_media"), (keras_module, "classification_columns")]
         saved = [getattr(owner, name) for owner, name in targets]
         for owner, name in targets:
             setattr(owner, name, self.timed(getattr(owner, name)))
@@ -149,7 +155,7 @@ FITS = {"lightning": lightning_fit, "huggingface": huggingface_fit, "keras": ker
 def overhead(name: str, epochs: int, repeats: int) -> None:
     fit = FITS[name]
     fit(1, True)  # warm-up: imports, allocator, kernels
-    plain_s, recorded_s, attributed = [], [], []
+    plain_s, recorded_s, attributed, calls = [], [], [], []
     for repeat in range(repeats):
         for recorded in ((False, True) if repeat % 2 == 0 else (True, False)):
             attribution = Attribution()
@@ -160,11 +166,13 @@ def overhead(name: str, epochs: int, repeats: int) -> None:
             (recorded_s if recorded else plain_s).append(seconds)
             if recorded:
                 attributed.append(attribution.seconds / seconds)
+                calls.append(attribution.by_call)
     ratios = [r / p for p, r in zip(plain_s, recorded_s)]
     print(f"{name}: {epochs}-epoch fit, plain median {statistics.median(plain_s):.2f}s, with the callback "
           f"{statistics.median(recorded_s):.2f}s\n"
           f"    attribution (inside the recorder / fit time): median {100 * statistics.median(attributed):.2f}% "
-          f"(runs: {', '.join(f'{100 * a:.2f}%' for a in attributed)})\n"
+          f"(runs: {', '.join(f'{100 * a:.2f}%' for a in attributed)}); by call, seconds per fit: "
+          f"{', '.join(f'{k} {statistics.median(c.get(k, 0.0) for c in calls):.3f}' for k in sorted(calls[0]))}\n"
           f"    paired ratio with/without: median {statistics.median(ratios):.3f} "
           f"(pairs: {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
 
@@ -189,7 +197,7 @@ def media_cost(samples: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frameworks", default="lightning,huggingface,keras")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="pairs of fits per framework")
     parser.add_argument("--media-samples", type=int, default=10_000)
     args = parser.parse_args()

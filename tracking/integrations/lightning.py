@@ -130,9 +130,8 @@ class ActionScoresCallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         session = self._session()
-        if self.train_split is not None:
-            if self.train_split in session.recorders:
-                session.end_epoch(self.train_split, trainer.current_epoch)
+        if self.train_split in session.recorders:  # the training pass recorded this epoch's batches
+            session.end_epoch(self.train_split, trainer.current_epoch)
         for split, dataset in self.eval_sets.items():
             self._evaluate(trainer, pl_module, split, dataset)
             session.end_epoch(split, trainer.current_epoch)
