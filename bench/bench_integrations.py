@@ -7,8 +7,9 @@ Two figures per framework:
 - attribution: the time spent inside the recorder's calls (`LossRecorder.update`,
   `update_classification`, `end_epoch`, and `record_media`; for Keras also the dynamics
   columns its callback computes beside `update`), summed over a fit and divided by the
-  fit's time (the forward pass of an evaluation pass is the measurement, not counted). It is what recording adds, measured where it happens, so the noise
-  of a shared machine hardly touches it;
+  fit's time (the forward pass of an evaluation pass is the measurement, not counted).
+  It is what recording adds, measured where it happens, so the noise of a shared machine
+  hardly touches it;
 - the paired ratio: the same fit with the callback against without it, alternating which
   goes first (median of the neighbouring pairs' ratios). With the callback, Lightning and
   Keras also run the evaluation pass (a forward pass over the tracked split, the paper's

@@ -128,7 +128,8 @@ def test_scores_are_the_sums_and_text_panels_come_from_the_recorded_texts(
     assert table["text"].tolist() == [TEST_TEXTS[i] for i in hardest]
 
 
-def test_wandb_report_to_gets_the_tables_in_its_own_run(wandb_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_wandb_report_to_gets_the_tables_in_its_own_run(
+        wandb_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
     import wandb
 
     test = add_sample_ids(items(tokenizer(), TEST_TEXTS, TEST_LABELS))

@@ -34,8 +34,8 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from tracking import contract
 from tracking.errors import ActionScoresError
-from tracking.integrations.session import (RecordedRun, RecordingSession, check_media, check_sample_ids, join_mlflow, join_wandb,
-                                           open_run)
+from tracking.integrations.session import (RecordedRun, RecordingSession, check_media, check_sample_ids,
+                                           join_mlflow, join_wandb, open_run)
 from tracking.record.recorder import LossRecorder, Losses
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class ActionScoresCallback(TrainerCallback):
         if self.splits is not None and not self.splits:
             raise ActionScoresError("splits is empty: name at least one eval dataset, or pass None for all")
         self.per_sample_loss = per_sample_loss
-        self.media = check_media(media, self.splits) if self.splits is not None else dict(media or {})
+        self.media = check_media(media, self.splits if self.splits is not None else list(media or {}))
         self.text_field = text_field
         self.tracker = tracker
         self.experiment = experiment
@@ -155,6 +155,7 @@ class ActionScoresCallback(TrainerCallback):
         if not self.sizes or missing:
             raise ActionScoresError(f"no eval dataset for tracked splits {missing or '(any)'}: give the "
                                     "ActionScoresTrainer eval_dataset={name: add_sample_ids(dataset)}")
+        check_media(self.media, self.sizes)  # media named for a split that has no eval dataset
         self.session = RecordingSession(self._writer(args) if state.is_world_process_zero else None,
                                         {split: "eval" for split in self.sizes}, self.media)
         self.run = self.session.run

@@ -52,7 +52,8 @@ class ActionScoresCallback(keras.callbacks.Callback):
     """
 
     def __init__(self, tracked: Mapping[str, tuple[Any, Any]], *, per_sample_loss: PerSampleLoss | None = None,
-                 from_logits: bool | None = None, batch_size: int = 256, media: Mapping[str, Mapping[str, Any]] | None = None,
+                 from_logits: bool | None = None, batch_size: int = 256,
+                 media: Mapping[str, Mapping[str, Any]] | None = None,
                  tracker: str = "mlflow", experiment: str | None = None) -> None:
         super().__init__()
         if not tracked:

@@ -170,11 +170,11 @@ class ActionScoresCallback(pl.Callback):
         """Translate what `training_step` returned into one `update` of the training pass."""
         assert self.train_split is not None
         if not isinstance(outputs, Mapping) or IDS_KEY not in outputs:
+            got = f"keys {sorted(outputs)}" if isinstance(outputs, Mapping) else type(outputs).__name__
             raise ActionScoresError(
                 f"training pass of split {self.train_split!r}: training_step must return a dict with "
                 f"{IDS_KEY!r} (the batch's sample ids: wrap the dataset in tracking.IndexedDataset) and "
-                f"{LOSSES_KEY!r} (unreduced per-sample losses) or {LOGITS_KEY!r} and {TARGET_KEY!r}; "
-                f"got {type(outputs).__name__}{' with keys ' + str(sorted(outputs)) if isinstance(outputs, Mapping) else ''}"
+                f"{LOSSES_KEY!r} (unreduced per-sample losses) or {LOGITS_KEY!r} and {TARGET_KEY!r}; got {got}"
             )
         size = self.train_size or len(trainer.train_dataloader.dataset)  # type: ignore[union-attr]
         recorder = self._session().recorder(self.train_split, size)

@@ -183,4 +183,5 @@ class RecordingSession:
             self.writer = None
 
 
-__all__ = ["RecordedRun", "RecordingSession", "check_media", "check_sample_ids", "join_mlflow", "join_wandb", "open_run"]
+__all__ = ["RecordedRun", "RecordingSession", "check_media", "check_sample_ids", "join_mlflow", "join_wandb",
+           "open_run"]
