@@ -15,22 +15,23 @@ import torch
 from PIL import Image
 
 from tests.conftest import snapshot_run
+from tests.test_wandb import wandb_env  # noqa: F401  (a fixture)
 from tracking import cli, contract
 from tracking.analyze import analyze_run
-from tracking.backends import MLflowTracker
+from tracking.backends import MLflowTracker, WandbTracker
 from tracking.errors import ActionScoresError
 from tracking.record import LossRecorder
-from tracking.report.panels import read_panel_rows
+from tracking.report.panels import CARD_SIZE, grid_shape, read_panel_rows, text_card, wrap_to_width
 
 N, EPOCHS, TOP_K = 12, 3, 4
 
 
-def _train(tracker: MLflowTracker, tmp: Path, media: dict | None, params: dict | None = None) -> tuple[str, np.ndarray]:
+def _train(tracker: MLflowTracker | WandbTracker, tmp: Path, media: dict | None, params: dict | None = None) -> tuple[str, np.ndarray]:
     """A finished run with EPOCHS tables of N random losses (given in shuffled batches) and, if given,
     `recorder.record_media(range(N), **media)`; returns the run id and each sample's action by numpy."""
     rng = np.random.default_rng(7)
     losses = rng.random((EPOCHS, N)).astype(np.float32) * 4
-    run_id = tracker.start(experiment=f"views-{uuid.uuid4().hex[:8]}")
+    run_id = tracker.start(experiment=f"views-{uuid.uuid4().hex[:8]}" if isinstance(tracker, MLflowTracker) else None)
     try:
         if params:
             tracker.log_params(params)
@@ -84,7 +85,7 @@ def test_picture_panels_come_from_recorded_media_after_the_data_is_deleted(
     by_class = read_panel_rows(_download(client, run_id, "action_scores/test/loss/by_class/dog.png", tmp_path / "out"))
     assert by_class[0]["sample_ids"] == [int(i) for i in np.flatnonzero(dogs)[np.argsort(-action[dogs])][:TOP_K]]
     with Image.open(panel) as picture:
-        assert picture.size[0] <= 1100  # a grid that MLflow's artifact pane shows unscaled, not a 10-image strip
+        assert picture.size[0] <= 680  # a grid that MLflow's artifact pane shows unscaled, not a 10-image strip
 
 
 def test_text_media_give_text_panels_and_a_table_with_the_text(
@@ -150,3 +151,41 @@ def test_with_nothing_to_draw_the_job_logs_scores_and_says_why(job: MLflowTracke
     assert result.status == "done" and result.panels == [] and result.views == {}
     assert "no panels for split 'test': the run records no media" in result.message
     assert "record media with LossRecorder.record_media, or pass --pictures module:function" in result.message
+
+
+def test_experiments_the_tracker_creates_open_in_the_model_training_view(
+        job: MLflowTracker, client: mlflow.MlflowClient) -> None:
+    created, existing = f"kind-{uuid.uuid4().hex[:8]}", f"kind-{uuid.uuid4().hex[:8]}"
+    client.create_experiment(existing, tags={"mlflow.experimentKind": "genai_development"})
+    for name in (created, existing):
+        job.start(experiment=name)
+        job.finish()
+    assert client.get_experiment_by_name(created).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment_by_name(existing).tags["mlflow.experimentKind"] == "genai_development"  # the user's
+
+
+def test_text_panels_of_a_wandb_offline_run(wandb_env: dict[str, str], tmp_path: Path) -> None:
+    texts = [f"sample {i}: " + "words " * i for i in range(N)]
+    tracker = WandbTracker()
+    run_id, action = _train(tracker, tmp_path, dict(texts=texts))
+    folder = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))[0]
+    job = WandbTracker()
+    result = analyze_run(job, str(folder), top_k=TOP_K)
+    assert result.views == {"test": "recorded media (text)"}
+    job.attach(str(folder))
+    rows = read_panel_rows(job.download("action_scores/test/loss/hardest.png", tmp_path / "back"))
+    assert rows[0]["sample_ids"] == _hardest(action)
+    table = pd.read_csv(job.download("action_scores/test/loss/hardest.csv", tmp_path / "back"))
+    assert table["text"].tolist() == [texts[i] for i in _hardest(action)]
+
+
+def test_grids_are_balanced_and_text_wraps_by_width_cutting_long_words() -> None:
+    assert [grid_shape(n, 5) for n in (1, 5, 7, 10, 11)] == [(1, 1), (1, 5), (2, 4), (2, 5), (3, 4)]
+    assert grid_shape(10, 2) == (5, 2)
+    fits = lambda line: len(line) <= 10  # noqa: E731
+    assert wrap_to_width("the quick brown fox jumps", fits) == ["the quick", "brown fox", "jumps"]
+    assert wrap_to_width("see https://example.org/long now", fits) == ["see", "https://ex", "ample.org/", "long now"]
+    assert wrap_to_width("", fits) == [""]
+    card = text_card("word " * 500)
+    assert card.shape == (CARD_SIZE[1], CARD_SIZE[0], 3) and card.dtype == np.uint8
+    assert (card < 128).any() and (card[-8:] > 200).all()  # text drawn, cut before the bottom margin

@@ -25,6 +25,9 @@ from tracking.errors import ActionScoresError
 log = logging.getLogger(__name__)
 # MLflow error codes of a write that no retry can make succeed (the run deleted or missing, no permission).
 REFUSALS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+# MLflow 3's experiment kind: model training, not GenAI. (MLflow 3.17's UI shows the view of its global
+# GenAI / Model training switch instead; `?workflowType=machine_learning` in a link selects the latter.)
+EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def _end_run_without_waiting(status: str) -> None:
@@ -76,11 +79,24 @@ class MLflowTracker(Tracker):
         mlflow.set_tracking_uri(self.tracking_uri)
         # `mlflow run` exports MLFLOW_RUN_ID: start_run() then resumes that run.
         if experiment and "MLFLOW_RUN_ID" not in os.environ:
+            self._create_training_experiment(experiment)
             mlflow.set_experiment(experiment)
         run = mlflow.start_run(run_name=run_name)
         self._run_id = run.info.run_id
         self._started = True
         return self._run_id
+
+    def _create_training_experiment(self, experiment: str) -> None:
+        """Create `experiment` tagged as model training, unless it exists (its kind is then the user's)."""
+        from mlflow.exceptions import MlflowException
+
+        if self._client.get_experiment_by_name(experiment) is not None:
+            return
+        try:
+            self._client.create_experiment(experiment, tags=EXPERIMENT_KIND_TAGS)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it at the same moment
+                raise
 
     def attach(self, run_id: str) -> None:
         from mlflow.exceptions import MlflowException

@@ -24,13 +24,15 @@ from tracking.scoring.rank import easiest, hardest
 ROWS_KEY = "action_scores.rows"
 MIN_SIDE = 96  # small images are upscaled (nearest neighbour) to at least this many pixels
 DPI = 100
-PANEL_WIDTH = 10.0  # inches of tiles at DPI: ~1000 px, what MLflow's artifact pane shows unscaled
+# MLflow 3.17's artifact pane is ~680 px wide in a 1600x1000 window (beside the file tree and the
+# assistant panel; bench/ui_screenshot.py): a panel no wider shows unscaled, its captions readable.
+PANEL_WIDTH = 5.8  # inches of tiles at DPI, plus 0.7 for the row titles: ~650 px in all
 MAX_COLUMNS = 5  # 10 samples -> 2 rows of 5, as the paper's figures
-TILE_HEIGHT = 1.9  # inches per picture
+TILE_SIDES = (1.1, 2.6)  # inches: a tile shows its picture at its pixel size, within these bounds
 CAPTION_HEIGHT = 0.55  # inches under each picture for its two caption lines
 CAPTION_POINTS = 10
-CARD_SIZE = (190, 190)  # pixels (width, height) of a text card: a tile, shown unscaled
-CARD_FONT_PIXELS = 12  # ~28 characters x 12 lines: a ~300-character snippet
+CARD_SIZE = (280, 170)  # pixels (width, height) of a text card: two a line, shown unscaled
+CARD_FONT_PIXELS = 13  # ~40 characters x 9 lines: a ~350-character snippet
 
 
 @dataclass
@@ -42,9 +44,14 @@ class PanelItem:
     caption: str
 
 
+def upscale_factor(image: np.ndarray, min_side: int = MIN_SIDE) -> int:
+    """The integer factor that brings the image's shorter side to at least `min_side`."""
+    return max(1, -(-min_side // min(image.shape[:2])))
+
+
 def upscale(image: np.ndarray, min_side: int = MIN_SIDE) -> np.ndarray:
     """Nearest-neighbour upscaling by an integer factor, so that 8x8 digits stay crisp and readable."""
-    factor = max(1, -(-min_side // min(image.shape[:2])))
+    factor = upscale_factor(image, min_side)
     return image.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
@@ -58,21 +65,22 @@ def render_panel(rows: Sequence[tuple[str, Sequence[PanelItem]]], path: Path, ti
     """Draw each `(row_title, items)` as a grid of at most `MAX_COLUMNS` tiles a line, one under
     another, to a PNG with the shown ids, in order, in its metadata (`read_panel_rows`).
 
-    Sized for where people look: about `PANEL_WIDTH` inches at `DPI` (~1000 px), the width
-    of MLflow's artifact pane in a 1600-px window, so the pane shows it at full size and
-    the 10-pt captions stay readable (a 10-tile strip was 1660 px wide and got shrunk).
-    Wide tiles (text cards, detection scenes) get fewer columns. Uses a bare Agg canvas
-    rather than pyplot, so drawing never changes the caller's backend.
+    Sized for where people look: at most ~650 px wide, what MLflow's artifact pane shows
+    unscaled in a 1600-px window, so the 10-pt captions stay readable there (a 10-tile strip
+    was 1660 px wide and got shrunk to 40%). Tiles show pictures at about their pixel size
+    (small ones upscaled), so large tiles (text cards, detection scenes) get fewer columns.
+    Uses a bare Agg canvas rather than pyplot, so drawing never changes the caller's backend.
     """
     if not rows:
         raise ActionScoresError(f"panel {path}: no rows to draw; pass at least one (title, items) row")
-    shapes = [item.image.shape[:2] for _, items in rows for item in items]
-    aspect = min(2.0, max([1.0, *(width / height for height, width in shapes)]))
-    tile_width = TILE_HEIGHT * aspect
+    shapes = [tuple(side * upscale_factor(item.image) for side in item.image.shape[:2])
+              for _, items in rows for item in items] or [(1, 1)]
+    tile_height = float(np.clip(max(height for height, _ in shapes) / DPI, *TILE_SIDES))
+    tile_width = float(np.clip(max(width for _, width in shapes) / DPI, TILE_SIDES[0], 2 * TILE_SIDES[1]))
     columns = max(1, min(MAX_COLUMNS, int(PANEL_WIDTH // tile_width)))
     columns = max(grid_shape(len(items), columns)[1] for _, items in rows)  # balanced: 7 tiles -> 4 + 3
     lines = sum(max(1, -(-len(items) // columns)) for _, items in rows)
-    figure = agg_figure(tile_width * columns + 0.7, (TILE_HEIGHT + CAPTION_HEIGHT) * lines + 0.6)
+    figure = agg_figure(tile_width * columns + 0.7, (tile_height + CAPTION_HEIGHT) * lines + 0.6)
     axes = figure.subplots(lines, columns, squeeze=False)
     line = 0
     for row_title, items in rows:
@@ -91,7 +99,7 @@ def render_panel(rows: Sequence[tuple[str, Sequence[PanelItem]]], path: Path, ti
         axes[line][0].axis("on")  # keep the row title visible even on an empty row
         axes[line][0].set_ylabel(row_title, fontsize=CAPTION_POINTS + 1, fontweight="bold")
         line += grid_rows
-    figure.suptitle(title, fontsize=CAPTION_POINTS + 2)
+    figure.suptitle(title, fontsize=CAPTION_POINTS + 1)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     described = [{"title": t, "sample_ids": [int(i.sample_id) for i in items], "captions": [i.caption for i in items]}
@@ -166,7 +174,7 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, names: Sequence[str], min_s
     """The image (upscaled if small) with its ground-truth boxes and class names drawn on it."""
     from PIL import Image, ImageDraw
 
-    factor = max(1, -(-min_side // min(image.shape[:2])))
+    factor = upscale_factor(image, min_side)
     picture = Image.fromarray(upscale(image, min_side) if factor > 1 else image).convert("RGB")
     draw = ImageDraw.Draw(picture)
     for (x1, y1, x2, y2), name in zip(boxes * factor, names):
