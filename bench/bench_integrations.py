@@ -14,8 +14,7 @@ Two figures per framework:
   goes first (median of the neighbouring pairs' ratios). With the callback, Lightning and
   Keras also run the evaluation pass (a forward pass over the tracked split, the paper's
   measurement); the Trainer evaluates every epoch in both fits, so its ratio is recording alone.
-Then the cost of media: bytes per sample and seconds per 10,000 samples for 32x32 RGB
-pictures (random pixels: the worst case for PNG), the 1,797 8x8 digits, and short texts.
+The cost of media on its own (bytes per sample, seconds per 10,000): `bench/bench_media.py`.
 Runs go to a throwaway sqlite MLflow store; uploads run in the background as in training.
 """
 
@@ -38,10 +37,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import numpy as np  # noqa: E402
 
 from tracking.integrations import session as session_module  # noqa: E402
-from tracking.record import media as media_module  # noqa: E402
 from tracking.record.recorder import LossRecorder  # noqa: E402
 
 
@@ -178,33 +175,11 @@ def overhead(name: str, epochs: int, repeats: int) -> None:
           f"(pairs: {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
 
 
-def media_cost(samples: int) -> None:
-    """Bytes per sample and seconds per 10,000 samples of `record_media`, on distinct samples (repeats would
-    shrink the table: parquet stores a repeated value once)."""
-    from sklearn.datasets import load_digits
-
-    rng = np.random.default_rng(0)
-    digits = (load_digits().images / 16 * 255).round().astype(np.uint8)  # all 1,797 distinct digits
-    kinds = {"32x32 RGB pictures (random pixels)": {"images": rng.integers(0, 256, (samples, 32, 32, 3), np.uint8)},
-             "8x8 digits": {"images": digits},
-             "short texts (4-10 words)": {"texts": example("huggingface_example").sentences(samples, 0, 0.0)[0]}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, keywords in kinds.items():
-            size = len(next(iter(keywords.values())))
-            start = time.perf_counter()
-            summary = media_module.record_media(None, "bench", np.arange(size), labels=["label"] * size,
-                                                local_dir=Path(tmp), **keywords)
-            seconds = time.perf_counter() - start
-            print(f"media, {label}, {size} samples: {summary.bytes_per_sample:.1f} bytes per sample, "
-                  f"{seconds * 10_000 / size:.2f} s per 10,000 samples", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frameworks", default="lightning,huggingface,keras")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="pairs of fits per framework")
-    parser.add_argument("--media-samples", type=int, default=10_000)
     args = parser.parse_args()
     import torch
 
@@ -216,7 +191,6 @@ def main() -> None:
         print(f"{args.epochs}-epoch fits, {args.repeats} pairs each, 1 torch thread", flush=True)
         for name in filter(None, args.frameworks.split(",")):
             overhead(name, args.epochs, args.repeats)
-        media_cost(args.media_samples)
 
 
 if __name__ == "__main__":
