@@ -1,0 +1,166 @@
+"""Hugging Face `Trainer` against the real MLflow server and a real offline W&B run: the tables land in the
+run of `report_to`, whole, the scores are their sums, text panels come from the recorded texts alone."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast, TrainingArguments
+
+from tests.conftest import in_process_training
+from tracking.analyze import analyze_run
+from tracking.backends import MLflowTracker
+from tracking.backends.wandb_backend import OfflineRun
+from tracking.errors import ActionScoresError
+from tracking.integrations.huggingface import ActionScoresCallback, ActionScoresTrainer, add_sample_ids
+from tracking.report.panels import read_panel_rows
+
+EPOCHS = 3
+WORDS = {1: ["good", "great", "fun", "love"], 0: ["bad", "dull", "hate", "awful"]}
+FILLER = ["the", "movie", "was", "and", "plot", "a", "very", "it"]
+
+
+def sentences(count: int, seed: int) -> tuple[list[str], list[int]]:
+    """Short reviews whose sentiment word gives the label."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, count).tolist()
+    texts = [" ".join([*rng.choice(FILLER, 3), rng.choice(WORDS[y]), *rng.choice(FILLER, 2)]) for y in labels]
+    return texts, labels
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *FILLER, *WORDS[0], *WORDS[1]])}
+    core = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def items(tok: PreTrainedTokenizerFast, texts: list[str], labels: list[int]) -> list[dict]:
+    encodings = tok(texts)
+    return [{"input_ids": ids, "attention_mask": mask, "labels": label, "text": text}
+            for ids, mask, label, text in zip(encodings["input_ids"], encodings["attention_mask"], labels, texts)]
+
+
+def trainer(report_to: str, eval_dataset: object, output_dir: str, epochs: int = EPOCHS,
+            **arguments: object) -> ActionScoresTrainer:
+    tok = tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2,
+                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    settings = dict(output_dir=output_dir, num_train_epochs=epochs, learning_rate=5e-3, per_device_train_batch_size=16,
+                    per_device_eval_batch_size=16, eval_strategy="epoch", save_strategy="no", report_to=[report_to],
+                    use_cpu=True, disable_tqdm=True, seed=0) | arguments
+    return ActionScoresTrainer(model=BertForSequenceClassification(config), args=TrainingArguments(**settings),
+                               train_dataset=items(tok, *sentences(96, seed=0)), eval_dataset=eval_dataset,
+                               processing_class=tok)
+
+
+TEST_TEXTS, TEST_LABELS = sentences(30, seed=1)
+
+
+@pytest.fixture(scope="module")
+def mlflow_run(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ActionScoresTrainer]:
+    """A Trainer reporting to MLflow, the test split tracked by its own evaluations."""
+    experiment = f"hf-{uuid.uuid4().hex[:8]}"
+    test = add_sample_ids(items(tokenizer(), TEST_TEXTS, TEST_LABELS))
+    with in_process_training(mlflow_server), tempfile.TemporaryDirectory() as output_dir:
+        mlflow.set_tracking_uri(mlflow_server)
+        mlflow.set_experiment(experiment)
+        hf = trainer("mlflow", {"test": test}, output_dir)
+        hf.train()
+        mlflow.end_run()
+    return hf.action_scores.run.run_id, hf
+
+
+def _tables(client: mlflow.MlflowClient, run_id: str, dst: Path) -> list[pd.DataFrame]:
+    folder = Path(client.download_artifacts(run_id, "per_sample_losses/test", str(dst)))
+    return [pd.read_parquet(path) for path in sorted(folder.glob("epoch_*.parquet"))]
+
+
+def test_tables_are_whole_in_the_trainers_run_and_the_last_is_the_models_loss(
+        mlflow_run: tuple[str, ActionScoresTrainer], client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    run_id, hf = mlflow_run
+    run = client.get_run(run_id)
+    assert "eval_test_loss" in run.data.metrics  # the Trainer's own metric, in the same run
+    tables = _tables(client, run_id, tmp_path)
+    assert len(tables) == EPOCHS
+    for table in tables:
+        assert table["sample_id"].tolist() == list(range(len(TEST_TEXTS)))
+        assert table["target"].tolist() == TEST_LABELS
+    # The last evaluation's losses are the trained model's cross-entropy, sample by sample.
+    batch = tokenizer()(TEST_TEXTS, padding=True, return_tensors="pt")
+    hf.model.eval()
+    with torch.no_grad():
+        logits = hf.model(**batch).logits
+    expected = F.cross_entropy(logits, torch.tensor(TEST_LABELS), reduction="none").numpy()
+    np.testing.assert_allclose(tables[-1]["loss"].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+    media = pd.read_parquet(client.download_artifacts(run_id, "per_sample_media/test/media.parquet", str(tmp_path)))
+    assert media["text"].tolist() == TEST_TEXTS
+    assert media["label_name"].tolist() == [["negative", "positive"][y] for y in TEST_LABELS]
+
+
+def test_scores_are_the_sums_and_text_panels_come_from_the_recorded_texts(
+        mlflow_run: tuple[str, ActionScoresTrainer], mlflow_server: str, client: mlflow.MlflowClient,
+        tmp_path: Path) -> None:
+    run_id, _ = mlflow_run
+    action = np.sum([t["loss"].to_numpy(np.float64) for t in _tables(client, run_id, tmp_path / "t")], axis=0)
+    assert analyze_run(MLflowTracker(mlflow_server), run_id, top_k=4).status == "done"
+    scores = pd.read_parquet(client.download_artifacts(run_id, "action_scores/test/scores.parquet", str(tmp_path)))
+    np.testing.assert_allclose(scores.set_index("sample_id").sort_index()["action"].to_numpy(), action, rtol=1e-6)
+    hardest = np.lexsort((np.arange(action.size), -action))[:4].tolist()
+    panel = client.download_artifacts(run_id, "action_scores/test/loss/hardest.png", str(tmp_path))
+    assert [i for row in read_panel_rows(panel) for i in row["sample_ids"]] == hardest
+    table = pd.read_csv(client.download_artifacts(run_id, "action_scores/test/loss/hardest.csv", str(tmp_path)))
+    assert table["sample_id"].tolist() == hardest
+    assert table["text"].tolist() == [TEST_TEXTS[i] for i in hardest]
+
+
+def test_wandb_report_to_gets_the_tables_in_its_own_run(
+        wandb_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    import wandb
+
+    test = add_sample_ids(items(tokenizer(), TEST_TEXTS, TEST_LABELS))
+    hf = trainer("wandb", test, str(tmp_path / "out"), epochs=2)
+    hf.train()
+    live = wandb.run
+    assert live is not None and live.id == hf.action_scores.run.run_id
+    wandb.finish()
+    run = OfflineRun(hf.action_scores.run.target)
+    files = run.files("per_sample_losses/eval")  # one eval dataset: the split is "eval"
+    assert sorted(Path(p).name for p in files) == ["epoch_0000.parquet", "epoch_0001.parquet"]
+    for path in files.values():
+        assert pd.read_parquet(path)["sample_id"].tolist() == list(range(len(TEST_TEXTS)))
+    assert "per_sample_media/eval/media.parquet" in run.files("per_sample_media")
+    assert any(key.startswith("eval/") or key.startswith("eval_") for key in run.summary)  # the Trainer's metrics
+
+
+def test_bad_datasets_and_settings_are_errors_that_write_nothing(mlflow_server: str,
+                                                                  client: mlflow.MlflowClient) -> None:
+    plain = items(tokenizer(), TEST_TEXTS, TEST_LABELS)
+    with tempfile.TemporaryDirectory() as output_dir:
+        with pytest.raises(ActionScoresError, match="add_sample_ids"):
+            trainer("none", {"test": plain}, output_dir)
+        repeated = [{**item, "sample_id": min(index, 5)} for index, item in enumerate(plain)]
+        with pytest.raises(ActionScoresError, match="repeated: \\[5\\]"):
+            trainer("none", {"test": repeated}, output_dir)
+        experiment = client.create_experiment(f"hf-bad-{uuid.uuid4().hex[:8]}")
+        with in_process_training(mlflow_server), mlflow.start_run(experiment_id=experiment) as active:
+            hf = trainer("mlflow", {"test": add_sample_ids(plain)}, output_dir, eval_strategy="no")
+            with pytest.raises(ActionScoresError, match="eval_strategy"):
+                hf.train()
+        assert client.list_artifacts(active.info.run_id) == []
+        assert not any(key.startswith("action_scores") for key in client.get_run(active.info.run_id).data.params)
+    with pytest.raises(ActionScoresError, match="unknown keys"):
+        ActionScoresCallback(["test"], media={"test": {"pictures": []}})

@@ -1,0 +1,193 @@
+"""PyTorch Lightning against the real MLflow server: the callback writes into the MLFlowLogger's run, the
+tables are whole, the scores are their sums, the panels come from recorded media; DDP with 2 processes."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.conftest import ROOT, in_process_training, run_command
+from tracking.analyze import analyze_run
+from tracking.backends import MLflowTracker, WandbTracker
+from tracking.errors import ActionScoresError
+from tracking.integrations.lightning import ActionScoresCallback
+from tracking.record import IndexedDataset
+from tracking.report.panels import read_panel_rows
+
+EPOCHS = 3
+TRAIN, TEST = 240, 60
+
+
+class TinyClassifier(pl.LightningModule):
+    """A linear model on 8x8 digits whose training_step hands over per-sample losses and ids (training pass)."""
+
+    def __init__(self, hand_over: str = "losses") -> None:
+        super().__init__()
+        self.hand_over = hand_over
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: dict, batch_idx: int) -> object:
+        losses = F.cross_entropy(self(batch["input"]), batch["target"], reduction="none")
+        self.log("train_loss", losses.mean(), on_epoch=True, on_step=False)
+        if self.hand_over == "scalar":
+            return {"loss": losses.mean(), "losses": losses.mean(), "sample_id": batch["sample_id"]}
+        if self.hand_over == "no ids":
+            return losses.mean()
+        return {"loss": losses.mean(), "losses": losses, "sample_id": batch["sample_id"]}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def _digits() -> tuple[TensorDataset, TensorDataset, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[: TRAIN + TEST] / 16 * 255).round().astype(np.uint8)
+    x = torch.tensor(images[:, None] / 255, dtype=torch.float32)
+    y = torch.tensor(digits.target[: TRAIN + TEST])
+    return TensorDataset(x[:TRAIN], y[:TRAIN]), TensorDataset(x[TRAIN:], y[TRAIN:]), images[TRAIN:], y[TRAIN:].numpy()
+
+
+def _fit(uri: str, module: TinyClassifier, callback: ActionScoresCallback, epochs: int = EPOCHS) -> MLFlowLogger:
+    train, _, _, _ = _digits()
+    logger = MLFlowLogger(experiment_name=f"lightning-{uuid.uuid4().hex[:8]}", tracking_uri=uri)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         log_every_n_steps=1)
+    torch.manual_seed(0)
+    with in_process_training(uri):
+        trainer.fit(module, DataLoader(IndexedDataset(train), batch_size=32, shuffle=True))
+    return logger
+
+
+def _tables(client: mlflow.MlflowClient, run_id: str, split: str, dst: Path) -> list[pd.DataFrame]:
+    folder = Path(client.download_artifacts(run_id, f"per_sample_losses/{split}", str(dst)))
+    return [pd.read_parquet(path) for path in sorted(folder.glob("epoch_*.parquet"))]
+
+
+@pytest.fixture(scope="module")
+def recorded(mlflow_server: str) -> tuple[str, TinyClassifier]:
+    """One Lightning run: the test split by the eval pass (with media), the train split by the training pass."""
+    _, test, test_images, test_labels = _digits()
+    module = TinyClassifier()
+    callback = ActionScoresCallback({"test": test}, train_split="train", batch_size=16,
+                                    media={"test": {"images": test_images, "labels": [str(y) for y in test_labels]}})
+    logger = _fit(mlflow_server, module, callback)
+    assert callback.run is not None and callback.run.run_id == logger.run_id
+    return logger.run_id, module
+
+
+def test_tables_are_whole_in_the_loggers_run_and_the_eval_pass_is_the_models_loss(
+        recorded: tuple[str, TinyClassifier], client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    run_id, module = recorded
+    run = client.get_run(run_id)
+    assert "train_loss_epoch" in run.data.metrics or "train_loss" in run.data.metrics  # Lightning's own metric
+    assert run.data.params["action_scores.scored_by.test"] == "eval"
+    assert run.data.params["action_scores.scored_by.train"] == "train"
+    for split, size in (("test", TEST), ("train", TRAIN)):
+        tables = _tables(client, run_id, split, tmp_path / split)
+        assert len(tables) == EPOCHS
+        for table in tables:
+            assert table["sample_id"].tolist() == list(range(size))
+            assert np.isfinite(table["loss"]).all()
+    # The last eval-pass table is the trained model's cross-entropy on the test set, sample by sample.
+    _, test, _, _ = _digits()
+    module.eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(module(test.tensors[0]), test.tensors[1], reduction="none").numpy()
+    last = _tables(client, run_id, "test", tmp_path / "again")[-1]
+    np.testing.assert_allclose(last["loss"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert last["target"].tolist() == test.tensors[1].tolist()
+
+
+def test_scores_are_the_sums_and_panels_come_from_media_alone(
+        recorded: tuple[str, TinyClassifier], mlflow_server: str, client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    run_id, _ = recorded
+    tables = _tables(client, run_id, "test", tmp_path / "tables")
+    action = np.sum([t["loss"].to_numpy(np.float64) for t in tables], axis=0)  # ids are 0..n-1 in every table
+    # No dataset param, no data on disk: the panels can only come from the recorded media.
+    result = analyze_run(MLflowTracker(mlflow_server), run_id, top_k=5)
+    assert result.status == "done"
+    scores = pd.read_parquet(client.download_artifacts(run_id, "action_scores/test/scores.parquet", str(tmp_path)))
+    np.testing.assert_allclose(scores.set_index("sample_id").sort_index()["action"].to_numpy(), action, rtol=1e-6)
+    hardest = np.lexsort((np.arange(TEST), -action))[:5].tolist()  # highest action first, ties by lower id
+    easiest = np.lexsort((np.arange(TEST), action))[:5].tolist()
+    for name, expected in (("hardest", hardest), ("easiest", easiest)):
+        panel = client.download_artifacts(run_id, f"action_scores/test/loss/{name}.png", str(tmp_path))
+        assert [i for row in read_panel_rows(panel) for i in row["sample_ids"]] == expected
+
+
+def test_ddp_two_processes_write_each_epoch_once_into_the_loggers_run(
+        tracking_env: dict[str, str], client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    experiment = f"lightning-ddp-{uuid.uuid4().hex[:8]}"
+    out = run_command([sys.executable, str(ROOT / "examples" / "lightning_example.py"), "--experiment", experiment,
+                       "--epochs", str(EPOCHS), "--devices", "2", "--strategy", "ddp", "--no-analyze"],
+                      dict(tracking_env, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"), cwd=tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1  # rank 1 opened nothing
+    run_id = runs[0].info.run_id
+    assert f"run {run_id} finished" in out.stdout
+    assert "train_loss_epoch" in runs[0].data.metrics or "train_loss" in runs[0].data.metrics
+    files = [f.path for f in client.list_artifacts(run_id, "per_sample_losses/test")]
+    assert files == [f"per_sample_losses/test/epoch_{e:04d}.parquet" for e in range(EPOCHS)]
+    for table in _tables(client, run_id, "test", tmp_path / "tables"):
+        assert table["sample_id"].tolist() == list(range(360))  # both ranks' shares, each sample once
+
+
+def test_wandb_logger_run_gets_the_tables(wandb_env: dict[str, str]) -> None:  # noqa: F811
+    _, test, _, _ = _digits()
+    train, _, _, _ = _digits()
+    logger = WandbLogger(project=wandb_env["WANDB_PROJECT"], offline=True)
+    callback = ActionScoresCallback({"test": test})
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyClassifier(), DataLoader(IndexedDataset(train), batch_size=64))
+    assert callback.run.run_id == logger.experiment.id  # the logger's own run
+    logger.experiment.finish()
+    tracker = WandbTracker()
+    tracker.attach(callback.run.target)
+    paths = tracker.list_files("per_sample_losses/test")
+    assert paths == [f"per_sample_losses/test/epoch_{e:04d}.parquet" for e in range(2)]
+    for path in paths:
+        table = pd.read_parquet(tracker.download(path, Path(wandb_env["WANDB_DIR"]) / "dl"))
+        assert table["sample_id"].tolist() == list(range(TEST))
+
+
+def test_bad_hand_over_is_an_error_that_writes_nothing(mlflow_server: str, client: mlflow.MlflowClient) -> None:
+    for hand_over, message in (("scalar", "scalar"), ("no ids", "sample_id")):
+        callback = ActionScoresCallback(train_split="train")
+        with pytest.raises(ActionScoresError, match=message):
+            _fit(mlflow_server, TinyClassifier(hand_over), callback, epochs=1)
+        run_id = callback.run.run_id
+        assert client.list_artifacts(run_id) == []
+        assert not any(key.startswith("action_scores") for key in client.get_run(run_id).data.params)
+
+
+def test_bad_media_and_arguments_fail_before_training(mlflow_server: str, client: mlflow.MlflowClient) -> None:
+    _, test, images, _ = _digits()
+    callback = ActionScoresCallback({"test": test}, media={"test": {"images": images / 255.0}})  # floats
+    with pytest.raises(ActionScoresError, match="uint8"):
+        _fit(mlflow_server, TinyClassifier(), callback, epochs=1)
+    assert client.list_artifacts(callback.run.run_id) == []
+    with pytest.raises(ActionScoresError, match="nothing to record"):
+        ActionScoresCallback()
+    with pytest.raises(ActionScoresError, match="pass the dataset itself"):
+        ActionScoresCallback({"test": DataLoader(test)})
+    with pytest.raises(ActionScoresError, match="not tracked"):
+        ActionScoresCallback({"test": test}, media={"val": {"images": images}})

@@ -1,0 +1,247 @@
+"""Hugging Face `transformers`: record each eval sample's loss at every evaluation of the `Trainer`.
+
+    from tracking.integrations.huggingface import ActionScoresTrainer, add_sample_ids
+    trainer = ActionScoresTrainer(model=model, args=TrainingArguments(..., eval_strategy="epoch", report_to="mlflow"),
+                                  train_dataset=train_set, eval_dataset={"test": add_sample_ids(test_set)},
+                                  processing_class=tokenizer)
+    trainer.train()
+
+Two pieces, each small:
+- `ActionScoresTrainer`, a `Trainer` that keeps the `sample_id` column through the removal of
+  unused columns, takes it out of the batch before the model sees it, and hands each eval
+  batch's ids, outputs and labels to its callback. The evaluation is the Trainer's own
+  (no second pass): with `eval_strategy="epoch"`, one table per epoch.
+- `ActionScoresCallback`, a `TrainerCallback` that writes the tables into the run of the
+  Trainer's `report_to="mlflow"` or `"wandb"` integration (or a run it opens) and records
+  each tracked split's texts once, so that the job draws text panels without the data.
+  The Trainer adds one with default settings if `callbacks` holds none.
+
+Sample ids are the positions in each eval dataset (`add_sample_ids`). The default loss is the
+cross-entropy of the model's `logits` against `labels` (`LossRecorder.update_classification`);
+`per_sample_loss(outputs, labels) -> unreduced losses` for any other.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tracking import contract
+from tracking.errors import ActionScoresError
+from tracking.integrations.session import (RecordedRun, RecordingSession, check_media, check_sample_ids,
+                                           join_mlflow, join_wandb, open_run)
+from tracking.record.recorder import LossRecorder, Losses
+
+log = logging.getLogger(__name__)
+SAMPLE_ID = contract.SAMPLE_ID
+LABELS = "labels"
+PerSampleLoss = Callable[[Any, torch.Tensor], Losses]
+
+
+class _WithSampleIds(Dataset):
+    """A dataset of dict items, each with its position added as `sample_id`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], SAMPLE_ID: index}
+
+
+def add_sample_ids(dataset: Any) -> Any:
+    """The dataset with a `sample_id` column (its positions): a `datasets.Dataset` gets a column,
+    any other dataset of dict items a light wrapper."""
+    if hasattr(dataset, "add_column"):
+        return dataset.add_column(SAMPLE_ID, list(range(len(dataset))))
+    return _WithSampleIds(dataset)
+
+
+def split_of(metric_key_prefix: str) -> str:
+    """The split an evaluation scores: `eval` for one eval dataset, `test` for `eval_dataset={"test": ...}`."""
+    return metric_key_prefix.removeprefix("eval_") or "eval"
+
+
+class ActionScoresCallback(TrainerCallback):
+    """Writes a table per tracked split at every evaluation during training, into the Trainer's run.
+
+    `splits`: names of the eval datasets to track (None: all). `per_sample_loss`: see the
+    module docstring. `media`: split -> keywords of `record_media`; by default each tracked
+    split's texts (its `text_field`, else its `input_ids` decoded by the Trainer's
+    tokenizer) with the label names of `model.config.id2label`. `tracker`, `experiment`: the
+    run to open when `report_to` has neither mlflow nor wandb.
+    """
+
+    def __init__(self, splits: Sequence[str] | None = None, *, per_sample_loss: PerSampleLoss | None = None,
+                 media: Mapping[str, Mapping[str, Any]] | None = None, text_field: str = "text",
+                 tracker: str = "mlflow", experiment: str | None = None) -> None:
+        self.splits = None if splits is None else [contract.check_name("split", s) for s in splits]
+        if self.splits is not None and not self.splits:
+            raise ActionScoresError("splits is empty: name at least one eval dataset, or pass None for all")
+        self.per_sample_loss = per_sample_loss
+        self.media = check_media(media, self.splits if self.splits is not None else list(media or {}))
+        self.text_field = text_field
+        self.tracker = tracker
+        self.experiment = experiment
+        self.sizes: dict[str, int] = {}  # tracked split -> number of samples, from `track`
+        self.session: RecordingSession | None = None
+        self.run: RecordedRun | None = None  # set on rank 0 when training starts: where the tables go
+        self.active: tuple[str, LossRecorder] | None = None  # the split being evaluated during training
+        self.evaluations: dict[str, int] = {}
+
+    # --- set up by ActionScoresTrainer ------------------------------------------------------------
+    def track(self, split: str, dataset: Any, tokenizer: Any, id2label: Mapping[int, str] | None) -> None:
+        """Check a tracked eval dataset's sample ids now, and prepare its default text media."""
+        if self.splits is not None and split not in self.splits:
+            return
+        contract.check_name("split", split)
+        size = len(dataset)
+        items = [dataset[index] for index in range(size)]
+        if size == 0 or not isinstance(items[0], Mapping) or SAMPLE_ID not in items[0]:
+            raise ActionScoresError(
+                f"eval dataset {split!r} has no {SAMPLE_ID!r} column: pass add_sample_ids(dataset) as the eval dataset"
+            )
+        check_sample_ids(split, np.asarray([item[SAMPLE_ID] for item in items]), size)
+        if LABELS not in items[0] and self.per_sample_loss is None:
+            raise ActionScoresError(f"eval dataset {split!r} has no {LABELS!r}: the per-sample loss needs them")
+        self.sizes[split] = size
+        if split not in self.media:
+            texts = self._texts(split, items, tokenizer)
+            if texts is not None:
+                order = np.argsort([item[SAMPLE_ID] for item in items])
+                names = ([str((id2label or {}).get(int(items[i][LABELS]), int(items[i][LABELS]))) for i in order]
+                         if LABELS in items[0] else None)
+                self.media[split] = {"texts": [texts[i] for i in order], "labels": names}
+
+    def _texts(self, split: str, items: list[Mapping[str, Any]], tokenizer: Any) -> list[str] | None:
+        if self.text_field in items[0]:
+            return [str(item[self.text_field]) for item in items]
+        if "input_ids" in items[0] and hasattr(tokenizer, "decode"):
+            return [tokenizer.decode(item["input_ids"], skip_special_tokens=True) for item in items]
+        log.warning("eval dataset %r: no %r field and no tokenizer to decode input_ids: no text panels",
+                    split, self.text_field)
+        return None
+
+    def begin_evaluation(self, split: str) -> LossRecorder | None:
+        """The recorder of `split` while the Trainer evaluates it during training; None when not tracked."""
+        if self.session is None or split not in self.sizes:
+            return None
+        recorder = self.session.recorder(split, self.sizes[split])
+        self.active = (split, recorder)
+        return recorder
+
+    def update(self, recorder: LossRecorder, sample_ids: torch.Tensor, outputs: Any, labels: torch.Tensor) -> None:
+        """Translate one eval batch: its ids, the model's outputs and the labels."""
+        if self.per_sample_loss is not None:
+            recorder.update(sample_ids, self.per_sample_loss(outputs, labels))
+        else:
+            recorder.update_classification(sample_ids, outputs["logits"], labels)
+
+    # --- when -------------------------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        if str(args.eval_strategy) in ("no", "IntervalStrategy.NO"):
+            raise ActionScoresError("ActionScoresCallback records at each evaluation, and eval_strategy is 'no': "
+                                    "set TrainingArguments(eval_strategy='epoch')")
+        missing = sorted(set(self.splits or []) - set(self.sizes))
+        if not self.sizes or missing:
+            raise ActionScoresError(f"no eval dataset for tracked splits {missing or '(any)'}: give the "
+                                    "ActionScoresTrainer eval_dataset={name: add_sample_ids(dataset)}")
+        check_media(self.media, self.sizes)  # media named for a split that has no eval dataset
+        self.session = RecordingSession(self._writer(args) if state.is_world_process_zero else None,
+                                        {split: "eval" for split in self.sizes}, self.media)
+        self.run = self.session.run
+        for split, size in self.sizes.items():  # media checked and encoded now, before the first epoch
+            self.session.recorder(split, size)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if self.session is None or self.active is None:
+            return
+        split, _ = self.active
+        self.active = None
+        epoch = self.evaluations.get(split, 0)
+        self.session.end_epoch(split, epoch)
+        self.evaluations[split] = epoch + 1
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    def _writer(self, args: TrainingArguments) -> Any:
+        """The run the Trainer's mlflow or wandb integration opened (it starts in its own on_train_begin,
+        which runs before this one), else a new run."""
+        report_to = args.report_to or []
+        if "mlflow" in report_to:
+            import mlflow
+
+            run = mlflow.active_run()
+            if run is None:
+                raise ActionScoresError("report_to has mlflow but no MLflow run is active: is "
+                                        "DISABLE_MLFLOW_INTEGRATION set?")
+            return join_mlflow(mlflow.get_tracking_uri(), run.info.run_id)
+        if "wandb" in report_to:
+            import wandb
+
+            if wandb.run is None:
+                raise ActionScoresError("report_to has wandb but no W&B run is active")
+            return join_wandb(wandb.run)
+        return open_run(self.tracker, self.experiment)
+
+
+class ActionScoresTrainer(Trainer):
+    """A `Trainer` whose batches keep `sample_id` and whose evaluations feed its `ActionScoresCallback`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, ActionScoresCallback)]
+        if not found:
+            found = [ActionScoresCallback()]
+            self.add_callback(found[0])
+        self.action_scores: ActionScoresCallback = found[0]
+        self._recording: LossRecorder | None = None
+        datasets = self.eval_dataset if isinstance(self.eval_dataset, Mapping) else (
+            {"eval": self.eval_dataset} if self.eval_dataset is not None else {})
+        id2label = getattr(getattr(self.model, "config", None), "id2label", None)
+        for name, dataset in datasets.items():  # ids checked now: nothing is trained or written before
+            self.action_scores.track(split_of(f"eval_{name}"), dataset, self.processing_class, id2label)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep `sample_id` when unused columns are removed (it is taken out again in `compute_loss`)."""
+        super()._set_signature_columns_if_needed()
+        if SAMPLE_ID not in self._signature_columns:
+            self._signature_columns.append(SAMPLE_ID)
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        chosen = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(chosen, Mapping):  # the Trainer calls back once per dataset, prefix eval_<name>
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        self._recording = self.action_scores.begin_evaluation(split_of(metric_key_prefix))
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._recording = None
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        sample_ids = inputs.pop(SAMPLE_ID, None)
+        recorder = self._recording if not model.training else None
+        if recorder is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if sample_ids is None:
+            raise ActionScoresError("an eval batch has no sample_id: pass add_sample_ids(dataset) as the eval dataset")
+        labels = inputs.get(LABELS)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        self.action_scores.update(recorder, sample_ids, outputs, labels)
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,215 @@
+"""PyTorch Lightning: record each sample's loss every epoch, with no change to the `LightningModule`.
+
+    from tracking.integrations.lightning import ActionScoresCallback
+    trainer = pl.Trainer(max_epochs=20, logger=MLFlowLogger(...),
+                         callbacks=[ActionScoresCallback({"test": test_set})])
+    trainer.fit(model, train_loader)
+
+Two ways to score a split (`tracking.record.recorder` explains both):
+- evaluation pass (default, the paper's): after every training epoch the callback runs each
+  tracked dataset through the module in eval mode, without gradients. Sample ids are the
+  positions in the dataset. By default an item is `(input, target)`, the module's forward
+  gives logits, and the loss is the cross-entropy (`LossRecorder.update_classification`);
+  any other loss: `per_sample_loss(module, batch) -> unreduced losses` (a tensor, or a dict
+  of parts).
+- training pass (`train_split="train"`): what `training_step` already computed, for free.
+  `training_step` returns a dict with `"loss"` (what Lightning optimises) and
+  `"sample_id"` (the batch's ids, e.g. from `tracking.IndexedDataset`), plus either
+  `"losses"` (the unreduced per-sample losses) or `"logits"` and `"target"` (cross-entropy).
+
+The tables go into the run of the trainer's `MLFlowLogger` or `WandbLogger`, beside
+Lightning's own metrics; without such a logger the callback opens a run of `tracker`
+(and ends it when fitting ends). Under DDP every rank scores its share of each dataset
+(a `DistributedSampler`) and rank 0 writes each epoch's table, whole, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+
+from tracking import contract
+from tracking.errors import ActionScoresError
+from tracking.integrations.session import RecordedRun, RecordingSession, check_media, join_mlflow, join_wandb, open_run
+from tracking.record.recorder import Losses
+
+PerSampleLoss = Callable[[pl.LightningModule, Any], Losses]
+# Keys of what `training_step` returns, for the training pass.
+IDS_KEY, LOSSES_KEY, LOGITS_KEY, TARGET_KEY = contract.SAMPLE_ID, "losses", "logits", "target"
+
+
+class _Positions(Dataset):
+    """`(position, item)` pairs: the sample id travels with the user's item, whatever its form."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+def _classification_loss(module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default evaluation: `(input, target)` batches, logits from the module's forward."""
+    inputs, targets = batch
+    return module(inputs), targets
+
+
+class ActionScoresCallback(pl.Callback):
+    """Records per-sample losses of the tracked splits every epoch into the trainer's run.
+
+    `eval_sets`: split name -> dataset, scored by an evaluation pass after each training
+    epoch (`batch_size`, `collate_fn` build its loader). `train_split`: the name under
+    which the training pass is recorded (None: not recorded); `train_size` its number of
+    samples (default: `len` of the training dataloader's dataset). `per_sample_loss`: see
+    the module docstring. `media`: split -> keywords of `LossRecorder.record_media`
+    (`images=`, `texts=` or `uris=`, `labels=`), recorded once so that panels need no data.
+    `tracker`, `experiment`: the run to open when the trainer has no MLflow or W&B logger.
+    """
+
+    def __init__(
+        self,
+        eval_sets: Mapping[str, Dataset] | None = None,
+        *,
+        train_split: str | None = None,
+        train_size: int | None = None,
+        per_sample_loss: PerSampleLoss | None = None,
+        batch_size: int = 256,
+        collate_fn: Callable[[list[Any]], Any] = default_collate,
+        media: Mapping[str, Mapping[str, Any]] | None = None,
+        tracker: str = "mlflow",
+        experiment: str | None = None,
+    ) -> None:
+        self.eval_sets = dict(eval_sets or {})
+        if not self.eval_sets and train_split is None:
+            raise ActionScoresError("nothing to record: give eval_sets={'test': dataset} and/or train_split='train'")
+        if train_split is not None and train_split in self.eval_sets:
+            raise ActionScoresError(f"split {train_split!r} is both an eval set and the training pass; rename one")
+        for split, dataset in self.eval_sets.items():
+            contract.check_name("split", split)
+            if isinstance(dataset, DataLoader) or not hasattr(dataset, "__len__"):
+                raise ActionScoresError(
+                    f"eval_sets[{split!r}] must be a map-style Dataset (with __len__), got {type(dataset).__name__}: "
+                    "pass the dataset itself, the callback builds the loader and numbers samples by position"
+                )
+        if train_size is not None and train_size <= 0:
+            raise ActionScoresError(f"train_size must be positive, got {train_size}")
+        if batch_size <= 0:
+            raise ActionScoresError(f"batch_size must be positive, got {batch_size}")
+        self.train_split = contract.check_name("split", train_split) if train_split is not None else None
+        self.train_size = train_size
+        self.per_sample_loss = per_sample_loss
+        self.batch_size = batch_size
+        self.collate_fn = collate_fn
+        self.media = check_media(media, [*self.eval_sets, *([train_split] if train_split else [])])
+        self.tracker = tracker
+        self.experiment = experiment
+        self.session: RecordingSession | None = None
+        self.run: RecordedRun | None = None  # set on rank 0 when training starts: where the tables go
+
+    # --- when ---------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        scored_by = {**{split: "eval" for split in self.eval_sets},
+                     **({self.train_split: "train"} if self.train_split else {})}
+        self.session = RecordingSession(self._writer(trainer) if trainer.is_global_zero else None, scored_by,
+                                        self.media)
+        self.run = self.session.run
+        for split, dataset in self.eval_sets.items():  # media checked now, before the first epoch
+            self.session.recorder(split, len(dataset))  # type: ignore[arg-type]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.train_split is not None:
+            self._record_training_step(trainer, outputs)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        session = self._session()
+        if self.train_split in session.recorders:  # the training pass recorded this epoch's batches
+            session.end_epoch(self.train_split, trainer.current_epoch)
+        for split, dataset in self.eval_sets.items():
+            self._evaluate(trainer, pl_module, split, dataset)
+            session.end_epoch(split, trainer.current_epoch)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._session().close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.session is not None:
+            self.session.close(failed=True)
+
+    # --- how ----------------------------------------------------------------------------------
+    def _session(self) -> RecordingSession:
+        if self.session is None:
+            raise ActionScoresError("ActionScoresCallback used outside trainer.fit()")
+        return self.session
+
+    @staticmethod
+    def _framework_logger(trainer: pl.Trainer) -> Any:
+        """The trainer's first MLflow or W&B logger, whose run receives the tables; None if it has neither."""
+        from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
+
+        return next((lg for lg in trainer.loggers if isinstance(lg, (MLFlowLogger, WandbLogger))), None)
+
+    def _writer(self, trainer: pl.Trainer) -> Any:
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        logger = self._framework_logger(trainer)
+        if logger is None:
+            return open_run(self.tracker, self.experiment)
+        if isinstance(logger, MLFlowLogger):
+            return join_mlflow(logger.experiment.tracking_uri, logger.run_id)
+        return join_wandb(logger.experiment)
+
+    def _record_training_step(self, trainer: pl.Trainer, outputs: Any) -> None:
+        """Translate what `training_step` returned into one `update` of the training pass."""
+        assert self.train_split is not None
+        if not isinstance(outputs, Mapping) or IDS_KEY not in outputs:
+            got = f"keys {sorted(outputs)}" if isinstance(outputs, Mapping) else type(outputs).__name__
+            raise ActionScoresError(
+                f"training pass of split {self.train_split!r}: training_step must return a dict with "
+                f"{IDS_KEY!r} (the batch's sample ids: wrap the dataset in tracking.IndexedDataset) and "
+                f"{LOSSES_KEY!r} (unreduced per-sample losses) or {LOGITS_KEY!r} and {TARGET_KEY!r}; got {got}"
+            )
+        size = self.train_size or len(trainer.train_dataloader.dataset)  # type: ignore[union-attr]
+        recorder = self._session().recorder(self.train_split, size)
+        if LOSSES_KEY in outputs:
+            recorder.update(outputs[IDS_KEY], outputs[LOSSES_KEY])
+        elif LOGITS_KEY in outputs and TARGET_KEY in outputs:
+            recorder.update_classification(outputs[IDS_KEY], outputs[LOGITS_KEY], outputs[TARGET_KEY])
+        else:
+            raise ActionScoresError(
+                f"training pass of split {self.train_split!r}: training_step returned keys {sorted(outputs)}; "
+                f"add {LOSSES_KEY!r} (per-sample losses, reduction='none') or {LOGITS_KEY!r} and {TARGET_KEY!r}"
+            )
+
+    def _loader(self, trainer: pl.Trainer, dataset: Dataset) -> DataLoader:
+        """Positions and items in order; under DDP each rank gets its share (padded: the recorder keeps firsts)."""
+        positions = _Positions(dataset)
+        sampler = (DistributedSampler(positions, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                      shuffle=False) if trainer.world_size > 1 else None)
+        return DataLoader(positions, batch_size=self.batch_size, sampler=sampler,
+                          collate_fn=lambda pairs: (torch.tensor([i for i, _ in pairs]),
+                                                    self.collate_fn([item for _, item in pairs])))
+
+    def _evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, split: str, dataset: Dataset) -> None:
+        """One evaluation pass over a tracked dataset, in eval mode without gradients, every batch recorded."""
+        recorder = self._session().recorder(split, len(dataset))  # type: ignore[arg-type]
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                for sample_ids, batch in self._loader(trainer, dataset):
+                    batch = trainer.strategy.batch_to_device(batch)
+                    if self.per_sample_loss is None:
+                        logits, targets = _classification_loss(module, batch)
+                        recorder.update_classification(sample_ids, logits, targets)
+                    else:
+                        recorder.update(sample_ids, self.per_sample_loss(module, batch))
+        finally:
+            module.train(was_training)

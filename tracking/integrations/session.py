@@ -1,0 +1,187 @@
+"""What every framework callback shares: the run, one `LossRecorder` per tracked split, media once.
+
+The callbacks in this package only translate their framework's events into calls here
+(STYLE.md: keep hooks thin). A session writes into the run the framework's own logger
+opened (`join_mlflow`, `join_wandb`), so the tables sit beside the framework's metrics,
+or opens a run of its own (`open_run`) and closes it again. Under several processes only
+rank 0 has a writer; every rank records its share and `end_epoch` gathers the shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tracking import contract
+from tracking.backends import MLflowTracker, RunWriter, WandbTracker, make_tracker
+from tracking.errors import ActionScoresError, preview
+from tracking.record.media import MediaSummary, record_media
+from tracking.record.recorder import LossRecorder
+
+if TYPE_CHECKING:
+    from tracking.analyze import AnalysisResult
+
+MEDIA_KEYS = frozenset({"images", "texts", "uris", "labels", "max_bytes"})  # keywords of `record_media`
+
+
+class _JoinedWandbRun(WandbTracker):
+    """A W&B run the user's framework opened: written into, never finished here (its owner finishes it)."""
+
+    def __init__(self, run: Any) -> None:
+        offline = run.settings.mode in ("offline", "dryrun")  # Lightning's WandbLogger(offline=True) says dryrun
+        super().__init__(project=run.project, mode="offline" if offline else run.settings.mode)
+        self._live = run
+        self._run_id = run.id
+
+    def finish(self, failed: bool = False) -> None:
+        self._live = None
+
+
+def join_mlflow(tracking_uri: str, run_id: str) -> MLflowTracker:
+    """A writer into an MLflow run someone else opened and will end (Lightning's `MLFlowLogger`,
+    the Trainer's `report_to="mlflow"`): its `finish` waits for the queued tables, and leaves the run open."""
+    writer = MLflowTracker(tracking_uri)
+    writer.attach(run_id)
+    return writer
+
+
+def join_wandb(run: Any) -> RunWriter:
+    """A writer into a live `wandb` run someone else opened and will finish."""
+    return _JoinedWandbRun(run)
+
+
+def open_run(tracker: str, experiment: str | None) -> RunWriter:
+    """A new run of the named backend (`mlflow`, `wandb`, `both`), for a framework without a logger;
+    for `mlflow` or `wandb`, the run this process already has active (`with mlflow.start_run():`,
+    `wandb.init()`), if any, so that the tables join the user's own metrics."""
+    if tracker == MLflowTracker.name:
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None:
+            return join_mlflow(mlflow.get_tracking_uri(), active.info.run_id)
+    if tracker == WandbTracker.name:
+        import wandb
+
+        if wandb.run is not None:
+            return join_wandb(wandb.run)
+    writer = make_tracker(tracker)
+    writer.start(experiment=experiment or None)
+    return writer
+
+
+def check_media(media: Mapping[str, Mapping[str, Any]] | None, splits: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """`media` maps a tracked split to the keywords of `record_media` (images, texts or uris, labels)."""
+    media = dict(media or {})
+    unknown = sorted(set(media) - set(splits))
+    if unknown:
+        raise ActionScoresError(f"media given for splits {unknown} that are not tracked; tracked: {sorted(splits)}")
+    for split, keywords in media.items():
+        bad = sorted(set(keywords) - MEDIA_KEYS)
+        if bad:
+            raise ActionScoresError(f"media[{split!r}]: unknown keys {bad}; use {sorted(MEDIA_KEYS)}")
+    return {split: dict(keywords) for split, keywords in media.items()}
+
+
+def check_sample_ids(split: str, sample_ids: Sequence[int] | np.ndarray, num_samples: int) -> None:
+    """A tracked dataset's ids must be 0..n-1, each once: the tables are keyed by them across epochs."""
+    ids = np.asarray(sample_ids)
+    if ids.shape != (num_samples,) or not np.issubdtype(ids.dtype, np.integer):
+        raise ActionScoresError(f"split {split!r}: expected {num_samples} integer sample ids, got shape {ids.shape} "
+                                f"of {ids.dtype}")
+    unique, counts = np.unique(ids, return_counts=True)
+    repeated = unique[counts > 1]
+    missing = np.setdiff1d(np.arange(num_samples), unique)
+    if repeated.size or missing.size:
+        raise ActionScoresError(
+            f"split {split!r}: sample ids must be 0..{num_samples - 1}, each once (the position in the dataset); "
+            f"repeated: {preview(repeated)}, missing: {preview(missing)}. Number the samples by position"
+        )
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """Where a session's tables went: what `tracking.analyze.analyze_run` needs to find the run again."""
+
+    backend: str  # a name of `tracking.backends.TRACKERS`: "mlflow" or "wandb"
+    run_id: str
+    target: str  # what `Tracker.attach` takes: the MLflow run id, or the W&B offline run folder
+
+    @classmethod
+    def of(cls, writer: RunWriter) -> RecordedRun:
+        first = getattr(writer, "trackers", [writer])[0]  # `both`: the MLflow run, as the job reads it
+        folder = getattr(first, "offline_folder", None)
+        return cls(first.name, first.run_id, str(folder) if folder is not None else first.run_id)
+
+    def analyze(self, **options: Any) -> tuple[AnalysisResult, str]:
+        """The post-hoc job on this run, now (at the end of a script; `action-scores analyze` later works as
+        well): its result, and where the panels are. `options`: those of `tracking.analyze.analyze_run`."""
+        from tracking.analyze import analyze_run
+
+        tracker = make_tracker(self.backend)
+        result = analyze_run(tracker, self.target, **options)
+        return result, tracker.artifact_uri(contract.SCORES_DIR)
+
+
+class RecordingSession:
+    """One run and the recorders of its tracked splits, for the length of one training.
+
+    `writer` is None on ranks other than 0 (they record and gather, rank 0 writes).
+    `close` ends the run only if the session opened it (`open_run`); a joined run
+    (`join_mlflow`, `join_wandb`) is left to the framework that opened it.
+    `scored_by`: split -> "eval" or "train", logged as `action_scores.scored_by.<split>`.
+
+    Nothing reaches the run before a split's first table has passed its checks: media is
+    checked and encoded when a split is first seen, and handed over with the params after
+    that table, so a bad loss, bad ids or bad media leave the run as it was.
+    """
+
+    def __init__(self, writer: RunWriter | None, scored_by: Mapping[str, str],
+                 media: Mapping[str, Mapping[str, Any]]) -> None:
+        self.writer = writer
+        self.run = RecordedRun.of(writer) if writer is not None else None
+        self.scored_by = dict(scored_by)
+        self.media = dict(media)
+        self.recorders: dict[str, LossRecorder] = {}
+        self._pending_media: dict[str, MediaSummary] = {}
+        self._params_logged = False
+
+    def recorder(self, split: str, num_samples: int) -> LossRecorder:
+        """The split's recorder, made on first use (its media is checked and encoded then, on rank 0)."""
+        recorder = self.recorders.get(split)
+        if recorder is None:
+            recorder = LossRecorder(split, num_samples, tracker=self.writer)
+            if split in self.media and self.writer is not None:
+                self._pending_media[split] = record_media(None, split, np.arange(num_samples), **self.media[split],
+                                                          local_dir=self.writer.spool_dir)
+            self.recorders[split] = recorder
+        elif recorder.num_samples != num_samples:
+            raise ActionScoresError(f"split {split!r} had {recorder.num_samples} samples, now {num_samples}: "
+                                    "track one fixed dataset per split")
+        return recorder
+
+    def end_epoch(self, split: str, epoch: int) -> None:
+        """Write the split's table of `epoch` (rank 0, after gathering every rank's share); after the
+        first table also the params and the split's media."""
+        self.recorders[split].end_epoch(epoch)
+        if self.writer is None:
+            return
+        if not self._params_logged:
+            self.writer.log_params({f"action_scores.scored_by.{name}": how for name, how in self.scored_by.items()})
+            self._params_logged = True
+        media = self._pending_media.pop(split, None)
+        if media is not None and media.path is not None:
+            self.writer.upload_later(media.path, contract.media_dir(split))
+
+    def close(self, failed: bool = False) -> None:
+        """Wait for the queued tables; end the run only if this session opened it."""
+        if self.writer is not None:
+            self.writer.finish(failed=failed)
+            self.writer = None
+
+
+__all__ = ["RecordedRun", "RecordingSession", "check_media", "check_sample_ids", "join_mlflow", "join_wandb",
+           "open_run"]
