@@ -254,6 +254,20 @@ def test_log_metrics_with_steps(mlflow_run: MLflowTracker, client: mlflow.Mlflow
     assert [(m.step, m.value) for m in client.get_metric_history(mlflow_run.run_id, "final")] == [(0, 7.0)]
 
 
+def test_ui_url_opens_the_file_in_the_model_training_view(mlflow_run: MLflowTracker,
+                                                           client: mlflow.MlflowClient) -> None:
+    experiment_id = client.get_run(mlflow_run.run_id).info.experiment_id
+    assert mlflow_run.ui_url("action_scores/test/loss/hardest.png") == (
+        f"{mlflow_run.tracking_uri}/#/experiments/{experiment_id}/runs/{mlflow_run.run_id}"
+        "/artifacts/action_scores/test/loss/hardest.png?workflowType=machine_learning")
+
+
+def test_ui_url_is_none_without_a_server(tmp_path: Path) -> None:
+    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker._run_id = "0" * 32  # no request is made for a URI without a UI
+    assert tracker.ui_url("action_scores/test/loss/hardest.png") is None
+
+
 def test_find_runs_of_an_unknown_experiment_is_a_clear_error(mlflow_server: str) -> None:
     tracker = MLflowTracker(mlflow_server)
     with pytest.raises(ActionScoresError, match=rf"no experiment named 'no-such-experiment-x1' at tracking URI {mlflow_server}"):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import spearmanr
 
-from tests.test_analyze_errors import _random_epochs
+from tests.test_analyze import _random_epochs
 from tracking.analyze import analyze_run
 from tracking.backends import TRACKERS, WandbTracker
 from tracking.backends.wandb_backend import OfflineRun

@@ -241,6 +241,8 @@ def _analyze(args: argparse.Namespace) -> int:
         if overview:
             tracker.attach(result.run_id)
             print("  panels:\n" + "\n".join(f"    {tracker.artifact_uri(p)}" for p in overview))
+            if link := tracker.ui_url(overview[0]):
+                print(f"  open in the MLflow UI: {link}")
     return 1 if any(r.status == "failed" for r in results) else 0
 
 

@@ -146,6 +146,10 @@ class RunReader(_Run, ABC):
     def artifact_uri(self, artifact_path: str) -> str:
         """Where a file of the run can be found, for telling the user."""
 
+    def ui_url(self, artifact_path: str) -> str | None:
+        """A link that opens the file in the backend's web UI, or None where there is no UI to open."""
+        return None
+
 
 class Tracker(RunWriter, RunReader):
     """One backend: a run written during training and read (then written back) by the job."""

@@ -88,3 +88,6 @@ class FanOutTracker(Tracker):
 
     def artifact_uri(self, artifact_path: str) -> str:
         return self.trackers[0].artifact_uri(artifact_path)
+
+    def ui_url(self, artifact_path: str) -> str | None:
+        return self.trackers[0].ui_url(artifact_path)

@@ -296,3 +296,12 @@ class MLflowTracker(Tracker):
 
     def artifact_uri(self, artifact_path: str) -> str:
         return f"{self._client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+
+    def ui_url(self, artifact_path: str) -> str | None:
+        """The file in the run's artifact view of the MLflow UI, for a server URI. The link selects the
+        model-training view (`workflowType`), which MLflow 3.17's UI does not take from the experiment's kind."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        experiment_id = self._client.get_run(self.run_id).info.experiment_id
+        return (f"{redact(self.tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id}"
+                f"/artifacts/{artifact_path}?workflowType=machine_learning")
