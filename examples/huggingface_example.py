@@ -99,10 +99,7 @@ def main() -> None:
         import wandb
 
         wandb.finish()  # the job resumes the run
-    result, panels = run.analyze()
-    print(f"analysed run {run.run_id}: {result.status}; panels under {panels}:")
-    for panel in result.panels:
-        print(f"    {panel}")
+    run.analyze()  # action-scores: the post-hoc job, as `action-scores analyze` runs it
 
 
 if __name__ == "__main__":

@@ -228,6 +228,21 @@ def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | 
     return result
 
 
+def describe(result: AnalysisResult, tracker: Tracker) -> str:
+    """What a user reads after a job: the run's status and splits, and where its hardest and easiest panels are
+    (with a link into the tracker's UI where it has one)."""
+    splits = ", ".join(f"{s}: {n} samples x {result.epochs[s]} epochs" for s, n in result.samples.items())
+    lines = [f"run {result.run_id}: {result.status}" + (f" ({splits})" if splits else "")
+             + (f" - {result.message}" if result.message else "")]
+    overview = [p for p in result.panels if p.endswith(("/hardest.png", "/easiest.png"))]
+    if overview:
+        tracker.attach(result.run_id)
+        lines += ["  panels:", *(f"    {tracker.artifact_uri(p)}" for p in overview)]
+        if link := tracker.ui_url(overview[0]):
+            lines.append(f"  open in the MLflow UI: {link}")
+    return "\n".join(lines)
+
+
 def analyze_experiment(tracker: Tracker, experiment: str, **options: object) -> list[AnalysisResult]:
     """Analyse every finished run of `experiment` that has per-sample tables and needs it.
 

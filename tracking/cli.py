@@ -216,7 +216,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from tracking.analyze import analyze_experiment, analyze_run
+    from tracking.analyze import analyze_experiment, analyze_run, describe
     from tracking.backends import WandbTracker
 
     targets = [args.run_id, args.experiment, args.wandb_run, args.wandb_dir]
@@ -234,15 +234,7 @@ def _analyze(args: argparse.Namespace) -> int:
         if not results:
             print(f"experiment {args.experiment!r}: no finished run has per-sample tables")
     for result in results:
-        splits = ", ".join(f"{s}: {n} samples x {result.epochs[s]} epochs" for s, n in result.samples.items())
-        print(f"run {result.run_id}: {result.status}" + (f" ({splits})" if splits else "")
-              + (f" - {result.message}" if result.message else ""))
-        overview = [p for p in result.panels if p.endswith(("/hardest.png", "/easiest.png"))]
-        if overview:
-            tracker.attach(result.run_id)
-            print("  panels:\n" + "\n".join(f"    {tracker.artifact_uri(p)}" for p in overview))
-            if link := tracker.ui_url(overview[0]):
-                print(f"  open in the MLflow UI: {link}")
+        print(describe(result, tracker))
     return 1 if any(r.status == "failed" for r in results) else 0
 
 

@@ -116,14 +116,16 @@ class RecordedRun:
         folder = getattr(first, "offline_folder", None)
         return cls(first.name, first.run_id, str(folder) if folder is not None else first.run_id)
 
-    def analyze(self, **options: Any) -> tuple[AnalysisResult, str]:
+    def analyze(self, **options: Any) -> AnalysisResult:
         """The post-hoc job on this run, now (at the end of a script; `action-scores analyze` later works as
-        well): its result, and where the panels are. `options`: those of `tracking.analyze.analyze_run`."""
-        from tracking.analyze import analyze_run
+        well), printing what the command prints: status, splits, where the panels are.
+        `options`: those of `tracking.analyze.analyze_run`."""
+        from tracking.analyze import analyze_run, describe
 
         tracker = make_tracker(self.backend)
         result = analyze_run(tracker, self.target, **options)
-        return result, tracker.artifact_uri(contract.SCORES_DIR)
+        print(describe(result, tracker))
+        return result
 
 
 class RecordingSession:
