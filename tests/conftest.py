@@ -89,6 +89,18 @@ def local_mlflow_server(root: Path) -> Iterator[str]:
         stop_server(process)
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_environment_kept() -> Iterator[None]:
+    """Put back MLflow's run and experiment variables after every test: `mlflow.set_experiment` exports
+    the active experiment into the environment, where a later test's `mlflow run` subprocess would
+    take it (and refuse `--experiment-name` beside it)."""
+    from tracking.backends import patched_environ
+
+    keys = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+    with patched_environ({key: os.environ.get(key) for key in keys}):
+        yield
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URI of a real tracking server: sqlite backend, served artifact store in a temp dir."""
