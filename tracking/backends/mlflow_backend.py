@@ -66,6 +66,7 @@ class MLflowTracker(Tracker):
         self._started = False
         self._uploader: Uploader | None = None
         self._repository: tuple[str, Any] | None = None  # (run id, its artifact store), see _artifact_repository
+        self._info: Any = None  # the RunInfo of the run last started or attached, see _run_info
         self.left_behind = ""  # what `finish` said about writes the server did not take in time
 
     @property
@@ -81,7 +82,7 @@ class MLflowTracker(Tracker):
             self._create_training_experiment(experiment)
             mlflow.set_experiment(experiment)
         run = mlflow.start_run(run_name=run_name)
-        self._run_id = run.info.run_id
+        self._run_id, self._info = run.info.run_id, run.info
         self._started = True
         return self._run_id
 
@@ -101,7 +102,7 @@ class MLflowTracker(Tracker):
         from mlflow.exceptions import MlflowException
 
         try:
-            self._client.get_run(run_id)
+            info = self._client.get_run(run_id).info
         except MlflowException as error:
             if error.error_code == "UNAUTHENTICATED":
                 raise ActionScoresError(
@@ -112,7 +113,7 @@ class MLflowTracker(Tracker):
                 f"run {run_id!r} not found at tracking URI {redact(self.tracking_uri)} "
                 f"({error.error_code})"
             ) from None
-        self._run_id = run_id
+        self._run_id, self._info = run_id, info
 
     def finish(self, failed: bool = False) -> None:
         """Wait (bounded) for queued writes, then end the run.
@@ -262,6 +263,13 @@ class MLflowTracker(Tracker):
                 (pending if info.is_dir else files).append(info.path)
         return sorted(files)
 
+    def _run_info(self) -> Any:
+        """The run's info, fetched once per run: the job asks for its artifact root and experiment once per
+        panel it names, and neither changes (status does: read it from the server, not from here)."""
+        if self._info is None or self._info.run_id != self.run_id:
+            self._info = self._client.get_run(self.run_id).info
+        return self._info
+
     def _artifact_repository(self) -> Any:
         """The run's artifact store, resolved once per run: `client.download_artifacts` resolves
         it again for every file (three tracking requests per file before the one that fetches)."""
@@ -269,8 +277,8 @@ class MLflowTracker(Tracker):
 
         cached = self._repository
         if cached is None or cached[0] != self.run_id:
-            uri = self._client.get_run(self.run_id).info.artifact_uri
-            cached = (self.run_id, get_artifact_repository(uri, tracking_uri=self.tracking_uri))
+            repository = get_artifact_repository(self._run_info().artifact_uri, tracking_uri=self.tracking_uri)
+            cached = (self.run_id, repository)
             self._repository = cached
         return cached[1]
 
@@ -295,13 +303,13 @@ class MLflowTracker(Tracker):
         return [run.info.run_id for run in runs]
 
     def artifact_uri(self, artifact_path: str) -> str:
-        return f"{self._client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        return f"{self._run_info().artifact_uri}/{artifact_path}"
 
     def ui_url(self, artifact_path: str) -> str | None:
         """The file in the run's artifact view of the MLflow UI, for a server URI. The link selects the
         model-training view (`workflowType`), which MLflow 3.17's UI does not take from the experiment's kind."""
         if not self.tracking_uri.startswith(("http://", "https://")):
             return None
-        experiment_id = self._client.get_run(self.run_id).info.experiment_id
+        experiment_id = self._run_info().experiment_id
         return (f"{redact(self.tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id}"
                 f"/artifacts/{artifact_path}?workflowType=machine_learning")
