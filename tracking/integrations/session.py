@@ -9,6 +9,7 @@ rank 0 has a writer; every rank records its share and `end_epoch` gathers the sh
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,10 @@ from tracking.record.recorder import LossRecorder
 if TYPE_CHECKING:
     from tracking.analyze import AnalysisResult
 
-MEDIA_KEYS = frozenset({"images", "texts", "uris", "labels", "max_bytes"})  # keywords of `record_media`
+# What a callback's `media={split: {...}}` may hold: the keywords of `record_media`, read from its signature so the
+# two never drift apart, less `local_dir`, which the session sets itself.
+MEDIA_KEYS = frozenset(name for name, parameter in inspect.signature(record_media).parameters.items()
+                       if parameter.kind is inspect.Parameter.KEYWORD_ONLY) - {"local_dir"}
 
 
 class _JoinedWandbRun(WandbTracker):
