@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
+from tracking.record.png import encode_pngs
 
 if TYPE_CHECKING:
     from tracking.backends.base import RunWriter
@@ -152,6 +153,14 @@ def encode_png(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
     return buffer.getvalue()
 
 
+def _encode_all(pictures: list[np.ndarray]) -> list[bytes]:
+    """PNGs of the checked pictures: same-size small ones together (`tracking.record.png`), others one by one."""
+    shapes = {picture.shape for picture in pictures}
+    if len(shapes) == 1 and max(next(iter(shapes))[:2]) <= THUMBNAIL_SIDE:
+        return encode_pngs(np.stack(pictures))
+    return [encode_png(pixels) for pixels in pictures]
+
+
 def _write(table: pa.Table, folder: Path) -> Path:
     """Write atomically, so a re-recorded split never uploads half a table."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -191,7 +200,7 @@ def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, label
     text_list: list[str | None] = [None] * size
     if images is not None:
         kind = "image"
-        pngs = [encode_png(pixels) for pixels in _split_images(images, size)]
+        pngs = _encode_all(_split_images(images, size))
         payload = sum(len(png) for png in pngs)
     elif texts is not None:
         kind = "text"
