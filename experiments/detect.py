@@ -73,6 +73,19 @@ class DetectionStep:
         return {f"{self.metric_name}_map_50": result}
 
 
+def check_batches_train(model: nn.Module, train_size: int, batch_size: int) -> None:
+    """Refuse a last training batch of one image for a model with BatchNorm (SSDlite): its 1x1
+    feature maps would hold one value per channel, which BatchNorm cannot normalise in training."""
+    if not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
+        return
+    share = -(-train_size // int(os.environ.get("WORLD_SIZE", "1")))  # DistributedSampler's per-rank share
+    if share % batch_size == 1:
+        raise ActionScoresError(
+            f"the last training batch would hold a single image ({share} training images, batch size {batch_size}), "
+            "which the model's BatchNorm cannot train on; change --batch-size or --limit by one"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digit-scenes", choices=sorted(DETECTION_DATASETS))
@@ -96,20 +109,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     model_name = args.model or DEFAULT_MODEL[args.dataset]
     model = detector(model_name, num_classes, args.image_size, args.weights).to(device)
     eval_splits = [split for split, scored_by in tracked_passes.items() if scored_by == "eval"]
+    datasets = {name: Subset(split.dataset, range(min(args.limit, len(split.dataset)))) if args.limit
+                else split.dataset for name, split in splits.items()}
+    check_batches_train(model, len(datasets["train"]), args.batch_size)
     step = DetectionStep(eval_splits[0] if len(eval_splits) == 1 else None)
     train_and_record(
-        tracker=partial(make_tracker, args.tracker), experiment=args.experiment or None, run_name=f"detect-{args.dataset}-{model_name}",
+        tracker=partial(make_tracker, args.tracker), experiment=args.experiment or None,
+        run_name=f"detect-{args.dataset}-{model_name}",
         params={
-            "dataset": args.dataset, "data_root": args.data_root, "model": model_name, "image_size": model.transform.fixed_size[0],
-            "weights": args.weights,
+            "dataset": args.dataset, "data_root": args.data_root, "model": model_name,
+            "image_size": model.transform.fixed_size[0], "weights": args.weights,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "track": args.track, "limit": args.limit, "optimizer": "adam", "device": device.type,
             contract.TASK_PARAM: "detection", contract.DATASET_PARAM: args.dataset,
             contract.DATA_ROOT_PARAM: data_root or "",
         },
         model=model, step=step, optimizer=torch.optim.Adam(model.parameters(), lr=args.lr),
-        datasets={name: Subset(split.dataset, range(min(args.limit, len(split.dataset)))) if args.limit
-                  else split.dataset for name, split in splits.items()},
+        datasets=datasets,
         tracked_passes=tracked_passes,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device,
         collate_fn=detection_collate, num_workers=args.num_workers, save_model=args.save_model,
