@@ -111,7 +111,8 @@ def main() -> None:
         wall = timedelta(seconds=round((run.info.end_time - run.info.start_time) / 1000))
         map_50 = run.data.metrics.get(f"{args.split}_map_50")
         lines = [
-            f"run `{args.run_id}`: {params.get('model')} at {params.get('image_size')} px on {params['dataset']}, "
+            f"run `{args.run_id}`: {params.get('detector', params.get('model'))} at "
+            f"{params.get('input_size', params.get('image_size'))} px on {params['dataset']}, "
             f"{scores['epochs'].iloc[0]} epochs, {len(scores)} {args.split} images scored (limit "
             f"{params.get('limit')} per split), batch {params.get('batch_size')}, wall {wall}, last "
             f"{args.split} mAP@0.5 {map_50 if map_50 is None else f'{map_50:.3f}'}",

@@ -117,8 +117,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         tracker=partial(make_tracker, args.tracker), experiment=args.experiment or None,
         run_name=f"detect-{args.dataset}-{model_name}",
         params={
-            "dataset": args.dataset, "data_root": args.data_root, "model": model_name,
-            "image_size": model.transform.fixed_size[0], "weights": args.weights,
+            "dataset": args.dataset, "data_root": args.data_root, "model": args.model, "image_size": args.image_size,
+            # what "" and 0 resolved to (`mlflow run` logs the entry point's own values under the names above)
+            "detector": model_name, "input_size": model.transform.fixed_size[0], "weights": args.weights,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "track": args.track, "limit": args.limit, "optimizer": "adam", "device": device.type,
             contract.TASK_PARAM: "detection", contract.DATASET_PARAM: args.dataset,

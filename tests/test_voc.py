@@ -109,8 +109,8 @@ def test_voc_detect_entry_point_records_three_parts_and_draws_boxed_panels_in_sc
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(run_id)
     # voc2007's default model, at the asked size, on the first 4 images of each split.
-    assert {k: run.data.params[k] for k in ("model", "image_size", "limit")} == {
-        "model": "ssdlite", "image_size": "64", "limit": "4"}
+    assert {k: run.data.params[k] for k in ("detector", "input_size", "limit")} == {
+        "detector": "ssdlite", "input_size": "64", "limit": "4"}
     maps = client.get_metric_history(run_id, "val_map_50")
     assert [m.step for m in maps] == [0, 1] and all(0 <= m.value <= 1 for m in maps)
 
