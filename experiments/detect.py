@@ -1,12 +1,15 @@
 """Train an SSD detector and record every image's loss parts (loc, pos, neg) each epoch.
 
     mlflow run . -e detect --env-manager local                          # tiny SSD on digit-scenes, no download
+    python -m experiments.detect --dataset voc2007 --data-root /tmp/data/voc             # SSDlite, from scratch
     python -m experiments.detect --dataset voc2007 --data-root /tmp/data/voc --model ssd300 --epochs 10
 
 Writes to the run: per_sample_losses/<split>/epoch_EEEE.parquet every epoch with
 `loss` (= loss_loc + loss_pos + loss_neg, the objective the optimiser minimises, per
-image) and `num_objects`; then `action-scores analyze --run-id <id>` gives an action per
-part and box-drawn panels. Parts are normalised per image (see tracking/ssd.py).
+image) and `num_objects`, and the metric `val_map_50` (mAP at IoU 0.5 of the tracked val
+eval pass's detections, COCO-style via torchmetrics and pycocotools); then
+`action-scores analyze --run-id <id>` gives an action per part and box-drawn panels.
+Parts are normalised per image (see experiments/ssd_loss.py).
 """
 
 from __future__ import annotations
@@ -22,29 +25,76 @@ from torch import nn
 from torch.utils.data import Subset
 
 from experiments.loop import StepOutput, add_experiment_arguments, parse_track, train_and_record
-from experiments.models import ssd300, tiny_ssd
+from experiments.models import DETECTORS, detector
 from tracking import contract
 from tracking.record import distributed
 from experiments.detection_data import DETECTION_DATASETS, detection_collate, load_detection_split
 from tracking.errors import ActionScoresError
-from experiments.ssd_loss import ssd_per_image_losses
+from experiments.ssd_loss import per_image_parts, ssd_detections, ssd_forward
 from tracking.backends import make_tracker
 
 SPLITS = ["train", "val"]
+DEFAULT_MODEL = {"digit-scenes": "tiny", "voc2007": "ssdlite"}  # what learns here, on 2 CPU cores
 
 
-def detection_step(model: nn.Module, batch: dict) -> StepOutput:
-    """SSD's loss split per image into loc / pos / neg, plus each image's number of objects."""
-    parts = ssd_per_image_losses(model, batch["input"], batch["target"])
-    objects = torch.tensor([len(t["labels"]) for t in batch["target"]], dtype=torch.int32)
-    return StepOutput(parts, {"num_objects": objects})
+class DetectionStep:
+    """SSD's loss split per image into loc / pos / neg, plus each image's number of objects.
+
+    In eval mode (the tracked split's pass) the same forward pass also gives the detections,
+    which feed a mAP@0.5 metric (torchmetrics' `MeanAveragePrecision`, pycocotools backend);
+    `epoch_metrics` reads and resets it, synchronised across torchrun's ranks.
+    """
+
+    def __init__(self, metric_name: str | None) -> None:
+        from torchmetrics.detection import MeanAveragePrecision
+
+        self.metric_name = metric_name  # None: no mAP (several eval-pass splits would mix)
+        self.quality = MeanAveragePrecision(iou_thresholds=[0.5], backend="pycocotools")
+        self.updated = False
+
+    def __call__(self, model: nn.Module, batch: dict) -> StepOutput:
+        forward = ssd_forward(model, batch["input"], batch["target"])
+        parts = per_image_parts(model, forward)
+        if not model.training and self.metric_name is not None:
+            sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in batch["input"]]
+            detections = ssd_detections(model, forward, sizes)
+            self.quality.update([{k: v.detach().cpu() for k, v in d.items()} for d in detections],
+                                [{k: v.cpu() for k, v in t.items()} for t in batch["target"]])
+            self.updated = True
+        objects = torch.tensor([len(t["labels"]) for t in batch["target"]], dtype=torch.int32)
+        return StepOutput(parts, {"num_objects": objects})
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """`<split>_map_50` of this epoch's eval pass (every rank must call it: it gathers)."""
+        if not self.updated:
+            return {}
+        result = float(self.quality.compute()["map_50"])
+        self.quality.reset()
+        return {f"{self.metric_name}_map_50": result}
+
+
+def check_batches_train(model: nn.Module, train_size: int, batch_size: int) -> None:
+    """Refuse a last training batch of one image for a model with BatchNorm (SSDlite): its 1x1
+    feature maps would hold one value per channel, which BatchNorm cannot normalise in training."""
+    if not any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
+        return
+    share = -(-train_size // int(os.environ.get("WORLD_SIZE", "1")))  # DistributedSampler's per-rank share
+    if share % batch_size == 1:
+        raise ActionScoresError(
+            f"the last training batch would hold a single image ({share} training images, batch size {batch_size}), "
+            "which the model's BatchNorm cannot train on; change --batch-size or --limit by one"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digit-scenes", choices=sorted(DETECTION_DATASETS))
-    parser.add_argument("--model", default="tiny", choices=["tiny", "ssd300"])
-    parser.add_argument("--weights", default="", help="local state dict for ssd300 (nothing is downloaded)")
+    parser.add_argument("--model", default="", choices=["", *sorted(DETECTORS)],
+                        help="tiny (digit-scenes' default), ssdlite (voc2007's default: ssdlite320_mobilenet_v3_large "
+                             "from scratch) or ssd300 (the paper's ssd300_vgg16)")
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="input side in pixels the model resizes to (0 = its own: 128, 320, 300)")
+    parser.add_argument("--weights", default="", help="local state dict for the model (nothing is downloaded)")
     parser.add_argument("--limit", type=int, default=0,
                         help="use only the first N images of each split (0 = all); ids stay those of the full split")
     add_experiment_arguments(parser, epochs=10, batch_size=16, track="val")
@@ -56,22 +106,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     tracked_passes = parse_track(args.track, SPLITS)
     splits = {name: load_detection_split(args.dataset, name, data_root) for name in {"train", *tracked_passes}}
     num_classes = len(splits["train"].class_names)
-    model = (ssd300(num_classes, args.weights or None) if args.model == "ssd300" else tiny_ssd(num_classes)).to(device)
+    model_name = args.model or DEFAULT_MODEL[args.dataset]
+    model = detector(model_name, num_classes, args.image_size, args.weights).to(device)
+    eval_splits = [split for split, scored_by in tracked_passes.items() if scored_by == "eval"]
+    datasets = {name: Subset(split.dataset, range(min(args.limit, len(split.dataset)))) if args.limit
+                else split.dataset for name, split in splits.items()}
+    check_batches_train(model, len(datasets["train"]), args.batch_size)
+    step = DetectionStep(eval_splits[0] if len(eval_splits) == 1 else None)
     train_and_record(
-        tracker=partial(make_tracker, args.tracker), experiment=args.experiment or None, run_name=f"detect-{args.dataset}-{args.model}",
+        tracker=partial(make_tracker, args.tracker), experiment=args.experiment or None,
+        run_name=f"detect-{args.dataset}-{model_name}",
         params={
-            "dataset": args.dataset, "data_root": args.data_root, "model": args.model, "weights": args.weights,
+            "dataset": args.dataset, "data_root": args.data_root, "model": args.model, "image_size": args.image_size,
+            # what "" and 0 resolved to (`mlflow run` logs the entry point's own values under the names above)
+            "detector": model_name, "input_size": model.transform.fixed_size[0], "weights": args.weights,
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "track": args.track, "limit": args.limit, "optimizer": "adam", "device": device.type,
             contract.TASK_PARAM: "detection", contract.DATASET_PARAM: args.dataset,
             contract.DATA_ROOT_PARAM: data_root or "",
         },
-        model=model, step=detection_step, optimizer=torch.optim.Adam(model.parameters(), lr=args.lr),
-        datasets={name: Subset(split.dataset, range(min(args.limit, len(split.dataset)))) if args.limit
-                  else split.dataset for name, split in splits.items()},
+        model=model, step=step, optimizer=torch.optim.Adam(model.parameters(), lr=args.lr),
+        datasets=datasets,
         tracked_passes=tracked_passes,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device,
         collate_fn=detection_collate, num_workers=args.num_workers, save_model=args.save_model,
+        epoch_metrics=step.epoch_metrics,
     )
 
 

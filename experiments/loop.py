@@ -137,10 +137,13 @@ def fit(
     epochs: int,
     tracker: Tracker | None,
     device: torch.device,
+    epoch_metrics: Callable[[], Mapping[str, float]] | None = None,
 ) -> dict[str, float]:
     """Train for `epochs`, record every tracked split each epoch, log epoch metrics; return the last.
 
     `tracker` is None on the ranks other than 0 of a torchrun launch: they record, rank 0 logs.
+    `epoch_metrics`: called on every rank after the tracked splits each epoch, for metrics a task
+    gathers during its eval passes (detection's mAP); what it returns is logged with the rest.
     """
     train_recorder = next((t.recorder for t in tracked.values() if t.scored_by == "train"), None)
     runner: nn.Module = _StepModule(model, step)
@@ -166,6 +169,8 @@ def fit(
             if spec.scored_by == "eval":
                 metrics |= evaluate(model, step, spec.loader, spec.recorder, device, split)
             spec.recorder.end_epoch(epoch)
+        if epoch_metrics is not None:
+            metrics |= epoch_metrics()
         if tracker is not None:
             tracker.log_metrics_later(metrics, step=epoch)  # never waits for the network
     return metrics
@@ -225,13 +230,14 @@ def train_and_record(
     num_workers: int = 0,
     train_split: str = "train",
     save_model: str = "",
+    epoch_metrics: Callable[[], Mapping[str, float]] | None = None,
 ) -> dict[str, float]:
     """Open a run, log `params`, train with every tracked split recorded each epoch, close the run.
 
     `datasets` maps split name to a dataset of `(input, target)` items; sample ids are
     positions in it. The run is marked failed if training raises. Prints
     `run <id> finished: <last epoch's metrics>` and returns those metrics. `save_model`:
-    a file for the trained weights. Under torchrun (WORLD_SIZE > 1) every rank trains on
+    a file for the trained weights. `epoch_metrics`: see `fit`. Under torchrun (WORLD_SIZE > 1) every rank trains on
     its share and records it, and only rank 0 opens the run, logs, saves and prints:
     `tracker` makes the tracker, and is called on rank 0 only, so that the other ranks
     never touch the tracking store.
@@ -261,7 +267,7 @@ def train_and_record(
                 for split, scored_by in tracked_passes.items()
             }
             metrics = fit(model, step, optimizer, loader(train_split, shuffle=True), tracked, epochs, run_tracker,
-                          device)
+                          device, epoch_metrics)
             if save_model and main:
                 torch.save(model.state_dict(), save_model)
         except BaseException:

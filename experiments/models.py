@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from functools import partial
 
 import torch
 from torch import nn
@@ -76,21 +77,60 @@ def tiny_ssd(num_classes: int, size: int = 128) -> nn.Module:
                image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25])
 
 
-def ssd300(num_classes: int, weights: str | None = None) -> nn.Module:
-    """torchvision's `ssd300_vgg16` (the paper's SSD300), from scratch or from a local state dict.
+def set_input_size(model: nn.Module, size: int) -> nn.Module:
+    """Make a torchvision SSD resize its inputs to `size` x `size` instead of its built-in size.
 
-    Nothing is downloaded: `weights` is a path to a state dict, loaded with weights_only=True.
+    The anchors are fractions of the image (`DefaultBoxGenerator`) and the feature maps follow
+    the input, so a smaller input trades small-object recall for speed with nothing else changed.
     """
+    model.transform.min_size = (size,)
+    model.transform.max_size = size
+    model.transform.fixed_size = (size, size)
+    return model
+
+
+def ssdlite(num_classes: int, size: int = 320) -> nn.Module:
+    """torchvision's `ssdlite320_mobilenet_v3_large` from scratch (its own init, reduced tail),
+    at `size` x `size` input: the VOC default, since it learns on 2 CPU cores where SSD300 cannot.
+
+    It has BatchNorm, so training-pass losses depend on batch mates; the eval pass that scores
+    the tracked split uses running statistics, so the recorded parts stay per image.
+    """
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    model = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes)
+    return set_input_size(model, size)
+
+
+def ssd300(num_classes: int, weights: str | None = None, size: int = 300) -> nn.Module:
+    """torchvision's `ssd300_vgg16` (the paper's SSD300), from scratch or from a local state dict
+    (`load_weights`), at `size` x `size` input."""
     from torchvision.models.detection import ssd300_vgg16
 
-    model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes)
-    if weights:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:  # objects other than tensors and plain containers
-            raise ActionScoresError(
-                f"{weights} is not a plain state dict: it holds objects that only unpickling arbitrary code "
-                f"could rebuild, which is never done ({str(error).splitlines()[0]})"
-            ) from None
-        model.load_state_dict(state)
+    model = set_input_size(ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes), size)
+    return load_weights(model, weights) if weights else model
+
+
+def load_weights(model: nn.Module, weights: str) -> nn.Module:
+    """Load a local state dict into `model` (nothing is downloaded), with weights_only=True."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # objects other than tensors and plain containers
+        raise ActionScoresError(
+            f"{weights} is not a plain state dict: it holds objects that only unpickling arbitrary code "
+            f"could rebuild, which is never done ({str(error).splitlines()[0]})"
+        ) from None
+    model.load_state_dict(state)
     return model
+
+
+DETECTORS = {"tiny": (tiny_ssd, 128), "ssdlite": (ssdlite, 320), "ssd300": (partial(ssd300, weights=None), 300)}
+
+
+def detector(name: str, num_classes: int, size: int = 0, weights: str = "") -> nn.Module:
+    """A detector of `DETECTORS` by name, at `size` px input (0: its own), optionally with local weights."""
+    if name not in DETECTORS:
+        raise ActionScoresError(f"unknown detection model {name!r}; choose one of {sorted(DETECTORS)}")
+    build, own_size = DETECTORS[name]
+    model = build(num_classes, size=size or own_size)
+    return load_weights(model, weights) if weights else model

@@ -1,4 +1,4 @@
-"""Detection end to end on the real MLflow server, digit-scenes reproducibility, and VOC through VOCDetection."""
+"""Detection end to end on the real MLflow server and digit-scenes reproducibility (VOC: tests/test_voc.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-import pytest
 from PIL import Image
 
 from tests.conftest import BIN, run_command
-from experiments.detection_data import VOC_CLASSES, digit_scenes, load_detection_split
-from tracking.errors import ActionScoresError
+from experiments.detection_data import digit_scenes
 from tracking.report.panels import read_panel_rows
 
 PARTS = ("loc", "pos", "neg")
@@ -70,48 +68,3 @@ def test_digit_scenes_are_reproducible_and_boxes_fit() -> None:
         assert ((boxes_a[:, 2:] > boxes_a[:, :2]) & (boxes_a >= 0).all() & (boxes_a <= 128).all()).all()
         assert 1 <= len(labels_a) <= 6 and labels_a.min() >= 1 and labels_a.max() <= 10
     assert not np.array_equal(first.scene(0)[0], digit_scenes("val").scene(0)[0])
-
-
-def _write_voc(root: Path) -> list[tuple[str, list[tuple[str, list[int]]]]]:
-    """A VOC 2007 layout with three images: ids, and per image (class, box) pairs."""
-    base = root / "VOCdevkit" / "VOC2007"
-    images = [
-        ("000005", [("chair", [10, 20, 50, 60])]),
-        ("000007", [("car", [5, 5, 80, 40]), ("person", [30, 10, 45, 60])]),
-        ("000009", [("horse", [1, 2, 90, 70]), ("person", [40, 5, 60, 50]), ("dog", [2, 40, 20, 70])]),
-    ]
-    for folder in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (base / folder).mkdir(parents=True)
-    for image_id, objects in images:
-        Image.new("RGB", (100, 80), (30, 60, 90)).save(base / "JPEGImages" / f"{image_id}.jpg")
-        xml_objects = "".join(
-            f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
-            f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for name, b in objects)
-        (base / "Annotations" / f"{image_id}.xml").write_text(
-            f"<annotation><filename>{image_id}.jpg</filename><size><width>100</width><height>80</height>"
-            f"<depth>3</depth></size>{xml_objects}</annotation>")
-    (base / "ImageSets" / "Main" / "val.txt").write_text("\n".join(i for i, _ in images) + "\n")
-    return images
-
-
-def test_voc_layout_loads_through_vocdetection(tmp_path: Path) -> None:
-    images = _write_voc(tmp_path)
-    split = load_detection_split("voc2007", "val", str(tmp_path))
-    assert len(split.dataset) == 3
-    for index, (_, objects) in enumerate(images):
-        picture, boxes, labels = split.dataset.scene(index)
-        assert picture.shape == (80, 100, 3)
-        assert boxes.tolist() == [b for _, b in objects]
-        assert [split.class_names[label] for label in labels] == [name for name, _ in objects]
-        tensor, target = split.dataset[index]
-        assert tuple(tensor.shape) == (3, 80, 100) and target["labels"].tolist() == labels.tolist()
-    assert split.class_names[1:] == VOC_CLASSES
-
-
-def test_voc_errors_name_the_folder(tmp_path: Path) -> None:
-    with pytest.raises(ActionScoresError, match="needs --data-root"):
-        load_detection_split("voc2007", "val", None)
-    with pytest.raises(ActionScoresError, match=r"VOCdevkit/VOC2007 not found"):
-        load_detection_split("voc2007", "val", str(tmp_path))
-    with pytest.raises(ActionScoresError, match="unknown detection dataset 'coco'"):
-        load_detection_split("coco", "val", None)

@@ -1,5 +1,6 @@
-"""torchrun with two CPU processes (gloo) against the real MLflow server: one run, one table per
-epoch with every sample once, and losses that a single process computes again from the weights."""
+"""torchrun with two CPU processes (gloo) against the real MLflow server, classification and detection:
+one run, one table per epoch with every sample once, and losses that a single process computes again
+from the weights."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from experiments.models import KerasCifarCNN
+from experiments.detection_data import digit_scenes
+from experiments.models import KerasCifarCNN, tiny_ssd
+from experiments.ssd_loss import ssd_per_image_losses
 from tests.conftest import BIN, run_command
 from tracking.analyze import analyze_run
 from experiments.datasets import load_split
@@ -129,3 +132,48 @@ def test_torchrun_losses_equal_a_single_process_pass_and_scores_equal_the_tables
         assert scores.index.tolist() == list(range(SIZES[split]))
         np.testing.assert_allclose(scores["action"], summed.loc[scores.index], rtol=1e-12)
 
+
+
+DETECT_LIMIT = 21  # odd: DistributedSampler pads rank 1's share of train and val with a copy of image 0
+
+
+def test_torchrun_detection_writes_each_epochs_table_once_whole_with_the_parts_one_process_computes(
+        mlflow_server: str, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2 -m experiments.detect` on digit-scenes: one run, one val table per
+    epoch with every image once, and loss parts that a single process recomputes from rank 0's weights
+    (the tiny SSD has no BatchNorm, so an image's parts do not depend on its rank or batch mates)."""
+    weights = tmp_path / "detector.pt"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_RUN_ID", None)
+    experiment = f"ddp-detect-{uuid.uuid4().hex[:8]}"
+    result = run_command(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "experiments.detect",
+         "--epochs", str(EPOCHS), "--limit", str(DETECT_LIMIT), "--batch-size", "4", "--experiment", experiment,
+         "--save-model", str(weights)],
+        env,
+    )
+    finished = re.findall(r"run (\w+) finished", result.stdout)
+    assert len(finished) == 1, result.stdout
+    run_id = finished[0]
+    client = mlflow.MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert [run.info.run_id for run in runs] == [run_id] and runs[0].info.status == "FINISHED"
+    names = [info.path for info in client.list_artifacts(run_id, "per_sample_losses/val")]
+    assert names == [f"per_sample_losses/val/epoch_{e:04d}.parquet" for e in range(EPOCHS)]
+    tables = _tables(client, run_id, "val", tmp_path / "in")
+    scenes = digit_scenes("val")
+    for table in tables:
+        assert table["sample_id"].tolist() == list(range(DETECT_LIMIT))
+        assert table["num_objects"].tolist() == [len(scenes.scene(i)[2]) for i in range(DETECT_LIMIT)]
+        parts = sum(table[f"loss_{part}"].astype(np.float64) for part in ("loc", "pos", "neg"))
+        np.testing.assert_allclose(table["loss"], parts, rtol=1e-6)
+    maps = client.get_metric_history(run_id, "val_map_50")  # gathered from both ranks before it is logged
+    assert [m.step for m in maps] == list(range(EPOCHS)) and all(0 <= m.value <= 1 for m in maps)
+
+    model = tiny_ssd(11)  # ten digits and the background
+    model.load_state_dict(torch.load(weights))
+    images, targets = zip(*(scenes[i] for i in range(DETECT_LIMIT)))
+    with torch.no_grad():
+        expected = ssd_per_image_losses(model.eval(), list(images), list(targets))
+    for part, values in expected.items():
+        np.testing.assert_allclose(tables[-1][f"loss_{part}"], values.numpy(), rtol=1e-4, atol=1e-6)

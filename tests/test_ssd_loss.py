@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.ssd import SSD
 
-from experiments.models import tiny_ssd
+from experiments.models import detector, tiny_ssd
 from experiments.detection_data import digit_scenes
-from experiments.ssd_loss import ssd_per_image_losses
+from experiments.ssd_loss import per_image_parts, ssd_detections, ssd_forward, ssd_per_image_losses
 
 
 def _batch(indices: list[int]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -59,6 +60,49 @@ def test_sum_of_parts_is_the_optimised_total_and_has_gradients() -> None:
     total.mean().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize(("name", "size"), [("ssdlite", 96), ("ssd300", 300)])  # VGG's extras need ~300 px
+def test_voc_models_parts_match_torchvision_loss_and_are_batch_independent(name: str, size: int) -> None:
+    """SSDlite's head (depthwise convs, BatchNorm) and SSD300's VGG: the same per-image parts.
+
+    Eval mode (the tracked pass; SSDlite's BatchNorm then uses running statistics): one image's
+    parts equal torchvision's own `compute_loss` on the same forward pieces, and do not change
+    with its batch mates.
+    """
+    torch.manual_seed(0)
+    model = detector(name, 11, size=size).eval()
+    with torch.no_grad():
+        single = ssd_forward(model, *_batch([7]))
+        parts = per_image_parts(model, single)
+        reference = model.compute_loss(single.targets, single.head, single.anchors, _matched(model, single))
+        torch.testing.assert_close(parts["loc"][0], reference["bbox_regression"])
+        torch.testing.assert_close(parts["pos"][0] + parts["neg"][0], reference["classification"])
+        batch = ssd_per_image_losses(model, *_batch([3, 7, 1]))
+    for part in ("loc", "pos", "neg"):
+        torch.testing.assert_close(batch[part][1], parts[part][0], rtol=1e-4, atol=1e-5)
+        assert parts[part][0] > 0
+
+
+def _matched(model: SSD, forward) -> list[torch.Tensor]:  # noqa: ANN001 - an SSDForward
+    """The matched object per anchor, as `SSD.forward` computes it before `compute_loss`."""
+    from torchvision.ops import boxes as box_ops
+
+    return [model.proposal_matcher(box_ops.box_iou(t["boxes"], a)) for t, a in zip(forward.targets, forward.anchors)]
+
+
+def test_detections_of_the_loss_pass_equal_the_models_own() -> None:
+    """The mAP's detections come from the loss pass's forward: they must be what `model(images)` returns."""
+    torch.manual_seed(0)
+    model = detector("ssdlite", 11, size=96).eval()
+    images, targets = _batch([2, 5])
+    with torch.no_grad():
+        ours = ssd_detections(model, ssd_forward(model, images, targets), [tuple(i.shape[-2:]) for i in images])
+        theirs = model(images)
+    for mine, reference in zip(ours, theirs):
+        assert mine.keys() == reference.keys() and len(mine["boxes"]) > 0
+        for key in mine:
+            torch.testing.assert_close(mine[key], reference[key])
 
 
 class _OneAnchorGenerator(torch.nn.Module):
