@@ -14,6 +14,7 @@ test_job_lock.py and test_uploads.py run here again, unchanged, against each mod
 from __future__ import annotations
 
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,3 +170,31 @@ def test_the_bucket_gone_mid_training_loses_nothing(s3: S3MlflowServer, tmp_path
         for e in range(epochs)}
     _assert_secret_nowhere(s3, run_id, [out, err], spool)
 
+
+
+def test_a_client_without_boto3_is_told_what_to_install_instead_of_retrying(
+    s3: S3MlflowServer, tmp_path: Path
+) -> None:
+    """Direct mode only: there the training process itself writes to S3."""
+    if s3.mode != "direct":
+        pytest.skip("proxied: the server writes the bucket; the client needs no boto3")
+    script = (  # boto3 as if not installed: importing it fails
+        "import sys; sys.modules['boto3'] = None\n"
+        "import numpy as np, torch\n"
+        "from tracking.backends import MLflowTracker\n"
+        "from tracking.record.recorder import LossRecorder\n"
+        f"tracker = MLflowTracker({s3.uri!r}); run_id = tracker.start(experiment='s3-no-boto3')\n"
+        "recorder = LossRecorder('test', 4, tracker)\n"
+        "recorder.update(torch.arange(4), torch.rand(4)); recorder.end_epoch(0)\n"
+        "tracker.finish(); print(run_id)\n"
+    )
+    env = dict(_env(s3, tmp_path / "spool", wait=120))
+    started = time.monotonic()
+    result = run_command([str(BIN / "python"), "-c", script], env)
+    assert time.monotonic() - started < 100  # refused at once, not retried until the wait ends
+    run_id = result.stdout.split()[-1]
+    assert ("refused 1 write(s) (per_sample_losses/test/epoch_0000.parquet: import of boto3 halted; None in "
+            "sys.modules: the run's artifact store needs it in the training environment (for s3://: pip install "
+            "'action-scores[s3]'))") in result.stderr
+    assert (tmp_path / "spool" / f"mlflow-{run_id}" / "failed" / "00000001.json").is_file()
+    assert mlflow.MlflowClient(s3.uri).get_run(run_id).info.status == "FINISHED"  # the rest went on
