@@ -5,7 +5,7 @@ proxied (`--artifacts-destination s3://...`: the server reads and writes the buc
 In each mode: the recorder's background uploads land whole in the bucket; the bucket going off the network
 during training is spooled and made good once it is back; the post-hoc job scores the run and logs its
 panels into the bucket; the job lock holds. The (dummy) AWS secret shows up in no param, tag, artifact,
-output or log.
+output or log. A direct-mode client without boto3 is told what to install instead of retrying.
 
 This module's `mlflow_server` is the S3 one, so the lock and resumed-training tests imported below from
 test_job_lock.py and test_uploads.py run here again, unchanged, against each mode.
