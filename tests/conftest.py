@@ -60,9 +60,6 @@ def start_server(root: Path, port: int, *options: str, env: dict[str, str] | Non
     see `S3_MODES` for the S3 ones)."""
     if artifacts is None:
         artifacts = ("--artifacts-destination", str(root / "artifacts"))
-    # MLflow 3's server-side job runners (GenAI scorers: seven huey processes, each importing mlflow) serve
-    # no test and took most of a start on a busy machine.
-    env = dict(os.environ if env is None else env, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     with open(root / "server.log", "ab") as log:
         process = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
