@@ -193,6 +193,9 @@ class MLflowTracker(Tracker):
             if error.error_code in REFUSALS:  # a deleted run, a missing one, no permission: final
                 raise UploadRefused(f"{error.error_code}: {redact(str(error))[:300]}") from None
             raise
+        except ImportError as error:  # the run's artifact store needs a client package this process lacks
+            raise UploadRefused(f"{error}: the run's artifact store needs it in the training environment "
+                                "(for s3://: pip install 'action-scores[s3]')") from None
 
     @contextmanager
     def job_lock(self) -> Iterator[None]:
