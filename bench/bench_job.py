@@ -3,7 +3,7 @@
     nice -n 10 python bench/bench_job.py                                  # 1M x 100: the issue's size
     nice -n 10 python bench/bench_job.py --samples 100000 --epochs 20     # quick
     nice -n 10 python bench/bench_job.py --code /work/main                # another checkout's job, same runs
-    nice -n 10 python bench/bench_job.py --cases experiment --experiment-runs 200 --workers 4
+    nice -n 10 python bench/bench_job.py --cases experiment --experiment-runs 200 --workers 1,4
 
 Builds each run once (cached under `--cache`, default `<tmp>/action-scores-bench-job`, reused on the
 next call), starts a real `mlflow server` on 127.0.0.1 over it (sqlite backend, local artifact folder
@@ -21,7 +21,7 @@ Cases (`--cases`, comma separated):
 - `wandb`: a W&B offline run of `--wandb-samples` x `--epochs` written by the project's writer
   (`analyze --wandb-dir`); the floor is the read alone;
 - `experiment`: `--experiment-runs` small runs (`--experiment-samples` x `--experiment-epochs`) in one
-  experiment, `analyze --experiment` with 1 worker and with `--workers` (runs per minute).
+  experiment, `analyze --experiment` with each of `--workers` (default 1 and 4; runs per minute).
 The job's result is checked: exit 0, "done", and its `action_mean` metric against the files' own sum.
 Figures also go to `bench/results/bench_job/<samples>x<epochs>.md` with `--out`.
 """
@@ -227,11 +227,11 @@ def wandb_case(folder: str, code: Path, samples: int, epochs: int) -> str:
     return report_line("wandb (offline folder)", job, "", None, read_s, size, samples, epochs)
 
 
-def experiment_case(uri: str, experiment: str, runs: int, code: Path, workers: int) -> list[str]:
-    """`analyze --experiment` over every run, 1 worker then `workers` (if the checkout has `--workers`)."""
+def experiment_case(uri: str, experiment: str, runs: int, code: Path, workers: list[int]) -> list[str]:
+    """`analyze --experiment` over every run, with each of `workers` (if the checkout has `--workers`)."""
     helped = subprocess.run([str(BIN / "action-scores"), "analyze", "--help"], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=str(code))).stdout
-    counts = [1, workers] if "--workers" in helped else [None]
+    counts = workers if "--workers" in helped else [None]
     lines = []
     for count in counts:
         extra = ["--workers", str(count)] if count else []
@@ -255,7 +255,7 @@ def main() -> None:
     parser.add_argument("--experiment-runs", type=int, default=200)
     parser.add_argument("--experiment-samples", type=int, default=1000)
     parser.add_argument("--experiment-epochs", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=4, help="workers of the experiment case's parallel job")
+    parser.add_argument("--workers", default="1,4", help="the experiment case's worker counts, comma separated")
     parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose job is timed (default: this one)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "action-scores-bench-job")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures to this markdown file")
@@ -318,7 +318,8 @@ def main() -> None:
             lines += ["", f"{args.experiment_runs} runs of {args.experiment_samples:,} samples x "
                       f"{args.experiment_epochs} epochs:", "", "| job | runs | wall | throughput | peak RSS |",
                       "| --- | --- | --- | --- | --- |"]
-            lines += experiment_case(uri, manifest[key], args.experiment_runs, args.code, args.workers)
+            lines += experiment_case(uri, manifest[key], args.experiment_runs, args.code,
+                                     [int(count) for count in args.workers.split(",")])
         load = os.getloadavg()
         lines.append(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
         print("\n".join(lines))

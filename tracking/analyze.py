@@ -53,13 +53,13 @@ class RunFiles:
 
     Where the run's store is a folder on this machine (`Tracker.local_file`) a file is read in place,
     never copied. Otherwise DOWNLOAD_THREADS threads download it under `dst`; epoch tables (`stream`)
-    at most `ahead` beyond the last one the scorer has read (`release`), and each copy is deleted once
+    at most `ahead` (default FETCH_AHEAD) beyond the last one the scorer has read (`release`), and each copy is deleted once
     read, so the disk holds a window of tables, not the run. `keep` files (media) stay until the end.
     Use it as a context manager: leaving cancels what has not started and waits for the rest.
     """
 
-    def __init__(self, tracker: Tracker, dst: Path, ahead: int = FETCH_AHEAD, progress: bool = True) -> None:
-        self._tracker, self._dst, self._free = tracker, dst, ahead
+    def __init__(self, tracker: Tracker, dst: Path, ahead: int | None = None, progress: bool = True) -> None:
+        self._tracker, self._dst, self._free = tracker, dst, FETCH_AHEAD if ahead is None else ahead
         self._pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="action-scores-fetch")
         self._lock = threading.Lock()
         self._waiting: deque[tuple[str, Future[Path]]] = deque()  # tables beyond the window, in order
