@@ -242,6 +242,7 @@ def experiment_case(uri: str, experiment: str, runs: int, code: Path, workers: l
             raise RuntimeError(f"experiment: {done} of {runs} runs done:\n{job.stdout[-3000:]}")
         lines.append(f"| analyze --experiment, {count or 'serial (no --workers)'} worker(s) | {runs} runs | "
                      f"{job.seconds:.1f} s | {runs / job.seconds * 60:.0f} runs/min | {job.peak_mb:.0f} MB |")
+        print(lines[-1], flush=True)
     return lines
 
 

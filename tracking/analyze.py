@@ -53,8 +53,8 @@ class RunFiles:
 
     Where the run's store is a folder on this machine (`Tracker.local_file`) a file is read in place,
     never copied. Otherwise DOWNLOAD_THREADS threads download it under `dst`; epoch tables (`stream`)
-    at most `ahead` (default FETCH_AHEAD) beyond the last one the scorer has read (`release`), and each copy is deleted once
-    read, so the disk holds a window of tables, not the run. `keep` files (media) stay until the end.
+    at most `ahead` (default FETCH_AHEAD) beyond the last one the scorer has read (`release`), and each
+    copy is deleted once read, so the disk holds a window of tables, not the run. `keep` files (media) stay until the end.
     Use it as a context manager: leaving cancels what has not started and waits for the rest.
     """
 
@@ -273,14 +273,15 @@ def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | 
     with tempfile.TemporaryDirectory(prefix="action-scores-job-") as work, \
             RunFiles(tracker, Path(work) / "in", progress=progress) as files:
         # Every split's tables are queued at once, so the next split's first ones arrive while one is scored.
-        tables = {split: list(zip(paths, files.stream(paths, bounded=scorer.streams))) for split, paths in by_split.items()}
+        tables = {split: list(zip(paths, files.stream(paths, bounded=scorer.streams)))
+                  for split, paths in by_split.items()}
         pictures_of = {split: files.keep(path) for split, path in media.items()}
         out = Path(work) / "out"
         metrics: dict[str, float] = {}
         samples: dict[str, list[dict]] = {}
         for split, pairs in tables.items():
-            scores = scorer.score(split, pairs, el2n_epoch, lambda epoch, paths=by_split[split]: files.release(paths[epoch]),
-                                  progress)
+            read = by_split[split]
+            scores = scorer.score(split, pairs, el2n_epoch, lambda epoch, read=read: files.release(read[epoch]), progress)
             if scores.attrs.get("missing"):
                 result.message = "; ".join(filter(None, [result.message, f"split {split}: {scores.attrs['missing']}"]))
             split_out = out / split
