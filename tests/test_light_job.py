@@ -23,6 +23,8 @@ from tests.conftest import ROOT
 from tracking import contract
 
 HEAVY = ("torch", "torchvision", "sklearn")
+# Imported only by the job's parts that need them: panels, the duckdb engine, W&B runs, images.
+ON_DEMAND = ("torch", "matplotlib", "duckdb", "wandb", "PIL")
 # Installed first in the child: any import of a heavy package raises as if it were not installed.
 BLOCK_HEAVY = textwrap.dedent(f"""
     import sys
@@ -84,14 +86,16 @@ def test_the_job_scores_a_run_without_torch(client, experiment_id: str, mlflow_s
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server)
     env.pop("MLFLOW_RUN_ID", None)
     result = _child(f"""
-        import sys
+        import json, sys
         from tracking.cli import main
         code = main(["analyze", "--run-id", "{run_id}"])
-        assert "torch" not in sys.modules
+        print(json.dumps(sorted(m for m in {ON_DEMAND!r} if m in sys.modules)))
         sys.exit(code)
     """, env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"run {run_id}: done" in result.stdout
+    # A run without pictures, scored by the default engine on MLflow: nothing it does not use is imported.
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
     local = client.download_artifacts(run_id, f"{contract.scores_dir('test')}/{contract.SCORES_FILE}", str(tmp_path))
     scores = pd.read_parquet(local).set_index("sample_id")
     expected = sum(table.set_index("sample_id")["loss"].astype(np.float64) for table in tables)

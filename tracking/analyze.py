@@ -6,10 +6,13 @@ leaves the run exactly as it was; the `action_scores.status` tag is set last.
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,8 @@ from tracking.scoring.tables import epoch_files
 log = logging.getLogger(__name__)
 
 DOWNLOAD_THREADS = 8
+DEFAULT_WORKERS = 4  # runs analysed at once by `analyze_experiment`
+FETCH_AHEAD = 16  # epoch tables downloaded beyond the one being scored: keeps DOWNLOAD_THREADS busy, bounds the disk
 CLASS_DISTRIBUTION = "by_class_distribution.png"  # box plot of action per class, classification splits
 
 
@@ -43,15 +48,97 @@ class AnalysisResult:
     message: str = ""
 
 
+class RunFiles:
+    """A run's files as the job reads them, each a `Future` of its local path, fetched in the background.
+
+    Where the run's store is a folder on this machine (`Tracker.local_file`) a file is read in place,
+    never copied. Otherwise DOWNLOAD_THREADS threads download it under `dst`; epoch tables (`stream`)
+    at most `ahead` (default FETCH_AHEAD) beyond the last one the scorer has read (`release`), and each
+    copy is deleted once read, so the disk holds a window of tables, not the run. `keep` files (media) stay until the end.
+    Use it as a context manager: leaving cancels what has not started and waits for the rest.
+    """
+
+    def __init__(self, tracker: Tracker, dst: Path, ahead: int | None = None, progress: bool = True) -> None:
+        self._tracker, self._dst, self._free = tracker, dst, FETCH_AHEAD if ahead is None else ahead
+        self._pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="action-scores-fetch")
+        self._lock = threading.Lock()
+        self._waiting: deque[tuple[str, Future[Path]]] = deque()  # tables beyond the window, in order
+        self._copies: dict[str, tuple[Path, bool]] = {}  # downloaded, not yet released -> (copy, holds a place)
+        self._bar = tqdm(total=0, desc="fetch", unit="file", disable=not progress)
+
+    def __enter__(self) -> RunFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            for _, future in self._waiting:
+                future.cancel()
+            self._waiting.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._bar.close()
+
+    def stream(self, paths: list[str], bounded: bool = True) -> list[Future[Path]]:
+        """Futures of the tables at `paths`, fetched in order, each copy deleted on `release`. `bounded`:
+        within the window (for a streaming engine), else all at once (an engine that needs every file)."""
+        return self._submit(paths, "window" if bounded else "all")
+
+    def keep(self, path: str) -> Future[Path]:
+        """A file needed until the job ends (a split's media), fetched now, outside the window."""
+        return self._submit([path], "keep")[0]
+
+    def release(self, path: str) -> None:
+        """The scorer has read `path`: delete its copy, and fetch the next table if it held a place."""
+        with self._lock:
+            local, counted = self._copies.pop(path, (None, False))
+            if local is not None:
+                local.unlink(missing_ok=True)
+            if counted:
+                self._free += 1
+                self._pump()
+
+    def _submit(self, paths: list[str], mode: str) -> list[Future[Path]]:
+        futures = [(path, Future()) for path in paths]
+        with self._lock:
+            self._bar.total += len(paths)
+            self._bar.refresh()
+            for path, future in futures:
+                if (local := self._tracker.local_file(path)) is not None:
+                    future.set_result(local)  # read in place: never copied, never deleted, no place taken
+                    self._bar.update()
+                elif mode == "window":
+                    self._waiting.append((path, future))
+                else:
+                    self._pool.submit(self._fetch, path, future, mode)
+            self._pump()
+        return [future for _, future in futures]
+
+    def _pump(self) -> None:
+        """Start the waiting tables the window has room for (under the lock)."""
+        while self._waiting and self._free > 0:
+            path, future = self._waiting.popleft()
+            self._free -= 1
+            self._pool.submit(self._fetch, path, future, "window")
+
+    def _fetch(self, path: str, future: Future[Path], mode: str) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            local = self._tracker.download(path, self._dst)
+        except Exception as error:  # handed to the reader, which raises it in the job's thread
+            future.set_exception(error)
+            return
+        if mode != "keep":
+            with self._lock:
+                self._copies[path] = (local, mode == "window")
+        self._bar.update()
+        future.set_result(local)
+
+
 def download_all(tracker: Tracker, paths: list[str], dst: Path) -> dict[str, Path]:
-    """Fetch files in parallel threads, with a progress bar; returns artifact path -> local path."""
-    with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool, tqdm(total=len(paths), desc="download", unit="file") as bar:
-        futures = {path: pool.submit(tracker.download, path, dst) for path in paths}
-        local = {}
-        for path, future in futures.items():
-            local[path] = future.result()
-            bar.update()
-    return local
+    """Fetch files in parallel threads, with a progress bar; returns artifact path -> local path (the file
+    itself where the store is local). For a whole folder at once; the job streams instead (`RunFiles`)."""
+    with RunFiles(tracker, dst) as files:
+        return {path: future.result() for path, future in zip(paths, files.stream(paths, bounded=False))}
 
 
 def objectives(scores: pd.DataFrame) -> dict[str, str]:
@@ -106,6 +193,7 @@ def analyze_run(
     engine: str = "arrow",
     el2n_epoch: int | None = None,
     pictures: str | Callable[[int], object] | None = None,
+    progress: bool = True,
 ) -> AnalysisResult:
     """Score every tracked split of one run and log scores, panels, metrics and the status tag.
 
@@ -135,7 +223,7 @@ def analyze_run(
         return done
     with tracker.job_lock():
         return skipped() or _analyze_locked(tracker, run_id, top_k, data_root, panels, engine,  # a job may just have finished
-                                          el2n_epoch, named)
+                                          el2n_epoch, named, progress)
 
 
 def media_files(tracker: Tracker, splits: list[str]) -> dict[str, str]:
@@ -163,8 +251,9 @@ def write_text_tables(samples: dict[str, list[dict]], view: SplitView, out_dir: 
 
 def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, panels: bool,
                     engine: str, el2n_epoch: int | None,
-                    pictures: tuple[str, Callable[[int], object]] | None) -> AnalysisResult:
-    """The job's work on a run it holds: read and check everything, compute, then write, status last."""
+                    pictures: tuple[str, Callable[[int], object]] | None, progress: bool) -> AnalysisResult:
+    """The job's work on a run it holds: read and check everything, compute, then write, status last.
+    Each epoch table is scored as soon as it is local (`RunFiles`), while the next ones download."""
     files = tracker.list_files(contract.LOSSES_DIR)
     by_split = epoch_files(files)
     if not by_split:
@@ -180,20 +269,25 @@ def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | 
     data_root = data_root or params.get(contract.DATA_ROOT_PARAM) or None
     result = AnalysisResult(run_id, "done")
     media = media_files(tracker, list(by_split)) if panels else {}
-    with tempfile.TemporaryDirectory(prefix="action-scores-job-") as work:
-        local = download_all(tracker, [p for paths in by_split.values() for p in paths] + list(media.values()),
-                             Path(work) / "in")
+    scorer = ENGINES[engine]
+    with tempfile.TemporaryDirectory(prefix="action-scores-job-") as work, \
+            RunFiles(tracker, Path(work) / "in", progress=progress) as files:
+        # Every split's tables are queued at once, so the next split's first ones arrive while one is scored.
+        tables = {split: list(zip(paths, files.stream(paths, bounded=scorer.streams)))
+                  for split, paths in by_split.items()}
+        pictures_of = {split: files.keep(path) for split, path in media.items()}
         out = Path(work) / "out"
         metrics: dict[str, float] = {}
         samples: dict[str, list[dict]] = {}
-        for split, paths in by_split.items():
-            scores = ENGINES[engine](split, [(p, local[p]) for p in paths], el2n_epoch)
+        for split, pairs in tables.items():
+            read = by_split[split]
+            scores = scorer.score(split, pairs, el2n_epoch, lambda epoch, read=read: files.release(read[epoch]), progress)
             if scores.attrs.get("missing"):
                 result.message = "; ".join(filter(None, [result.message, f"split {split}: {scores.attrs['missing']}"]))
             split_out = out / split
             split_out.mkdir(parents=True)
-            view, why = (choose_view(scores, split, media=local[media[split]] if split in media else None, task=task,
-                                     dataset=dataset, data_root=data_root, pictures=pictures)
+            view, why = (choose_view(scores, split, media=pictures_of[split].result() if split in media else None,
+                                     task=task, dataset=dataset, data_root=data_root, pictures=pictures)
                          if panels else (None, ""))
             if view is not None:
                 written, split_samples = render_split(scores, view, top_k, split_out)
@@ -243,18 +337,48 @@ def describe(result: AnalysisResult, tracker: Tracker) -> str:
     return "\n".join(lines)
 
 
-def analyze_experiment(tracker: Tracker, experiment: str, **options: object) -> list[AnalysisResult]:
-    """Analyse every finished run of `experiment` that has per-sample tables and needs it.
+def analyze_experiment(tracker: Tracker, experiment: str, workers: int = DEFAULT_WORKERS,
+                       **options: object) -> list[AnalysisResult]:
+    """Analyse every finished run of `experiment` that has per-sample tables and needs it, newest first.
 
-    Runs without tables are left out; a run that fails is reported and the others go on.
+    `workers` runs at once, each on its own copy of `tracker` (for a tracker with `concurrent_jobs`; one
+    at a time otherwise): a job spends most of its time waiting on the server (requests, the lock's settle
+    time), so threads overlap well even on few cores. Runs without tables are left out; a run that fails,
+    for whatever reason, is reported as failed with the reason and the others go on.
     """
-    results = []
-    for run_id in tracker.find_runs(experiment):
+    if workers < 1:
+        raise ActionScoresError(f"workers must be at least 1, got {workers}")
+    run_ids = tracker.find_runs(experiment)
+    workers = min(workers, max(len(run_ids), 1)) if tracker.concurrent_jobs else 1
+    if workers == 1:
+        return [r for r in (_analyze_one(tracker, run_id, options) for run_id in run_ids) if r is not None]
+    quiet = dict(options, progress=False)  # one bar for the runs, not interleaved bars of each
+    with ThreadPoolExecutor(workers, thread_name_prefix="action-scores-run") as pool, \
+            tqdm(total=len(run_ids), desc=f"runs of {experiment}", unit="run") as bar:
+        futures = [pool.submit(_analyze_one, copy.copy(tracker), run_id, quiet) for run_id in run_ids]
+        for future in futures:
+            future.add_done_callback(lambda _: bar.update())
+        results = [future.result() for future in futures]
+    return [result for result in results if result is not None]
+
+
+def _analyze_one(tracker: Tracker, run_id: str, options: dict[str, object]) -> AnalysisResult | None:
+    """One run of an experiment: None when it has no tables; a failure becomes a failed result naming why."""
+    try:
         tracker.attach(run_id)
         if not tracker.list_files(contract.LOSSES_DIR):
-            continue
-        try:
-            results.append(analyze_run(tracker, run_id, **options))  # type: ignore[arg-type]
-        except ActionScoresError as error:
-            results.append(AnalysisResult(run_id, "failed", message=str(error)))
-    return results
+            return None
+        return analyze_run(tracker, run_id, **options)  # type: ignore[arg-type]
+    except ActionScoresError as error:
+        return AnalysisResult(run_id, "failed", message=str(error))
+    except Exception as error:  # a server error, a bug: this run fails, the others go on
+        log.debug("run %s failed", run_id, exc_info=True)
+        return AnalysisResult(run_id, "failed", message=f"{type(error).__name__}: {error}")
+
+
+def summarize(results: list[AnalysisResult], experiment: str) -> str:
+    """One line over an experiment's runs: how many were done, skipped and failed, each failed run with why."""
+    counts = {status: sum(r.status == status for r in results) for status in ("done", "skipped", "failed")}
+    line = f"experiment {experiment!r}: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+    failed = [f"  run {r.run_id}: {r.message}" for r in results if r.status == "failed"]
+    return "\n".join([line + (":" if failed else ""), *failed])

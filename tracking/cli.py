@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--engine", default="arrow", choices=["arrow", "duckdb"],
                          help="scoring engine: arrow (default, one epoch at a time) or duckdb (one query; "
                               "spills to disk when a run's sums outgrow memory)")
+    analyze.add_argument("--workers", type=int, default=None, metavar="N",
+                         help="with --experiment: runs analysed at once (default 4; MLflow only, W&B one at a time); "
+                              "a run that fails is named in the summary and the others go on")
     analyze.add_argument("--el2n-epoch", type=_epoch_or_default, default=None,
                          help="zero-based epoch whose table gives el2n (default: epochs // 10, a tenth into training)")
     _tracker_options(analyze, "mlflow", "where the runs live (--wandb-run and --wandb-dir imply wandb)")
@@ -216,7 +219,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from tracking.analyze import analyze_experiment, analyze_run, describe
+    from tracking.analyze import DEFAULT_WORKERS, analyze_experiment, analyze_run, describe, summarize
     from tracking.backends import WandbTracker
 
     targets = [args.run_id, args.experiment, args.wandb_run, args.wandb_dir]
@@ -227,14 +230,19 @@ def _analyze(args: argparse.Namespace) -> int:
     tracker = _tracker(args, args.tracker, offline=True if args.wandb_dir else False if args.wandb_run else None)
     options = dict(top_k=args.top_k, force=args.force, data_root=args.data_root or None, panels=not args.no_panels,
                    engine=args.engine, el2n_epoch=args.el2n_epoch, pictures=args.pictures or None)
+    if args.workers is not None and not args.experiment:
+        raise ActionScoresError("--workers applies to --experiment only (one run is one job)")
     if args.run_id:
         results = [analyze_run(tracker, args.run_id, **options)]
     else:
-        results = analyze_experiment(tracker, args.experiment, **options)
+        workers = DEFAULT_WORKERS if args.workers is None else args.workers
+        results = analyze_experiment(tracker, args.experiment, workers=workers, **options)
         if not results:
             print(f"experiment {args.experiment!r}: no finished run has per-sample tables")
     for result in results:
         print(describe(result, tracker))
+    if args.experiment and results:
+        print(summarize(results, args.experiment))
     return 1 if any(r.status == "failed" for r in results) else 0
 
 

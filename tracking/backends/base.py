@@ -138,6 +138,11 @@ class RunReader(_Run, ABC):
     def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
         """Fetch one file to `dst_dir/<artifact_path>` and return the local path."""
 
+    def local_file(self, artifact_path: str) -> Path | None:
+        """The file itself, where the run's store is a folder on this machine, so the job reads it in place
+        instead of copying it; None where it must be downloaded (a server, a bucket) or is not there."""
+        return None
+
     @abstractmethod
     def find_runs(self, experiment: str) -> list[str]:
         """Ids of the finished runs of an experiment, newest first."""
@@ -153,6 +158,10 @@ class RunReader(_Run, ABC):
 
 class Tracker(RunWriter, RunReader):
     """One backend: a run written during training and read (then written back) by the job."""
+
+    # Whether several jobs may run at once in one process, each on a shallow copy of the tracker
+    # (`analyze --experiment --workers`): its own attached run, the shared client.
+    concurrent_jobs: ClassVar[bool] = False
 
     @contextmanager
     def job_lock(self) -> Iterator[None]:

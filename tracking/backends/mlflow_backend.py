@@ -54,6 +54,7 @@ class MLflowTracker(Tracker):
     """
 
     name = "mlflow"
+    concurrent_jobs = True  # the client is thread-safe; each job's copy attaches its own run
     _MAX_PARAM_LENGTH = 6000
     _MAX_PARAMS_PER_BATCH = 100
     LOCK_SETTLE_SECONDS = SETTLE_SECONDS
@@ -286,10 +287,24 @@ class MLflowTracker(Tracker):
         return cached[1]
 
     def download(self, artifact_path: str, dst_dir: str | Path) -> Path:
-        # Refuse paths that leave dst_dir; the store's repository keeps the artifact path under dst_dir.
-        relative = contract.relative_artifact_path(artifact_path).as_posix()
-        Path(dst_dir).mkdir(parents=True, exist_ok=True)
-        return Path(self._artifact_repository().download_artifacts(relative, str(dst_dir)))
+        """One file, by one request: the store's own file download (`_download_file`, which every MLflow
+        artifact store has) skips `download_artifacts`' listing request, which asks whether the path is a folder."""
+        relative = contract.relative_artifact_path(artifact_path)  # refuses paths that would leave dst_dir
+        target = Path(dst_dir) / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._artifact_repository()._download_file(relative.as_posix(), str(target))
+        return target
+
+    def local_file(self, artifact_path: str) -> Path | None:
+        """In place where the run's artifact store is a local folder (a `file:` URI or a plain path, as a
+        sqlite tracking URI's `./mlruns`); a store behind a server is downloaded even when the server runs here."""
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+        repository = self._artifact_repository()
+        if not isinstance(repository, LocalArtifactRepository):
+            return None
+        path = Path(repository.artifact_dir) / contract.relative_artifact_path(artifact_path)
+        return path if path.is_file() else None
 
     def find_runs(self, experiment: str) -> list[str]:
         found = self._client.get_experiment_by_name(experiment)

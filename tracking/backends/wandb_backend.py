@@ -248,6 +248,12 @@ class WandbTracker(Tracker):
             self._online.file(artifact_path).download(root=str(dst_dir), replace=True)
         return target
 
+    def local_file(self, artifact_path: str) -> Path | None:
+        """An offline run's file is in its folder: read in place (the newest folder's copy, as `download`)."""
+        if not self._offline:
+            return None
+        return self._offline.files(contract.relative_artifact_path(artifact_path).parent.as_posix()).get(artifact_path)
+
     def find_runs(self, experiment: str) -> list[str]:
         """Offline: the first folder of each finished run of project `experiment`, newest first."""
         if self.mode == "offline":

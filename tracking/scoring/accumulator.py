@@ -21,7 +21,7 @@ from tracking import contract
 from tracking.errors import ActionScoresError, preview
 from tracking.scoring.rank import rank
 from tracking.scoring.registry import BLOCK, SCORES, SCRATCH, Score, State
-from tracking.scoring.tables import bools, recorded_columns
+from tracking.scoring.tables import bools, dynamics_expected, recorded_columns
 
 # Recorded columns read only by scores that take one epoch (el2n): the other epochs need not decode them.
 _ONE_EPOCH_COLUMNS = frozenset(
@@ -71,6 +71,7 @@ class ActionAccumulator:
     non_finite: list[tuple[int, np.ndarray]] = field(default_factory=list)
     non_finite_columns: set[str] = field(default_factory=set)
     missing: dict[str, str] = field(default_factory=dict)  # score left out -> why
+    dynamics_expected: bool = True  # whether `missing` is worth a warning (`tables.dynamics_expected`)
 
     def unused_columns(self, epoch: int) -> frozenset[str]:
         """Columns of epoch `epoch`'s table that no score reads, so a reader need not decode them:
@@ -122,6 +123,7 @@ class ActionAccumulator:
     def _start(self, ids: np.ndarray, loss_columns: list[str], sources: frozenset[str], table: pa.Table) -> None:
         """Epoch 0 fixes the ids, the labels, and which scores this split computes."""
         self.sample_ids, self.loss_columns, self.sources = ids, loss_columns, sources
+        self.dynamics_expected = dynamics_expected(table.column_names)
         if contract.TARGET in table.column_names:
             self.labels = table.column(contract.TARGET).to_numpy(zero_copy_only=False)
         available = set(loss_columns) | sources

@@ -1,29 +1,42 @@
 """Scoring engines: one split's epoch tables in, the scores table of the contract out.
 
 - `arrow` (default): one table at a time through `ActionAccumulator`, every registered
-  score, memory O(samples); the next tables are decoded while one is summed.
+  score, memory O(samples); it streams: each table is scored as soon as it is local (a file,
+  or a `Future` of one still downloading), the next ones decoded while one is summed.
 - `duckdb`: one SQL query over all files, the loss sums only, spilling to disk when a
-  run's sums outgrow memory.
+  run's sums outgrow memory; it needs every file of the split before it starts.
+
+Both call `done(epoch)` once an epoch's file is read, so the caller may delete its copy.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from tracking.scoring.accumulator import ActionAccumulator
-from tracking.scoring.tables import read_epoch_table
+from tracking.scoring.tables import dynamics_expected, read_epoch_table
 
 log = logging.getLogger(__name__)
 
 READ_AHEAD = 2  # epoch tables decoded in parallel while the previous one is summed
+
+LocalFile = Path | Future  # a file on disk, or the Future of one (`Future[Path]`) still being fetched
+Tables = Sequence[tuple[str, LocalFile]]  # (artifact path for messages, local file), in epoch order
+
+
+def local_path(file: LocalFile) -> Path:
+    """The file's path, waiting for it if it is still being fetched (a fetch error is raised here)."""
+    return file.result() if isinstance(file, Future) else Path(file)
 
 
 def default_el2n_epoch(epochs: int) -> int:
@@ -33,53 +46,81 @@ def default_el2n_epoch(epochs: int) -> int:
 
 
 
-def score_split(split: str, tables: list[tuple[str, Path]], el2n_epoch: int | None = None) -> pd.DataFrame:
+def score_split(split: str, tables: Tables, el2n_epoch: int | None = None,
+                done: Callable[[int], None] | None = None, progress: bool = True) -> pd.DataFrame:
     """Scores of one split from its (artifact path, local file) pairs, in epoch order.
 
+    A local file may be a `Future` still downloading: each table is read as soon as it is there, in
+    epoch order, and `done(epoch)` is called once it is read (its file may then go).
     `el2n_epoch` (zero-based) picks the table `el2n` comes from; None: `default_el2n_epoch`.
-    Scores the tables lack columns for are left out, with a warning that says why.
+    Scores the tables lack columns for are left out, with a warning that says why (none for tables of a
+    task the dynamics scores do not apply to, see `tables.dynamics_expected`).
     """
     chosen = default_el2n_epoch(len(tables)) if el2n_epoch is None else el2n_epoch
     accumulator = ActionAccumulator(split, el2n_epoch=chosen)
+
+    def read(epoch: int) -> pa.Table:
+        name, file = tables[epoch]
+        table = read_epoch_table(local_path(file), name, threads=False, skip=accumulator.unused_columns(epoch))
+        if done is not None:
+            done(epoch)
+        return table
+
     # READ_AHEAD files are decoded at once, one thread each, while this thread sums the one before
     # (both release the GIL): on 2 cores as fast as pyarrow's own threaded read of the files alone.
     # At most READ_AHEAD + 1 tables are in memory.
     with ThreadPoolExecutor(READ_AHEAD) as readers:
-        def read(epoch: int) -> Future[pa.Table]:
-            name, local = tables[epoch]
-            return readers.submit(read_epoch_table, local, name, threads=False, skip=accumulator.unused_columns(epoch))
-
-        upcoming = deque(read(epoch) for epoch in range(min(READ_AHEAD, len(tables))))
-        for epoch, (name, _) in enumerate(tqdm(tables, desc=f"score {split}", unit="epoch")):
+        upcoming = deque(readers.submit(read, epoch) for epoch in range(min(READ_AHEAD, len(tables))))
+        for epoch, (name, _) in enumerate(tqdm(tables, desc=f"score {split}", unit="epoch", disable=not progress)):
             table = upcoming.popleft().result()
             if epoch + READ_AHEAD < len(tables):
-                upcoming.append(read(epoch + READ_AHEAD))
+                upcoming.append(readers.submit(read, epoch + READ_AHEAD))
             accumulator.update(epoch, table, name)
     scores = accumulator.compute()
-    if accumulator.missing:
+    if accumulator.missing and accumulator.dynamics_expected:
         reasons = defaultdict(list)
         for score, why in accumulator.missing.items():
             reasons[why].append(score)
-        scores.attrs["missing"] = "; ".join(f"no {', '.join(names)}: {why}" for why, names in reasons.items())
-        log.warning("split %r: %s", split, scores.attrs["missing"])
+        _missing(scores, split, "; ".join(f"no {', '.join(names)}: {why}" for why, names in reasons.items()))
     return scores
 
 
-def score_split_duckdb(split: str, tables: list[tuple[str, Path]], el2n_epoch: int | None = None) -> pd.DataFrame:
+def _missing(scores: pd.DataFrame, split: str, why: str) -> None:
+    """Say which scores a split lacks and why: a warning, and `scores.attrs["missing"]` for the job's summary."""
+    scores.attrs["missing"] = why
+    log.warning("split %r: %s", split, why)
+
+
+def score_split_duckdb(split: str, tables: Tables, el2n_epoch: int | None = None,
+                       done: Callable[[int], None] | None = None, progress: bool = True) -> pd.DataFrame:
     """The loss sums from one DuckDB query over the split's files: for runs whose sums outgrow memory.
 
-    Only `action`, `action_<part>` and `mean_loss`: the dynamics scores need the arrow engine.
+    Only `action`, `action_<part>` and `mean_loss`: the dynamics scores need the arrow engine. The
+    query needs every file at once: it waits for all of them (one query plans and spills as a whole).
     """
     from tracking.scoring.duckdb_engine import score_tables_duckdb
 
-    scores = score_tables_duckdb([local for _, local in tables], split)
-    scores.attrs["missing"] = "no training-dynamics scores: the duckdb engine sums losses only (use --engine arrow)"
-    log.warning("split %r: %s", split, scores.attrs["missing"])
+    paths = [local_path(file) for _, file in tables]
+    scores = score_tables_duckdb(paths, split)
+    columns = pq.read_schema(paths[0]).names  # checked readable by the query's first step
+    for epoch in range(len(paths)) if done is not None else ():
+        done(epoch)
+    if dynamics_expected(columns):
+        _missing(scores, split, "no training-dynamics scores: the duckdb engine sums losses only (use --engine arrow)")
     return scores
 
 
-# Scoring engines by name (`--engine`): both give the scores table of the contract.
-ENGINES: dict[str, Callable[[str, list[tuple[str, Path]], int | None], pd.DataFrame]] = {
-    "arrow": score_split,
-    "duckdb": score_split_duckdb,
+@dataclass(frozen=True)
+class Engine:
+    """A scoring engine (`--engine`): its function, and whether it folds each table as it arrives
+    (`streams`: the job fetches a few tables ahead) or needs every file of a split at once."""
+
+    score: Callable[..., pd.DataFrame]  # (split, tables, el2n_epoch, done, progress) -> the scores table
+    streams: bool
+
+
+# Scoring engines by name: both give the scores table of the contract.
+ENGINES: dict[str, Engine] = {
+    "arrow": Engine(score_split, streams=True),
+    "duckdb": Engine(score_split_duckdb, streams=False),
 }

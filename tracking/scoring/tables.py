@@ -114,6 +114,18 @@ def recorded_columns(schema: pa.Schema, name: str) -> frozenset[str]:
     return found
 
 
+def dynamics_expected(columns: list[str]) -> bool:
+    """Whether a table whose columns lack some of the dynamics scores' sources is worth a warning.
+
+    Not for a loss in parts (detection's `loss_loc`, `loss_pos`, `loss_neg`) with none of the
+    recorded columns: those scores are classification quantities (from the logits of one label), which
+    a detector never records, so their absence is expected. A classification table without them, or
+    with only some (runs recorded before them, a loop without `classification_columns`), still warns.
+    """
+    has_parts = len(contract.loss_columns(columns)) > 1
+    return not has_parts or bool(set(contract.RECORDED_COLUMNS) & set(columns))
+
+
 def bools(column: pa.ChunkedArray, what: str) -> np.ndarray:
     """A boolean column as numpy, unpacked from Arrow's bitmap by one numpy call (15x `to_numpy`);
     `what` names the column in the error for nulls."""
