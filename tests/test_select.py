@@ -6,6 +6,7 @@ real MLflow server (classify -> analyze -> select -> classify --exclude / --rela
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import uuid
@@ -153,7 +154,8 @@ def test_select_exclude_and_relabel_on_mlflow(tracking_env: dict[str, str], clie
     inputs = run.inputs.dataset_inputs
     assert len(inputs) == 1 and inputs[0].dataset.name == "train-aum-selection_0001"
     assert {(t.key, t.value) for t in inputs[0].tags} >= {("mlflow.data.context", "selection")}
-    assert inputs[0].dataset.source_type == "mlflow_artifacts" or path in inputs[0].dataset.source
+    assert inputs[0].dataset.source_type == "run_artifact"
+    assert json.loads(inputs[0].dataset.source) == {"uri": f"runs:/{source}/{path}"}
     assert run.data.tags["action_scores.selection.latest.train"] == path
     again = run_command([*cli[:-4], "--by", "fused", "--threshold", "0.9"], tracking_env)
     assert "by fused (higher = harder)" in again.stdout
