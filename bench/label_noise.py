@@ -216,7 +216,7 @@ def markdown(table: pd.DataFrame, command: str) -> str:
     lines += ["", "cleanlab `find_label_issues` (flagged / precision / recall): " + "; ".join(
         f"{r.setting}: {r.issues_found:.0f} / {r.issues_precision:.3f} / {r.issues_recall:.3f}"
         for r in reference.itertuples())]
-    lines += ["", "The fused score (`tracking.scoring.fused`; weights fitted on seeds 1 and 2, this table is seed "
+    lines += ["", "The fused score (`tracking.scoring.fused`; weights fitted on seed 1, this table is seed "
               f"{int(wide['seed'].iloc[0]) if 'seed' in wide else 0}) against the best single registered score, AUROC:", "",
               "| setting | best single score | fused | fused - best |", "| --- | --- | --- | --- |"]
     singles = wide[~wide["score"].isin([fused.NAME, CLEANLAB])]

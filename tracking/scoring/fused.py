@@ -10,7 +10,7 @@ and the fusion differ: 0.0005 AUROC below the best single score on digits.)
 
 The weights are fixed: fitted once by `bench/label_noise.py --fit-fused` (logistic regression on
 synthetic label noise, symmetric and asymmetric, 20% and 40%, injected into copies of the digits
-training split with seeds 1 and 2; the benchmark measures seed 0). Output: the model's probability
+training split with seed 1; the benchmark measures seed 0). Output: the model's probability
 that the sample is mislabeled; higher = harder. Deterministic: the same table gives the same scores.
 
 Pure pandas and numpy over a scores table (`action_scores/<split>/scores.parquet`): no torch,
@@ -31,8 +31,8 @@ DEFINITION = ("probability of a flipped label from a logistic model over the spl
               "confidence, variability, correctness, forgetting and el2n, fitted on synthetic label noise")
 # Fitted by `python bench/label_noise.py --fit-fused` (see there); the scores it reads, in order.
 FEATURES = ("action", "aum", "confidence", "variability", "correctness", "forgetting", "el2n")
-WEIGHTS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-INTERCEPT = 0.0
+WEIGHTS = (0.7959, 0.3282, -0.6393, -1.2301, 2.0042, 0.9958, -0.0917)
+INTERCEPT = -1.5283
 
 
 def features(scores: pd.DataFrame, names: tuple[str, ...] = FEATURES) -> np.ndarray:
