@@ -67,7 +67,7 @@ def test_split(dataset: str, root: Path, limit: int) -> Data:
     return Data("cifar10-test", inputs, np.asarray(folder.targets)[chosen], len(folder.classes))
 
 
-def train(train_data: Data, labels: np.ndarray, test: Data, epochs: int, seed: int, uri: str, *,
+def train(train_data: Data, labels: np.ndarray, test: Data, epochs: int, seed: int, uri: str, batch_size: int, *,
           record_train: bool, sample_ids: np.ndarray | None = None, new_labels: dict[int, int] | None = None,
           exclude: list[int] | None = None, tags: dict[str, str] | None = None, name: str = "") -> tuple[str, float]:
     """Train from scratch (the same seed every time), return (run id, clean test accuracy of the last epoch)."""
@@ -83,7 +83,7 @@ def train(train_data: Data, labels: np.ndarray, test: Data, epochs: int, seed: i
         model=model, step=classification_step, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
         datasets={"train": dataset, "test": TensorDataset(test.inputs, torch.from_numpy(test.labels))},
         tracked_passes={"train": "train", "test": "eval"} if record_train else {"test": "eval"},
-        epochs=epochs, batch_size=32, seed=seed, device=torch.device("cpu"), sample_ids=ids, tags=tags,
+        epochs=epochs, batch_size=batch_size, seed=seed, device=torch.device("cpu"), sample_ids=ids, tags=tags,
     )
     return tracker.run_id, metrics["test_correct"]
 
@@ -91,15 +91,15 @@ def train(train_data: Data, labels: np.ndarray, test: Data, epochs: int, seed: i
 def run_setting(data: Data, test: Data, kind: str, rate: float, args: argparse.Namespace, uri: str) -> list[dict]:
     """Every arm of one noise setting; rows of (arm, score, test accuracy, samples trained on)."""
     noisy, flipped = flip(data.labels, data.classes, rate, kind, args.seed)
-    base = {"dataset": data.name, "noise": kind, "rate": rate, "epochs": args.epochs}
+    base = {"dataset": data.name, "noise": kind, "rate": rate, "epochs": args.epochs, "batch_size": args.batch_size}
     fraction = args.flag_fraction or rate
     rows = []
     started = time.monotonic()
-    source, noisy_accuracy = train(data, noisy, test, args.epochs, args.seed, uri, record_train=True,
+    source, noisy_accuracy = train(data, noisy, test, args.epochs, args.seed, uri, args.batch_size, record_train=True,
                                    name=f"{kind}-{rate}-noisy")
     analyze_run(MLflowTracker(uri), source, panels=False)
     rows.append({**base, "arm": "a: noisy", "score": "", "accuracy": noisy_accuracy, "samples": len(noisy)})
-    _, clean_accuracy = train(data, data.labels, test, args.epochs, args.seed, uri, record_train=False,
+    _, clean_accuracy = train(data, data.labels, test, args.epochs, args.seed, uri, args.batch_size, record_train=False,
                               name=f"{kind}-{rate}-clean")
     rows.append({**base, "arm": "d: clean oracle", "score": "", "accuracy": clean_accuracy, "samples": len(noisy)})
     reader = MLflowTracker(uri)
@@ -113,14 +113,14 @@ def run_setting(data: Data, test: Data, kind: str, rate: float, args: argparse.N
             taken = from_selections(reader, "train", exclude=source)
             taken_exclude, tags = taken.exclude, taken.tags
             found = flipped[taken_exclude].mean()
-        _, accuracy = train(data, noisy, test, args.epochs, args.seed, uri, record_train=False, exclude=taken_exclude,
-                            tags=tags, name=f"{kind}-{rate}-without-{score}")
+        _, accuracy = train(data, noisy, test, args.epochs, args.seed, uri, args.batch_size, record_train=False,
+                            exclude=taken_exclude, tags=tags, name=f"{kind}-{rate}-without-{score}")
         rows.append({**base, "arm": "b: remove", "score": score, "accuracy": accuracy,
                      "samples": len(noisy) - len(taken_exclude), "flagged_precision": found})
         if score in args.relabel_scores.split(","):
             taken = from_selections(reader, "train", relabel=source)
             corrected = np.mean([data.labels[i] == y for i, y in taken.new_labels.items()]) if taken.new_labels else np.nan
-            _, accuracy = train(data, noisy, test, args.epochs, args.seed, uri, record_train=False,
+            _, accuracy = train(data, noisy, test, args.epochs, args.seed, uri, args.batch_size, record_train=False,
                                 new_labels=taken.new_labels, tags=taken.tags, name=f"{kind}-{rate}-relabel-{score}")
             rows.append({**base, "arm": "c: relabel", "score": score, "accuracy": accuracy, "samples": len(noisy),
                          "relabelled": len(taken.new_labels), "relabel_correct": corrected})
@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument("--flag-fraction", type=float, default=0.0, help="share of the split to remove "
                         "(default: the setting's true noise rate)")
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cifar-train", type=int, default=10000)
     parser.add_argument("--cifar-test", type=int, default=0, help="test images (default 0: all 10,000)")
     parser.add_argument("--cifar-root", default="/tmp/data/cifar10")
@@ -199,7 +200,7 @@ def main() -> None:
     import mlflow
 
     mlflow.MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(store / "artifacts").as_uri())
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # 2 cores shared with other jobs: one thread each trains faster than two fighting
     root = Path(args.cifar_root)
     data = digits() if args.dataset == "digits" else cifar_subset(root, args.cifar_train, args.seed)
     test = test_split(args.dataset, root, args.cifar_test)

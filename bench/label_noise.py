@@ -104,7 +104,7 @@ def flip(labels: np.ndarray, classes: int, rate: float, kind: str, seed: int) ->
     return noisy, flipped
 
 
-def train_scores(data: Data, noisy: np.ndarray, epochs: int, uri: str, seed: int) -> pd.DataFrame:
+def train_scores(data: Data, noisy: np.ndarray, epochs: int, uri: str, seed: int, batch_size: int = 32) -> pd.DataFrame:
     """Train with the train split tracked by the training pass, run the job, return its scores table."""
     torch.manual_seed(seed)
     model = KerasCifarCNN(data.inputs.shape[1], data.classes, data.inputs.shape[2])
@@ -113,7 +113,7 @@ def train_scores(data: Data, noisy: np.ndarray, epochs: int, uri: str, seed: int
         tracker=lambda: tracker, experiment="label-noise", run_name=data.name, params={"action_scores.task": "classification"},
         model=model, step=classification_step, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
         datasets={"train": TensorDataset(data.inputs, torch.from_numpy(noisy))}, tracked_passes={"train": "train"},
-        epochs=epochs, batch_size=32, seed=seed, device=torch.device("cpu"),
+        epochs=epochs, batch_size=batch_size, seed=seed, device=torch.device("cpu"),
     )
     analyze_run(MLflowTracker(uri), tracker.run_id, panels=False)
     local = MLflowTracker(uri)

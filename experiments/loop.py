@@ -96,8 +96,9 @@ class _Means:
         self.count = 0
 
     def add(self, out: StepOutput) -> None:
-        # Labels are recorded per sample but their mean means nothing.
-        values = {"loss": out.total.detach(), **{k: v.detach() for k, v in out.columns.items() if k != "target"}}
+        # Labels and predicted classes are recorded per sample but their mean means nothing.
+        values = {"loss": out.total.detach(),
+                  **{k: v.detach() for k, v in out.columns.items() if k not in ("target", "prediction")}}
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0) + value.float().sum()
         self.count += out.total.shape[0]
