@@ -119,7 +119,8 @@ def run_setting(data: Data, test: Data, kind: str, rate: float, args: argparse.N
                      "samples": len(noisy) - len(taken_exclude), "flagged_precision": found})
         if score in args.relabel_scores.split(","):
             taken = from_selections(reader, "train", relabel=source)
-            corrected = np.mean([data.labels[i] == y for i, y in taken.new_labels.items()]) if taken.new_labels else np.nan
+            corrected = (np.mean([data.labels[i] == y for i, y in taken.new_labels.items()]) if taken.new_labels
+                         else np.nan)
             _, accuracy = train(data, noisy, test, args.epochs, args.seed, uri, args.batch_size, record_train=False,
                                 new_labels=taken.new_labels, tags=taken.tags, name=f"{kind}-{rate}-relabel-{score}")
             rows.append({**base, "arm": "c: relabel", "score": score, "accuracy": accuracy, "samples": len(noisy),
@@ -138,7 +139,8 @@ def markdown(table: pd.DataFrame, command: str, wall: float, flag: str) -> str:
              "1 = as good as training on clean labels, 0 = no better than training on the noisy ones.", ""]
     for (dataset, noise, rate), frame in table.groupby(["dataset", "noise", "rate"], sort=False):
         lines += [f"**{dataset}, {rate:.0%} {noise}**", "",
-                  "| arm | score | samples | test accuracy | recovered | precision of the flagged | relabelled (correct) |",
+                  "| arm | score | samples | test accuracy | recovered | precision of the flagged "
+                  "| relabelled (correct) |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in frame.itertuples():
             precision = "" if pd.isna(getattr(row, "flagged_precision", np.nan)) else f"{row.flagged_precision:.3f}"

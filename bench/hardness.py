@@ -51,7 +51,8 @@ def _chosen(size: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
-def _instance_confusable(inputs: np.ndarray, labels: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _instance_confusable(inputs: np.ndarray, labels: np.ndarray, count: int, seed: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """The `count` samples whose label a pixel-space logistic regression finds least likely relative to its
     second-likeliest class, and that class: instance-dependent noise."""
     from sklearn.linear_model import LogisticRegression
@@ -153,10 +154,12 @@ def markdown(table: pd.DataFrame, command: str) -> str:
     table = table.assign(setting=table["dataset"] + " " + table["kind"])
     settings = list(dict.fromkeys(table["setting"]))
     lines = [f"Command: `{command}`", "",
-             f"{table['fraction'].iloc[0]:.0%} of the training samples perturbed per kind (seed {table['seed'].iloc[0]}, "
+             f"{table['fraction'].iloc[0]:.0%} of the training samples perturbed per kind "
+             f"(seed {table['seed'].iloc[0]}, "
              f"{table['epochs'].iloc[0]} epochs, batch {table['batch_size'].iloc[0]}); each score ranks in its own "
              "direction. Bold: the best score of a column.", ""]
-    for metric, title in (("auroc", "AUROC (chance 0.5)"), ("auprc", f"AUPRC (chance {table['fraction'].iloc[0]:.2f})")):
+    chance = f"AUPRC (chance {table['fraction'].iloc[0]:.2f})"
+    for metric, title in (("auroc", "AUROC (chance 0.5)"), ("auprc", chance)):
         lines += [f"**{title}** at flagging the perturbed samples", "",
                   "| score | orientation | " + " | ".join(settings) + " |", "| --- | --- |" + " --- |" * len(settings)]
         best = table.groupby("setting")[metric].max()

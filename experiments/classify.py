@@ -65,7 +65,8 @@ def from_selections(tracker: Tracker, split: str, exclude: str = "", relabel: st
             taken.exclude = table[contract.SAMPLE_ID].astype(int).tolist()
         else:
             suggested = table.dropna(subset=[SUGGESTED_LABEL])
-            taken.new_labels = dict(zip(suggested[contract.SAMPLE_ID].astype(int), suggested[SUGGESTED_LABEL].astype(int)))
+            taken.new_labels = dict(zip(suggested[contract.SAMPLE_ID].astype(int),
+                                        suggested[SUGGESTED_LABEL].astype(int)))
         taken.tags |= {SOURCE_RUN_TAG.format(use=use): tracker.run_id, SOURCE_FILE_TAG.format(use=use): path,
                        f"action_scores.selection.{use}.samples": str(len(table) if use == "exclude"
                                                                      else len(taken.new_labels))}

@@ -174,7 +174,8 @@ def _select_parser(commands: argparse._SubParsersAction) -> None:
         help="choose the hardest samples of an analysed run by a score and log the selection to the run",
         description=(f"Ranks a split of an analysed run by --by in that score's own direction, takes --fraction of "
                      f"it or every sample at least as hard as --threshold, and logs "
-                     f"{contract.SCORES_DIR}/<split>/selections/selection_NNNN.parquet (sample_id, the score, rank, label, "
+                     f"{contract.SCORES_DIR}/<split>/selections/selection_NNNN.parquet (sample_id, the score, rank, "
+                     "label, "
                      "suggested_label: the most frequent prediction where it differs from the label); on MLflow "
                      "also a dataset input of the run, on W&B a dataset artifact. Retrain with "
                      "`python -m experiments.classify --exclude <run id>` or `--relabel <run id>`."),
