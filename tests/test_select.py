@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import BIN, run_command
+from tests.conftest import BIN, in_process_training, run_command
 from tracking.errors import ActionScoresError
 from tracking.scoring.registry import SCORES
 from tracking.select import choices, choose, most_frequent_prediction, suggested_labels
@@ -105,10 +105,14 @@ def test_most_frequent_prediction_and_suggested_labels() -> None:
             assert row.suggested_label == mode[row.sample_id]
 
 
-def _train(env: dict[str, str], experiment: str, *extra: str) -> str:
-    result = run_command([sys.executable, "-m", "experiments.classify", "--epochs", str(EPOCHS), "--track",
-                          "train,test", "--experiment", experiment, "--batch-size", "64", *extra], env)
-    return re.search(r"run (\w+) finished", result.stdout).group(1)
+def _train(uri: str, experiment: str, *extra: str) -> str:
+    """One 2-epoch digits run in this process (train by the training pass, test by an eval pass): its id."""
+    from experiments.classify import main as classify
+
+    with in_process_training(uri):
+        classify(["--epochs", str(EPOCHS), "--track", "train,test", "--experiment", experiment, "--batch-size", "128",
+                  *extra])
+        return mlflow.last_active_run().info.run_id
 
 
 def _tables(client: mlflow.MlflowClient, run_id: str, split: str, dst: Path) -> list[pd.DataFrame]:
@@ -116,20 +120,34 @@ def _tables(client: mlflow.MlflowClient, run_id: str, split: str, dst: Path) -> 
     return [pd.read_parquet(path) for path in sorted(local.glob("epoch_*.parquet"))]
 
 
-def test_select_exclude_and_relabel_on_mlflow(tracking_env: dict[str, str], client: mlflow.MlflowClient,
-                                              tmp_path: Path) -> None:
+def _select(uri: str, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`action-scores select` in this process: (exit code, stdout, stderr)."""
+    from tracking.cli import main
+
+    capsys.readouterr()
+    code = main(["select", "--tracking-uri", uri, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_select_exclude_and_relabel_on_mlflow(tracking_env: dict[str, str], mlflow_server: str,
+                                              client: mlflow.MlflowClient, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    from tracking.analyze import analyze_run
+    from tracking.backends import MLflowTracker
+
     experiment = f"select-{uuid.uuid4().hex[:8]}"
-    source = _train(tracking_env, experiment)
-    cli = [str(BIN / "action-scores"), "select", "--run-id", source, "--split", "train", "--by", "aum",
-           "--fraction", "0.05"]
-    refused = run_command(cli, tracking_env, check=False)
-    assert refused.returncode == 2
-    assert f"action-scores: error: run {source} is not analysed" in refused.stderr
-    assert "action-scores analyze --run-id" in refused.stderr
-    run_command([str(BIN / "action-scores"), "analyze", "--run-id", source, "--no-panels"], tracking_env)
-    bad = run_command([*cli[:-2], "--fraction", "2"], tracking_env, check=False)
-    assert bad.returncode == 2 and "fraction must be in (0, 1]" in bad.stderr
-    result = run_command(cli, tracking_env)
+    source = _train(mlflow_server, experiment)
+    options = ["--run-id", source, "--split", "train"]
+    code, _, err = _select(mlflow_server, capsys, *options, "--by", "aum", "--fraction", "0.05")
+    assert code == 2
+    assert f"action-scores: error: run {source} is not analysed" in err
+    assert "action-scores analyze --run-id" in err
+    analyze_run(MLflowTracker(mlflow_server), source, panels=False)
+    code, _, err = _select(mlflow_server, capsys, *options, "--by", "aum", "--fraction", "2")
+    assert code == 2 and "fraction must be in (0, 1]" in err
+    result = run_command([str(BIN / "action-scores"), "select", *options, "--by", "aum", "--fraction", "0.05"],
+                         tracking_env)  # the console script, as a user runs it
     assert "selected 72 of 1437 samples of split 'train' by aum (lower = harder)" in result.stdout
 
     # The parquet: the 72 lowest aum, lowest first, against numpy on the run's own scores and tables.
@@ -157,13 +175,13 @@ def test_select_exclude_and_relabel_on_mlflow(tracking_env: dict[str, str], clie
     assert inputs[0].dataset.source_type == "run_artifact"
     assert json.loads(inputs[0].dataset.source) == {"uri": f"runs:/{source}/{path}"}
     assert run.data.tags["action_scores.selection.latest.train"] == path
-    again = run_command([*cli[:-4], "--by", "fused", "--threshold", "0.9"], tracking_env)
-    assert "by fused (higher = harder)" in again.stdout
+    code, out, _ = _select(mlflow_server, capsys, *options, "--by", "fused", "--threshold", "0.5")
+    assert code == 0 and "by fused (higher = harder)" in out
     assert client.get_run(source).data.tags["action_scores.selection.latest.train"].endswith("selection_0002.parquet")
-    run_command(cli, tracking_env)  # selection_0003: aum again, the latest, which training takes
+    assert _select(mlflow_server, capsys, *options, "--by", "aum", "--fraction", "0.05")[0] == 0  # 0003: the latest
 
     # --exclude: exactly the selected ids are absent from the new run's train tables; test is untouched.
-    excluded = _train(tracking_env, experiment, "--exclude", source)
+    excluded = _train(mlflow_server, experiment, "--exclude", source)
     for table in _tables(client, excluded, "train", tmp_path / "excluded"):
         assert table["sample_id"].tolist() == sorted(set(range(1437)) - set(selection["sample_id"]))
     for table in _tables(client, excluded, "test", tmp_path / "excluded-test"):
@@ -174,7 +192,7 @@ def test_select_exclude_and_relabel_on_mlflow(tracking_env: dict[str, str], clie
     assert tags["action_scores.selection.exclude.samples"] == "72"
 
     # --relabel: exactly the suggested labels change; every id stays.
-    relabel = _train(tracking_env, experiment, "--relabel", source)
+    relabel = _train(mlflow_server, experiment, "--relabel", source)
     table = _tables(client, relabel, "train", tmp_path / "relabel")[0].set_index("sample_id")
     original = tables[0].set_index("sample_id")["target"]
     changed = table.index[table["target"] != original.loc[table.index]]
@@ -182,12 +200,13 @@ def test_select_exclude_and_relabel_on_mlflow(tracking_env: dict[str, str], clie
     assert (table.loc[relabelled["sample_id"], "target"].to_numpy() == relabelled["suggested_label"].to_numpy()).all()
     assert client.get_run(relabel).data.tags["action_scores.selection.relabel.run"] == source
 
-    # A run without a selection of the split is named, with the command that makes one.
-    missing = run_command([sys.executable, "-m", "experiments.classify", "--epochs", "1", "--exclude", excluded],
-                          tracking_env, check=False)
-    assert missing.returncode != 0
-    assert f"run {excluded} has no selection of split 'train'" in missing.stderr
-    assert f"action-scores select --run-id {excluded} --split train" in missing.stderr
+    # A run without a selection of the split is named, with the command that makes one; no run is started.
+    runs_before = len(client.search_runs([run.info.experiment_id]))
+    with pytest.raises(ActionScoresError) as error:
+        _train(mlflow_server, experiment, "--exclude", excluded)
+    assert f"run {excluded} has no selection of split 'train'" in str(error.value)
+    assert f"action-scores select --run-id {excluded} --split train" in str(error.value)
+    assert len(client.search_runs([run.info.experiment_id])) == runs_before
 
 
 def test_select_on_a_wandb_offline_run(wandb_env: dict[str, str], tmp_path: Path) -> None:
