@@ -26,6 +26,9 @@ os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # keep test logs r
 # Offline, MLflow's telemetry thread gives up and deletes an env var that request threads
 # copy at the same moment (an intermittent KeyError); no test needs telemetry.
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+# No test uses the server's job runner (huey workers): without it a server starts in seconds,
+# not minutes, on a loaded 2-core machine.
+os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 BIN = Path(sys.executable).parent
 
 

@@ -16,7 +16,8 @@ from PIL import Image
 from tracking.backends import MLflowTracker
 from tracking.errors import ActionScoresError
 from tracking.record import LossRecorder, record_media
-from tracking.record.media import MAX_TEXT_CHARS, THUMBNAIL_SIDE
+from tracking.record.media import MAX_TEXT_CHARS, THUMBNAIL_SIDE, encode_png
+from tracking.record.png import encode_pngs
 
 
 def _pixels(png: bytes) -> np.ndarray:
@@ -180,3 +181,17 @@ def test_update_classification_refuses_bad_logits_and_targets(tmp_path: Path, lo
         recorder.update_classification(torch.arange(4), logits, targets)
     with pytest.raises(ActionScoresError, match="no batch was recorded"):
         recorder.end_epoch(0)
+
+
+@pytest.mark.parametrize("shape", [(40, 8, 8), (12, 32, 32, 3), (3, 1, 5), (3, 5, 1, 3)])
+def test_stacked_pngs_decode_to_the_same_pixels_and_are_no_larger_than_pils(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(0)
+    gradient = np.add.outer(np.arange(shape[1]), np.arange(shape[2])).astype(np.uint8) * 7
+    smooth = np.broadcast_to(gradient.reshape(1, shape[1], shape[2], *([1] if len(shape) == 4 else [])), shape)
+    noise = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    pixels = np.where(rng.random(shape[:1]).reshape(-1, *[1] * (len(shape) - 1)) < 0.5, smooth, noise).astype(np.uint8)
+    pngs = encode_pngs(pixels)
+    assert len(pngs) == shape[0]
+    for png, picture in zip(pngs, pixels):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), picture)
+    assert sum(map(len, pngs)) <= 1.05 * sum(len(encode_png(picture)) for picture in pixels)

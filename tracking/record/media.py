@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
+from tracking.record.png import encode_pngs
 
 if TYPE_CHECKING:
     from tracking.backends.base import RunWriter
@@ -130,13 +131,17 @@ def _checked_image(image: Any, position: int) -> np.ndarray:
     return pixels
 
 
-def _split_images(images: Any, size: int) -> list[np.ndarray]:
-    """Per-sample image arrays from an NxHxW[x3] array or a list of arrays, checked."""
+def _split_images(images: Any, size: int) -> np.ndarray | list[np.ndarray]:
+    """The checked pictures: an NxHxW[x3] stack, checked once for all, or a list of arrays, one by one."""
     if isinstance(images, (str, bytes)) or not hasattr(images, "__len__"):
         raise ActionScoresError(f"record_media: images must be an NxHxW[x3] uint8 array or a list of arrays, "
                                 f"got {type(images).__name__}")
     if len(images) != size:
         raise ActionScoresError(f"record_media: {len(images)} images for {size} sample ids; pass one per sample id")
+    if hasattr(images, "shape") and len(images.shape) >= 3:  # one array: every picture has the first one's form
+        stack = _host_array(images)
+        first = _checked_image(stack[0], 0)
+        return stack.reshape(size, *first.shape)
     return [_checked_image(image, position) for position, image in enumerate(images)]
 
 
@@ -150,6 +155,14 @@ def encode_png(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _encode_all(pictures: np.ndarray | list[np.ndarray]) -> list[bytes]:
+    """PNGs of the checked pictures: same-size small ones together (`tracking.record.png`), others one by one."""
+    shapes = {pictures.shape[1:]} if isinstance(pictures, np.ndarray) else {picture.shape for picture in pictures}
+    if len(shapes) == 1 and max(next(iter(shapes))[:2]) <= THUMBNAIL_SIDE:
+        return encode_pngs(np.asarray(pictures))
+    return [encode_png(pixels) for pixels in pictures]
 
 
 def _write(table: pa.Table, folder: Path) -> Path:
@@ -191,7 +204,7 @@ def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, label
     text_list: list[str | None] = [None] * size
     if images is not None:
         kind = "image"
-        pngs = [encode_png(pixels) for pixels in _split_images(images, size)]
+        pngs = _encode_all(_split_images(images, size))
         payload = sum(len(png) for png in pngs)
     elif texts is not None:
         kind = "text"

@@ -42,7 +42,7 @@ import torch
 
 from tracking import contract
 from tracking.record import distributed
-from tracking.record.columns import classification_columns
+from tracking.record.columns import classification_outputs
 from tracking.record.media import DEFAULT_MAX_BYTES, MediaSummary, record_media
 from tracking.errors import ActionScoresError, preview
 
@@ -50,6 +50,11 @@ if TYPE_CHECKING:
     from tracking.backends.base import RunWriter
 
 Losses = torch.Tensor | Mapping[str, torch.Tensor]
+
+# `update_classification` keeps its batches' logits (references, on their device) and reduces them
+# to the loss and dynamics columns in one go past this many values (16 MB of float32), or at the
+# end of the epoch: a dozen tensor operations per epoch instead of per batch.
+PENDING_LOGITS_LIMIT = 1 << 22
 
 
 def write_table(table: pa.Table, path: Path) -> None:
@@ -59,7 +64,8 @@ def write_table(table: pa.Table, path: Path) -> None:
     floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
     encodings = {contract.SAMPLE_ID: "DELTA_BINARY_PACKED", **{name: "BYTE_STREAM_SPLIT" for name in floats}}
     others = [name for name in table.column_names if name not in encodings]
-    pq.write_table(table, path, compression="zstd", use_dictionary=others, column_encoding=encodings)
+    with pa.OSFile(str(path), "wb") as sink:  # a plain local file: skips pyarrow's filesystem lookup (~0.5 ms)
+        pq.write_table(table, sink, compression="zstd", use_dictionary=others, column_encoding=encodings)
 
 
 class LossRecorder:
@@ -102,6 +108,8 @@ class LossRecorder:
         """Forget the batches of the current epoch."""
         self._ids: list[torch.Tensor] = []
         self._columns: dict[str, list[torch.Tensor]] = {}
+        self._pending_classification: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending_values = 0
 
     def update(self, sample_ids: torch.Tensor | np.ndarray, losses: Losses, **columns: torch.Tensor) -> None:
         """Add one batch: its sample ids and unreduced losses, plus optional per-sample columns.
@@ -110,9 +118,8 @@ class LossRecorder:
         tensor for a loss made of parts; the recorded ``loss`` is then the sum of parts.
         Extra keyword columns (for example ``target=y``) are stored as they come.
         """
-        ids = torch.as_tensor(sample_ids).detach().reshape(-1)
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ActionScoresError(f"sample_ids must be integers, got dtype {ids.dtype}")
+        self._reduce_pending_classification()  # batches are kept in the order they came
+        ids = self._checked_ids(sample_ids)
         if isinstance(losses, Mapping):
             if not losses:
                 raise ActionScoresError("losses is an empty dict: give at least one part")
@@ -144,9 +151,13 @@ class LossRecorder:
 
         One call, as the `aum` package's ``update(logits, targets, sample_ids)``; for any other
         loss use ``update``. ``logits``: (N, C) floats; ``targets``: (N,) class indices.
+        The batch is only checked and kept here; its columns are computed with the others'
+        (at ``end_epoch``, or past `PENDING_LOGITS_LIMIT` values), and targets on an accelerator
+        are range-checked then, so that no batch waits for the device.
         """
-        logits = torch.as_tensor(logits)
-        targets = torch.as_tensor(targets)
+        ids = self._checked_ids(sample_ids)
+        logits = torch.as_tensor(logits).detach()
+        targets = torch.as_tensor(targets).detach()
         if logits.dim() != 2 or not logits.dtype.is_floating_point:
             raise ActionScoresError(
                 f"logits have shape {tuple(logits.shape)} and dtype {logits.dtype}; expected (N, C) floats, "
@@ -157,13 +168,44 @@ class LossRecorder:
                 f"targets have shape {tuple(targets.shape)} and dtype {targets.dtype}; expected "
                 f"({logits.shape[0]},) class indices, one per row of logits (not one-hot or probabilities)"
             )
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
+        if ids.shape[0] != logits.shape[0]:
+            raise ActionScoresError(f"{ids.shape[0]} sample ids for {logits.shape[0]} rows of logits; "
+                                    "pass one id per sample")
+        if self._pending_classification and logits.shape[1] != self._pending_classification[0][1].shape[1]:
+            raise ActionScoresError(f"logits have {logits.shape[1]} classes; earlier batches of this epoch had "
+                                    f"{self._pending_classification[0][1].shape[1]}")
+        if targets.device.type == "cpu":  # free on the host; on a device it would wait for the batch
+            self._check_targets(targets, logits.shape[1])
+        self._pending_classification.append((ids, logits, targets))
+        self._pending_values += logits.numel()
+        if self._pending_values >= PENDING_LOGITS_LIMIT:
+            self._reduce_pending_classification()
+
+    def _reduce_pending_classification(self) -> None:
+        """The kept classification batches as one `update`: loss, target and dynamics columns."""
+        if not self._pending_classification:
+            return
+        batches, self._pending_classification, self._pending_values = self._pending_classification, [], 0
+        ids, logits, targets = (torch.cat(parts) for parts in zip(*batches))
+        if targets.device.type != "cpu":
+            self._check_targets(targets, logits.shape[1])
+        losses, columns = classification_outputs(logits, targets)
+        self.update(ids, losses, target=targets, **columns)
+
+    @staticmethod
+    def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
             raise ActionScoresError(
-                f"targets must be class indices in [0, {logits.shape[1]}), got values from "
+                f"targets must be class indices in [0, {num_classes}), got values from "
                 f"{int(targets.min())} to {int(targets.max())}"
             )
-        losses = torch.nn.functional.cross_entropy(logits.detach().float(), targets.long(), reduction="none")
-        self.update(sample_ids, losses, target=targets, **classification_columns(logits, targets))
+
+    @staticmethod
+    def _checked_ids(sample_ids: torch.Tensor | np.ndarray) -> torch.Tensor:
+        ids = torch.as_tensor(sample_ids).detach().reshape(-1)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ActionScoresError(f"sample_ids must be integers, got dtype {ids.dtype}")
+        return ids
 
     def record_media(self, sample_ids: torch.Tensor | np.ndarray | Sequence[int], *,
                      labels: Sequence[str] | None = None,
@@ -204,6 +246,7 @@ class LossRecorder:
 
     def _local_share(self) -> distributed.Share:
         """This process's ids and columns of the epoch, copied to the host in one go."""
+        self._reduce_pending_classification()
         if not self._ids:
             raise ActionScoresError(f"split {self.split!r}: no batch was recorded this epoch")
         ids = torch.cat(self._ids).cpu().numpy().astype(np.int64)
