@@ -171,7 +171,10 @@ class _Selected(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample_id = int(self.sample_ids[index])
         data, label = self.dataset[sample_id]
-        return data, self.new_labels.get(sample_id, label)
+        if sample_id not in self.new_labels:
+            return data, label
+        new = self.new_labels[sample_id]  # of the dataset's own label type, so that batches collate
+        return data, torch.as_tensor(new, dtype=label.dtype) if isinstance(label, torch.Tensor) else new
 
 
 def select_samples(dataset: Dataset, classes: int, exclude: Sequence[int] = (),
