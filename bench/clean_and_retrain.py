@@ -160,7 +160,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     arms = arms.assign(label=arms["score"] + np.where(arms["arm"] == "c: relabel", " (relabel)", ""))
     settings = list(dict.fromkeys(arms["noise"] + " " + (arms["rate"] * 100).map("{:.0f}%".format)))
     labels = list(dict.fromkeys(arms["label"]))
-    figure = agg_figure(2 + 1.4 * len(settings) * len(labels) / 3, 4.5)
+    figure = agg_figure(max(8.0, 2 + 1.4 * len(settings) * len(labels) / 3), 4.5)
     axes = figure.add_subplot(1, 1, 1)
     width = 0.8 / len(labels)
     for offset, label in enumerate(labels):
