@@ -134,6 +134,7 @@ def run_setting(data: Data, test: Data, kind: str, rate: float, args: argparse.N
 
 
 def markdown(table: pd.DataFrame, command: str, wall: float, flag: str) -> str:
+    table = table.fillna({"score": ""})  # the arms without a score, as a CSV reads them back
     lines = [f"Command: `{command}` ({wall / 60:.1f} min wall time on this machine)", "",
              f"Test accuracy on the clean test split; flagged fraction: {flag}. recovered = (b - a) / (d - a): "
              "1 = as good as training on clean labels, 0 = no better than training on the noisy ones.", ""]
