@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from experiments.classify import classification_step, from_selections  # noqa: E
 from experiments.datasets import load_split, select_samples  # noqa: E402
 from experiments.loop import train_and_record  # noqa: E402
 from experiments.models import KerasCifarCNN  # noqa: E402
-from label_noise import Data, cifar_subset, digits, flip  # noqa: E402
+from label_noise import Data, cifar_subset, digits, flip, local_store  # noqa: E402
 from tracking.analyze import analyze_run  # noqa: E402
 from tracking.backends import MLflowTracker  # noqa: E402
 from tracking.select import select_run  # noqa: E402
@@ -198,11 +197,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
-    store = Path(tempfile.mkdtemp(prefix="clean-retrain-mlflow-"))
-    uri = f"sqlite:///{store / 'mlflow.db'}"
-    import mlflow
-
-    mlflow.MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(store / "artifacts").as_uri())
+    uri = local_store(EXPERIMENT).uri
     torch.set_num_threads(1)  # 2 cores shared with other jobs: one thread each trains faster than two fighting
     root = Path(args.cifar_root)
     data = digits() if args.dataset == "digits" else cifar_subset(root, args.cifar_train, args.seed)

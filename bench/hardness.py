@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from label_noise import DIRECTIONS, Data, cifar_subset, digits, train_scores  # noqa: E402
+from label_noise import DIRECTIONS, Data, cifar_subset, digits, local_store, train_scores  # noqa: E402
 
 MISLABELING = ("uniform", "asymmetric", "adjacent", "instance")
 KINDS = (*MISLABELING, "near_ood", "far_ood", "zoom", "crop")
@@ -209,11 +208,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
-    store = Path(tempfile.mkdtemp(prefix="hardness-mlflow-"))
-    uri = f"sqlite:///{store / 'mlflow.db'}"
-    import mlflow
-
-    mlflow.MlflowClient(uri).create_experiment("label-noise", artifact_location=(store / "artifacts").as_uri())
+    uri = local_store("label-noise").uri  # the experiment train_scores writes to
     torch.set_num_threads(1)  # 2 cores shared with other jobs: one thread each trains faster than two fighting
     loaders: dict[str, Callable[[], tuple[Data, int]]] = {
         "digits": lambda: (digits(), args.epochs),

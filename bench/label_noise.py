@@ -249,6 +249,24 @@ def fit_fused(seeds: list[int], kinds: list[str], rates: list[float], epochs: in
     print(f"WEIGHTS = {weights}\nINTERCEPT = {intercept}")
 
 
+@dataclass
+class Store:
+    """A throwaway sqlite MLflow store: the benches' runs are a means, not a result."""
+
+    folder: Path
+    uri: str
+
+
+def local_store(name: str) -> Store:
+    """A new store in a temporary folder with the experiment `name` (its artifacts beside it)."""
+    import mlflow
+
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-mlflow-"))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment(name, artifact_location=(folder / "artifacts").as_uri())
+    return Store(folder, uri)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="digits,cifar10")
@@ -273,14 +291,11 @@ def main() -> None:
     if args.report_only:
         report(pd.read_csv(out / "label_noise.csv"), out, command)
         return
-    store = Path(tempfile.mkdtemp(prefix="label-noise-mlflow-"))  # the runs are a means here, not a result
-    uri = f"sqlite:///{store / 'mlflow.db'}"
-    import mlflow
-
-    mlflow.MlflowClient(uri).create_experiment("label-noise", artifact_location=(store / "artifacts").as_uri())
+    store = local_store("label-noise")
+    uri = store.uri
     torch.set_num_threads(1)  # 2 cores shared with other jobs: one thread each trains faster than two fighting
     if args.fit_fused:
-        cache = Path(args.scores_cache or store)
+        cache = Path(args.scores_cache or store.folder)
         cache.mkdir(parents=True, exist_ok=True)
         fit_fused([int(s) for s in args.fit_fused.split(",")], args.kinds.split(","),
                   [float(r) for r in args.rates.split(",")], args.epochs, cache, uri)
