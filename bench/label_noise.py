@@ -44,11 +44,13 @@ from experiments.models import KerasCifarCNN  # noqa: E402
 from tracking.analyze import analyze_run  # noqa: E402
 from tracking.backends import MLflowTracker  # noqa: E402
 
-# Score -> +1 if a higher value means "more likely flipped", -1 if lower does.
-DIRECTIONS = {
-    "action": +1, "confidence": -1, "variability": +1, "correctness": -1,
-    "forgetting": +1, "aum": -1, "el2n": +1,
-}
+from tracking.scoring import fused  # noqa: E402
+from tracking.scoring.registry import SCORES  # noqa: E402
+
+# Score -> +1 if a higher value means "more likely flipped", -1 if lower does: each score's registered
+# direction (mean_loss ranks as action does, so it is left out), and the fused score (higher = harder).
+DIRECTIONS = {name: +1 if score.higher_is_harder else -1 for name, score in SCORES.items() if name != "mean_loss"}
+DIRECTIONS[fused.NAME] = +1
 CLEANLAB = "cleanlab (LogReg 5-fold)"
 
 
@@ -102,7 +104,7 @@ def flip(labels: np.ndarray, classes: int, rate: float, kind: str, seed: int) ->
     return noisy, flipped
 
 
-def train_scores(data: Data, noisy: np.ndarray, epochs: int, uri: str, seed: int) -> pd.DataFrame:
+def train_scores(data: Data, noisy: np.ndarray, epochs: int, uri: str, seed: int, batch_size: int = 32) -> pd.DataFrame:
     """Train with the train split tracked by the training pass, run the job, return its scores table."""
     torch.manual_seed(seed)
     model = KerasCifarCNN(data.inputs.shape[1], data.classes, data.inputs.shape[2])
@@ -111,13 +113,16 @@ def train_scores(data: Data, noisy: np.ndarray, epochs: int, uri: str, seed: int
         tracker=lambda: tracker, experiment="label-noise", run_name=data.name, params={"action_scores.task": "classification"},
         model=model, step=classification_step, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
         datasets={"train": TensorDataset(data.inputs, torch.from_numpy(noisy))}, tracked_passes={"train": "train"},
-        epochs=epochs, batch_size=32, seed=seed, device=torch.device("cpu"),
+        epochs=epochs, batch_size=batch_size, seed=seed, device=torch.device("cpu"),
     )
     analyze_run(MLflowTracker(uri), tracker.run_id, panels=False)
     local = MLflowTracker(uri)
     local.attach(tracker.run_id)
     with tempfile.TemporaryDirectory() as folder:
-        return pd.read_parquet(local.download("action_scores/train/scores.parquet", folder)).sort_values("sample_id")
+        scores = pd.read_parquet(local.download("action_scores/train/scores.parquet", folder)).sort_values("sample_id")
+    scores[fused.NAME] = fused.fused(scores)
+    scores.attrs["run_id"] = tracker.run_id
+    return scores.reset_index(drop=True)
 
 
 def cleanlab_scores(data: Data, noisy: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +158,7 @@ def run_setting(data: Data, kind: str, rate: float, epochs: int, uri: str, seed:
     scores = train_scores(data, noisy, epochs, uri, seed)
     trained = time.monotonic() - started
     rows = []
-    base = {"dataset": data.name, "samples": len(noisy), "noise": kind, "rate": rate, "epochs": epochs}
+    base = {"dataset": data.name, "samples": len(noisy), "noise": kind, "rate": rate, "epochs": epochs, "seed": seed}
     for score, direction in DIRECTIONS.items():
         rows.append({**base, "score": score, **detection(direction * scores[score].to_numpy(np.float64), flipped)})
     suspicion, issues = cleanlab_scores(data, noisy, seed)
@@ -211,10 +216,55 @@ def markdown(table: pd.DataFrame, command: str) -> str:
     lines += ["", "cleanlab `find_label_issues` (flagged / precision / recall): " + "; ".join(
         f"{r.setting}: {r.issues_found:.0f} / {r.issues_precision:.3f} / {r.issues_recall:.3f}"
         for r in reference.itertuples())]
+    lines += ["", "The fused score (`tracking.scoring.fused`; weights fitted on seed 1, this table is seed "
+              f"{int(wide['seed'].iloc[0]) if 'seed' in wide else 0}) against the best single registered score, AUROC:", "",
+              "| setting | best single score | fused | fused - best |", "| --- | --- | --- | --- |"]
+    singles = wide[~wide["score"].isin([fused.NAME, CLEANLAB])]
+    for setting in settings:
+        best = singles[singles["setting"] == setting].sort_values("auroc").iloc[-1]
+        mine = wide[(wide["setting"] == setting) & (wide["score"] == fused.NAME)]["auroc"].iloc[0]
+        lines.append(f"| {setting} | {best['score']} {best['auroc']:.4f} | {mine:.4f} | {mine - best['auroc']:+.4f}"
+                     f"{'' if mine > best['auroc'] else ' (not above)'} |")
     lines += ["", "`action` and `mean_loss` rank alike (mean_loss = action / epochs), so only `action` is listed. "
               "`variability` is scored as Cartography reads it (higher = more ambiguous); below 0.5 means that "
               "flipped samples have *low* variability (Cartography's hard-to-learn region)."]
     return "\n".join(lines) + "\n"
+
+
+def fit_fused(seeds: list[int], kinds: list[str], rates: list[float], epochs: int, cache: Path, uri: str) -> None:
+    """Fit the fused score's weights on digits with synthetic noise of every kind and rate, for each seed;
+    prints the constants of `tracking.scoring.fused`. Scores tables are kept in `cache` and reused."""
+    data = digits()
+    tables = []
+    for seed in seeds:
+        for kind in kinds:
+            for rate in rates:
+                path = cache / f"scores_{kind}_{rate}_{seed}.parquet"
+                if not path.exists():
+                    noisy, flipped = flip(data.labels, data.classes, rate, kind, seed)
+                    train_scores(data, noisy, epochs, uri, seed).assign(flipped=flipped).to_parquet(path)
+                tables.append(pd.read_parquet(path).sort_values("sample_id"))
+    weights, intercept = fused.fit(tables, [table["flipped"].to_numpy() for table in tables])
+    print(f"fitted on {len(tables)} noisy copies of digits ({sum(len(t) for t in tables)} samples):")
+    print(f"WEIGHTS = {weights}\nINTERCEPT = {intercept}")
+
+
+@dataclass
+class Store:
+    """A throwaway sqlite MLflow store: the benches' runs are a means, not a result."""
+
+    folder: Path
+    uri: str
+
+
+def local_store(name: str) -> Store:
+    """A new store in a temporary folder with the experiment `name` (its artifacts beside it)."""
+    import mlflow
+
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-mlflow-"))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment(name, artifact_location=(folder / "artifacts").as_uri())
+    return Store(folder, uri)
 
 
 def main() -> None:
@@ -228,6 +278,10 @@ def main() -> None:
     parser.add_argument("--cifar-root", default="/tmp/data/cifar10")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/label_noise")
+    parser.add_argument("--fit-fused", default="", metavar="SEEDS",
+                        help="instead of the benchmark: fit the fused score's weights on digits noised with these "
+                             "seeds (comma separated, e.g. 1,2: not the benchmark's seed) and print them")
+    parser.add_argument("--scores-cache", default="", help="with --fit-fused: keep the scores tables here and reuse them")
     parser.add_argument("--report-only", action="store_true",
                         help="only redo the markdown and plot from the CSV already in --out (after an interruption)")
     args = parser.parse_args()
@@ -237,12 +291,15 @@ def main() -> None:
     if args.report_only:
         report(pd.read_csv(out / "label_noise.csv"), out, command)
         return
-    store = Path(tempfile.mkdtemp(prefix="label-noise-mlflow-"))  # the runs are a means here, not a result
-    uri = f"sqlite:///{store / 'mlflow.db'}"
-    import mlflow
-
-    mlflow.MlflowClient(uri).create_experiment("label-noise", artifact_location=(store / "artifacts").as_uri())
-    torch.set_num_threads(2)
+    store = local_store("label-noise")
+    uri = store.uri
+    torch.set_num_threads(1)  # 2 cores shared with other jobs: one thread each trains faster than two fighting
+    if args.fit_fused:
+        cache = Path(args.scores_cache or store.folder)
+        cache.mkdir(parents=True, exist_ok=True)
+        fit_fused([int(s) for s in args.fit_fused.split(",")], args.kinds.split(","),
+                  [float(r) for r in args.rates.split(",")], args.epochs, cache, uri)
+        return
     rows = []
     for name in args.datasets.split(","):
         if name == "digits":

@@ -6,7 +6,7 @@ show sample 123 of a run long after training. Each loader returns a `SplitData`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,3 +157,45 @@ def load_split(dataset: str, split: str, root: str | None = None) -> SplitData:
     if split not in SPLITS:
         raise ActionScoresError(f"unknown split {split!r} of {dataset!r}; choose one of {list(SPLITS)}")
     return DATASETS[dataset](split, root)
+
+
+class _Selected(Dataset):
+    """Some items of a dataset, in id order, with some labels replaced: a split trained on a selection."""
+
+    def __init__(self, dataset: Dataset, sample_ids: np.ndarray, new_labels: Mapping[int, int]) -> None:
+        self.dataset, self.sample_ids, self.new_labels = dataset, sample_ids, new_labels
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample_id = int(self.sample_ids[index])
+        data, label = self.dataset[sample_id]
+        if sample_id not in self.new_labels:
+            return data, label
+        new = self.new_labels[sample_id]  # of the dataset's own label type, so that batches collate
+        return data, torch.as_tensor(new, dtype=label.dtype) if isinstance(label, torch.Tensor) else new
+
+
+def select_samples(dataset: Dataset, classes: int, exclude: Sequence[int] = (),
+                   new_labels: Mapping[int, int] | None = None) -> tuple[Dataset, np.ndarray]:
+    """`dataset` without the `exclude` ids and with `new_labels` (sample id -> class) in place of theirs.
+
+    Returns the dataset and the sorted original id of each of its items (`train_and_record(sample_ids=)`),
+    so that ids keep their meaning. Ids outside the split or labels outside [0, classes) are errors: the
+    selection was made on another dataset.
+    """
+    size = len(dataset)  # type: ignore[arg-type]
+    excluded = np.unique(np.asarray(list(exclude), dtype=np.int64))
+    new_labels = {int(k): int(v) for k, v in (new_labels or {}).items()}
+    strangers = [i for i in [*excluded.tolist(), *new_labels] if not 0 <= i < size]
+    if strangers:
+        raise ActionScoresError(f"the selection names sample ids outside this split of {size} samples: "
+                                f"{sorted(set(strangers))[:10]}; was it made on another dataset?")
+    bad = {i: y for i, y in new_labels.items() if not 0 <= y < classes}
+    if bad:
+        raise ActionScoresError(f"suggested labels outside the {classes} classes: {dict(list(bad.items())[:10])}")
+    kept = np.setdiff1d(np.arange(size, dtype=np.int64), excluded)
+    if kept.size == 0:
+        raise ActionScoresError("the selection leaves out every sample of the split: nothing to train on")
+    return _Selected(dataset, kept, new_labels), kept

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -95,8 +96,9 @@ class _Means:
         self.count = 0
 
     def add(self, out: StepOutput) -> None:
-        # Labels are recorded per sample but their mean means nothing.
-        values = {"loss": out.total.detach(), **{k: v.detach() for k, v in out.columns.items() if k != "target"}}
+        # Labels and predicted classes are recorded per sample but their mean means nothing.
+        values = {"loss": out.total.detach(),
+                  **{k: v.detach() for k, v in out.columns.items() if k not in ("target", "prediction")}}
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0) + value.float().sum()
         self.count += out.total.shape[0]
@@ -211,6 +213,13 @@ def parse_track(spec: str, splits: Sequence[str], train_split: str = "train") ->
     return tracked
 
 
+def _recorder(split: str, size: int, ids: np.ndarray | None, tracker: Tracker | None) -> LossRecorder:
+    """The split's recorder; a selection's ids are sorted original positions, so the last bounds them."""
+    if ids is None:
+        return LossRecorder(split, size, tracker)
+    return LossRecorder(split, int(ids[-1]) + 1, tracker, sample_ids=ids)
+
+
 def train_and_record(
     *,
     tracker: Callable[[], Tracker],
@@ -231,6 +240,8 @@ def train_and_record(
     train_split: str = "train",
     save_model: str = "",
     epoch_metrics: Callable[[], Mapping[str, float]] | None = None,
+    sample_ids: Mapping[str, np.ndarray] | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
     """Open a run, log `params`, train with every tracked split recorded each epoch, close the run.
 
@@ -240,13 +251,16 @@ def train_and_record(
     a file for the trained weights. `epoch_metrics`: see `fit`. Under torchrun (WORLD_SIZE > 1) every rank trains on
     its share and records it, and only rank 0 opens the run, logs, saves and prints:
     `tracker` makes the tracker, and is called on rank 0 only, so that the other ranks
-    never touch the tracking store.
+    never touch the tracking store. `sample_ids`: per split, the sorted original id of each item of
+    a dataset that is a selection of its split (`experiments.datasets.select_samples`), so ids keep
+    their meaning and left-out ids are absent from the tables. `tags`: set on the run at its start.
     """
+    sample_ids = sample_ids or {}
     joined = distributed.init_from_env(device)
     main = distributed.is_main()
 
     def loader(split: str, shuffle: bool) -> DataLoader:
-        indexed = IndexedDataset(datasets[split])
+        indexed = IndexedDataset(datasets[split], sample_ids.get(split))
         if distributed.active():  # pads each rank's share with copies: the recorder keeps the first
             return DataLoader(indexed, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
                               sampler=DistributedSampler(indexed, shuffle=shuffle, seed=seed))
@@ -261,9 +275,11 @@ def train_and_record(
             if run_tracker is not None:
                 run_tracker.log_params(
                     {**params, **{f"action_scores.scored_by.{s}": p for s, p in tracked_passes.items()}})
+                run_tracker.set_tags(tags or {})
             tracked = {
-                split: TrackedSplit(loader(split, shuffle=False),
-                                    LossRecorder(split, len(datasets[split]), run_tracker), scored_by)
+                split: TrackedSplit(loader(split, shuffle=False), _recorder(split, len(datasets[split]),
+                                                                            sample_ids.get(split), run_tracker),
+                                    scored_by)
                 for split, scored_by in tracked_passes.items()
             }
             metrics = fit(model, step, optimizer, loader(train_split, shuffle=True), tracked, epochs, run_tracker,

@@ -90,7 +90,7 @@ def recorded(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Re
 def test_run_records_the_columns_from_the_logits_the_loss_used(recorded: Recorded) -> None:
     assert len(recorded.tables) == len(recorded.logits) == EPOCHS
     for table, logits in zip(recorded.tables, recorded.logits):
-        assert list(table.columns) == ["loss", "target", "correct", "p_true", "margin", "el2n"]
+        assert list(table.columns) == ["loss", "target", "correct", "p_true", "margin", "el2n", "prediction"]
         ids = table.index.to_numpy()
         z = np.stack([logits[i] for i in ids]).astype(np.float64)
         y = recorded.targets[ids]
@@ -102,6 +102,7 @@ def test_run_records_the_columns_from_the_logits_the_loss_used(recorded: Recorde
         others[rows, y] = -np.inf
         np.testing.assert_allclose(table["margin"], z[rows, y] - others.max(axis=1), rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(table["correct"], z.argmax(axis=1) == y)
+        np.testing.assert_array_equal(table["prediction"], z.argmax(axis=1))
         np.testing.assert_allclose(table["loss"], -np.log(p[rows, y]), rtol=1e-4, atol=1e-5)
     assert recorded.message == ""  # every score computed: nothing left out
 

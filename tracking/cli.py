@@ -4,6 +4,7 @@
     action-scores analyze --experiment <name>        # every finished run that needs it
     action-scores analyze --experiment <name> --force
     action-scores compare <run> <run> ...            # MLflow run ids, or W&B runs with --tracker wandb
+    action-scores select --run-id <id> --by aum --fraction 0.1   # log the hardest samples as a selection
     action-scores upload --spool <folder>            # what a tracking outage left behind
 
 Bad input ends with one line on stderr (`action-scores: error: ...`) and exit code 2.
@@ -145,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="action-scores-report.json", help="where to write the spec")
     report.add_argument("--title", default="")
     report.add_argument("--publish", action="store_true", help="save the report on the W&B server")
+    _select_parser(commands)
     upload = commands.add_parser(
         "upload",
         help="log the tables and metrics that training could not upload (the tracker was unreachable)",
@@ -156,6 +158,55 @@ def _parser() -> argparse.ArgumentParser:
     upload.add_argument("--run-id", default="", help="refuse a spool folder of another run")
     _tracker_options(upload, "", "the backend of the spool (default: the one its run.json names)")
     return parser
+
+
+def _number_or_none(value: str) -> float | None:
+    """A number, or "" for not given (as `mlflow run -P fraction=` passes it)."""
+    if value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+
+
+def _select_parser(commands: argparse._SubParsersAction) -> None:
+    """`select`'s options; the scores are named without importing the job (pandas), as `tracking.select.choices`."""
+    select = commands.add_parser(
+        "select",
+        help="choose the hardest samples of an analysed run by a score and log the selection to the run",
+        description=(f"Ranks a split of an analysed run by --by in that score's own direction, takes --fraction of "
+                     f"it or every sample at least as hard as --threshold, and logs "
+                     f"{contract.SCORES_DIR}/<split>/selections/selection_NNNN.parquet (sample_id, the score, rank, "
+                     "label, "
+                     "suggested_label: the most frequent prediction where it differs from the label); on MLflow "
+                     "also a dataset input of the run, on W&B a dataset artifact. Retrain with "
+                     "`python -m experiments.classify --exclude <run id>` or `--relabel <run id>`."),
+    )
+    select.add_argument("--run-id", required=True, help="an analysed run (W&B: an offline run folder, a run id, "
+                        "or entity/project/run_id)")
+    select.add_argument("--split", default="", help="the split to select from (default: the only one scored)")
+    select.add_argument("--by", default="fused", choices=[*SCORES, "fused"], metavar="SCORE",
+                        help=f"the score (default fused): {_dynamics_help(all_scores=True)}, or fused (higher = "
+                             "harder: the probability of a flipped label from all of them)")
+    select.add_argument("--fraction", type=_number_or_none, default=None,
+                        help="share of the split to take, hardest first, in (0, 1]")
+    select.add_argument("--threshold", type=_number_or_none, default=None,
+                        help="take every sample at least as hard as this value of the score")
+    _tracker_options(select, "", "where the run lives (default: wandb for a W&B offline folder, else mlflow)")
+
+
+def _select(args: argparse.Namespace) -> int:
+    from tracking.backends import MLflowTracker, WandbTracker
+    from tracking.backends.wandb_backend import is_offline_run_folder
+    from tracking.select import describe, select_run
+
+    name = args.tracker or (WandbTracker.name if is_offline_run_folder(args.run_id) else MLflowTracker.name)
+    tracker = _tracker(args, name, offline=_offline([args.run_id]) if name == WandbTracker.name else None)
+    selection = select_run(tracker, args.run_id, by=args.by, split=args.split or None, fraction=args.fraction,
+                           threshold=args.threshold)
+    print(describe(selection, tracker))
+    return 0
 
 
 def _upload(args: argparse.Namespace) -> int:
@@ -252,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar of our own instead
     args = _parser().parse_args(argv)
     try:
-        commands = {"report": _report, "upload": _upload, "compare": _compare, "analyze": _analyze}
+        commands = {"report": _report, "upload": _upload, "compare": _compare, "analyze": _analyze, "select": _select}
         return commands[args.command](args)
     except ActionScoresError as error:
         print(f"action-scores: error: {error}", file=sys.stderr)

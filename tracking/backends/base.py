@@ -77,6 +77,12 @@ class RunWriter(_Run, ABC):
             relative = path.parent.relative_to(root).as_posix()
             self.log_artifact(path, "/".join(part for part in (artifact_dir, relative) if part not in ("", ".")))
 
+    def log_dataset(self, local_path: str | Path, artifact_dir: str, name: str, context: str) -> None:
+        """Upload a parquet table the run made for other runs to use (a selection of samples) into
+        `artifact_dir`, and register it where the backend has a record of datasets: `name` names it,
+        `context` says what it is for. The default uploads the file only."""
+        self.log_artifact(local_path, artifact_dir)
+
     def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
         """Show a ranked set of samples natively where the backend has a view for it.
 

@@ -67,6 +67,10 @@ class FanOutTracker(Tracker):
         for tracker in self.trackers:
             tracker.log_metrics_later(metrics, step)
 
+    def log_dataset(self, local_path: str | Path, artifact_dir: str, name: str, context: str) -> None:
+        for tracker in self.trackers:
+            tracker.log_dataset(local_path, artifact_dir, name, context)
+
     def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
         for tracker in self.trackers:
             tracker.log_samples(key, rows)

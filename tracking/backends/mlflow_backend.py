@@ -46,6 +46,43 @@ def _end_run_without_waiting(status: str) -> None:
             pass
 
 
+def _run_artifact_source(uri: str) -> Any:
+    """A dataset source naming a file of a run as `runs:/<run id>/<path>` (what
+    `mlflow.artifacts.download_artifacts` takes): MLflow resolves no source for a served
+    store's `mlflow-artifacts:` URIs, and this one works for every store."""
+    from mlflow.data.dataset_source import DatasetSource
+
+    class RunArtifactSource(DatasetSource):
+        def __init__(self, uri: str) -> None:
+            self.uri = uri
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "run_artifact"
+
+        def load(self, dst_path: str | None = None) -> str:
+            import mlflow.artifacts
+
+            return mlflow.artifacts.download_artifacts(self.uri, dst_path=dst_path)
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return isinstance(raw_source, str) and raw_source.startswith("runs:/")
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> DatasetSource:
+            return cls(raw_source)
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[Any, Any]) -> DatasetSource:
+            return cls(source_dict["uri"])
+
+    return RunArtifactSource(uri)
+
+
 class MLflowTracker(Tracker):
     """MLflow backend; any tracking URI works (sqlite file, server, Databricks).
 
@@ -252,6 +289,20 @@ class MLflowTracker(Tracker):
 
     def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
         self._client.log_artifact(self.run_id, str(local_path), artifact_dir)
+
+    def log_dataset(self, local_path: str | Path, artifact_dir: str, name: str, context: str) -> None:
+        """The file, then a dataset input of the run (the run page's "Datasets used"), its source the
+        uploaded file, its digest MLflow's hash of the table, tagged with `context`."""
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        self.log_artifact(local_path, artifact_dir)
+        source = _run_artifact_source(f"runs:/{self.run_id}/{artifact_dir}/{Path(local_path).name}")
+        dataset = mlflow.data.from_pandas(pd.read_parquet(local_path), source=source, name=name)
+        self._client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                           [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
     def params(self) -> dict[str, str]:
         return dict(self._client.get_run(self.run_id).data.params)

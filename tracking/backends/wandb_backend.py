@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -209,6 +210,16 @@ class WandbTracker(Tracker):
             artifact = wandb.Artifact(artifact_dir.replace("/", "-"), type="per_sample_losses")
             artifact.add_file(str(local_path), name=f"{artifact_dir}/{Path(local_path).name}")
             run.log_artifact(artifact)
+
+    def log_dataset(self, local_path: str | Path, artifact_dir: str, name: str, context: str) -> None:
+        """The file among the run's files, and a `dataset` artifact `name` (a new version per call),
+        its metadata saying `context`."""
+        import wandb
+
+        self.log_artifact(local_path, artifact_dir)
+        artifact = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]", "-", name), type="dataset", metadata={"context": context})
+        artifact.add_file(str(local_path), name=f"{artifact_dir}/{Path(local_path).name}")
+        self._writer().log_artifact(artifact)
 
     def params(self) -> dict[str, str]:
         config = self._offline.config if self._offline else dict(self._online.config)

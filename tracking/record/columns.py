@@ -1,7 +1,7 @@
 """Per-sample columns a classification step records beside its loss, from the logits it already has.
 
 The training-dynamics scores (`tracking.scoring`) read them: `correct`, `p_true`,
-`margin` and `el2n` (see `tracking.contract`).
+`margin` and `el2n` (see `tracking.contract`); `action-scores select` reads `prediction`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def classification_outputs(logits: torch.Tensor, targets: torch.Tensor) -> tuple
         log_p = logits.log_softmax(dim=1)
         log_p_true = log_p.gather(1, targets[:, None]).squeeze(1)
         p_true = log_p_true.exp()
-        correct = logits.argmax(dim=1) == targets
+        prediction = logits.argmax(dim=1)
+        correct = prediction == targets
         if logits.shape[1] > 1:
             top = logits.topk(2, dim=1).values
             best_other = torch.where(correct, top[:, 1], top[:, 0])
@@ -36,12 +37,13 @@ def classification_outputs(logits: torch.Tensor, targets: torch.Tensor) -> tuple
             contract.P_TRUE: p_true,
             contract.MARGIN: logits.gather(1, targets[:, None]).squeeze(1) - best_other,
             contract.EL2N: error.norm(dim=1),
+            contract.PREDICTION: prediction,
         }
 
 
 def classification_columns(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """The per-sample columns the dynamics scores need, for a loop that computes its own loss.
 
-    No second forward pass and no logits stored: four numbers per sample, kept on the device.
+    No second forward pass and no logits stored: five numbers per sample, kept on the device.
     """
     return classification_outputs(logits, targets)[1]

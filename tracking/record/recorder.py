@@ -81,11 +81,15 @@ class LossRecorder:
         num_samples: int,
         tracker: RunWriter | None = None,
         local_dir: str | Path | None = None,
+        sample_ids: np.ndarray | None = None,
     ) -> None:
+        """`sample_ids`: the ids every epoch must hold, all in ``[0, num_samples)`` (default: all of them);
+        a run trained on a selection (`-P exclude=<run>`) leaves some ids out and keeps the others' meaning."""
         if num_samples <= 0:
             raise ActionScoresError(f"num_samples must be positive, got {num_samples}")
         self.split = contract.check_name("split", split)
         self.num_samples = int(num_samples)
+        self.sample_ids = None if sample_ids is None else np.unique(np.asarray(sample_ids, dtype=np.int64))
         self.tracker = tracker
         self._local_dir = Path(local_dir) if local_dir is not None else None
         self._parts: list[str] | None = None
@@ -276,11 +280,13 @@ class LossRecorder:
                 f"split {self.split!r}: sample ids out of range [0, {self.num_samples}): "
                 f"{preview(out_of_range)}"
             )
-        if unique_ids.size != self.num_samples:
-            missing = np.setdiff1d(np.arange(self.num_samples), unique_ids)
+        expected = np.arange(self.num_samples) if self.sample_ids is None else self.sample_ids
+        if unique_ids.size != expected.size or not np.array_equal(unique_ids, expected):
+            missing, unexpected = np.setdiff1d(expected, unique_ids), np.setdiff1d(unique_ids, expected)
             raise ActionScoresError(
-                f"split {self.split!r}: {missing.size} of {self.num_samples} samples missing "
-                f"from this epoch: {preview(missing)}"
+                f"split {self.split!r}: {missing.size} of {expected.size} samples missing "
+                f"from this epoch: {preview(missing)}" + (f"; not among its ids: {preview(unexpected)}"
+                                                          if unexpected.size else "")
             )
         arrays: dict[str, np.ndarray] = {contract.SAMPLE_ID: unique_ids}
         values = {name: column[first] for name, column in values.items()}
