@@ -75,8 +75,12 @@ def render_panel(rows: Sequence[tuple[str, Sequence[PanelItem]]], path: Path, ti
         raise ActionScoresError(f"panel {path}: no rows to draw; pass at least one (title, items) row")
     shapes = [tuple(side * upscale_factor(item.image) for side in item.image.shape[:2])
               for _, items in rows for item in items] or [(1, 1)]
-    tile_height = float(np.clip(max(height for height, _ in shapes) / DPI, *TILE_SIDES))
-    tile_width = float(np.clip(max(width for _, width in shapes) / DPI, TILE_SIDES[0], 2 * TILE_SIDES[1]))
+    # At least two tiles a line: a scene 500 px wide would otherwise get a column of its own, a 10-scene
+    # panel 3,200 px tall; wider pictures are scaled down into the tile, and the tile's height with them.
+    widest = max(width for _, width in shapes) / DPI
+    tile_width = float(np.clip(widest, TILE_SIDES[0], PANEL_WIDTH / 2))
+    shrink = min(1.0, tile_width / widest)
+    tile_height = float(np.clip(max(height for height, _ in shapes) / DPI * shrink, *TILE_SIDES))
     columns = max(1, min(MAX_COLUMNS, int(PANEL_WIDTH // tile_width)))
     columns = max(grid_shape(len(items), columns)[1] for _, items in rows)  # balanced: 7 tiles -> 4 + 3
     lines = sum(max(1, -(-len(items) // columns)) for _, items in rows)
