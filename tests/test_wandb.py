@@ -127,3 +127,20 @@ def test_offline_attach_errors_are_clear(wandb_env: dict[str, str], tmp_path: Pa
     (tmp_path / "not-a-run").mkdir()
     with pytest.raises(ActionScoresError, match="is not a W&B offline run folder"):
         tracker.attach(str(tmp_path / "not-a-run"))
+
+
+def test_offline_folder_copied_under_another_name_is_read(wandb_env: dict[str, str], tmp_path: Path) -> None:
+    """A run folder copied or renamed (no longer `offline-run-<time>-<id>`) is still the run it holds."""
+    import shutil
+
+    tracker = WandbTracker()
+    run_id = tracker.start()
+    recorder = LossRecorder("test", 5, tracker, local_dir=tmp_path / "local")
+    recorder.update(torch.arange(5), torch.tensor([0.5, 1.5, 2.5, 3.5, 4.5]))
+    recorder.end_epoch(0)
+    tracker.finish()
+    copy = shutil.copytree(_run_folder(tmp_path, run_id), tmp_path / "elsewhere" / "my-run")
+    tracker.attach(str(copy))
+    assert tracker.run_id == run_id
+    table = pd.read_parquet(tracker.download("per_sample_losses/test/epoch_0000.parquet", tmp_path / "back"))
+    assert table["loss"].tolist() == [0.5, 1.5, 2.5, 3.5, 4.5]

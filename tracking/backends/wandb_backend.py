@@ -69,6 +69,8 @@ class OfflineRun:
         self.run_id = runs[0].stem[len("run-"):]
         self.root = folder.parent  # the `wandb/` folder holding every run folder
         self.folders = sorted(self.root.glob(f"*-{self.run_id}"))  # oldest first (names start with the time)
+        if folder not in self.folders:  # renamed or copied elsewhere: the folder given is the run
+            self.folders = [folder]
         self.project = ""
         self.config: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
