@@ -282,8 +282,13 @@ def in_process_training(uri: str) -> Iterator[None]:
     exports the active experiment, which would leak into later tests' `mlflow run` subprocesses."""
     from tracking.backends import patched_environ
 
+    import mlflow
+
     kept = {key: os.environ.get(key) for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     with patched_environ({"MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": None, **kept}):
+        # A tracker started earlier in this process (another test's server) set mlflow's process-wide
+        # URI, which outranks the variable: a run made here would go to that server.
+        mlflow.set_tracking_uri(uri)
         yield
 
 

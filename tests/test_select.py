@@ -112,7 +112,12 @@ def _train(uri: str, experiment: str, *extra: str) -> str:
     with in_process_training(uri):
         classify(["--epochs", str(EPOCHS), "--track", "train,test", "--experiment", experiment, "--batch-size", "128",
                   *extra])
-        return mlflow.last_active_run().info.run_id
+    # Asked of the server, not of mlflow's process-wide last_active_run: an earlier test of the session
+    # may have left that pointing at a run of another server.
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id
 
 
 def _tables(client: mlflow.MlflowClient, run_id: str, split: str, dst: Path) -> list[pd.DataFrame]:
