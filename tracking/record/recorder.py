@@ -280,8 +280,11 @@ class LossRecorder:
                 f"split {self.split!r}: sample ids out of range [0, {self.num_samples}): "
                 f"{preview(out_of_range)}"
             )
-        expected = np.arange(self.num_samples) if self.sample_ids is None else self.sample_ids
-        if unique_ids.size != expected.size or not np.array_equal(unique_ids, expected):
+        # Unique and in range: all of [0, num_samples) are there exactly when the count is right.
+        complete = (unique_ids.size == self.num_samples if self.sample_ids is None
+                    else np.array_equal(unique_ids, self.sample_ids))
+        if not complete:
+            expected = np.arange(self.num_samples) if self.sample_ids is None else self.sample_ids
             missing, unexpected = np.setdiff1d(expected, unique_ids), np.setdiff1d(unique_ids, expected)
             raise ActionScoresError(
                 f"split {self.split!r}: {missing.size} of {expected.size} samples missing "
