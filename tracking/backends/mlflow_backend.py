@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -167,9 +167,10 @@ class MLflowTracker(Tracker):
             if self._started:
                 uploader.submit("end", status=status)
             left = uploader.close()
-            if left or uploader.refused:
+            if left or uploader.refused or uploader.unwritten:
                 self.left_behind = left_behind_message(uploader.spool, left, redact(uploader.last_error),
-                                                       redact(self.tracking_uri), uploader.refused)
+                                                       redact(self.tracking_uri), uploader.refused,
+                                                       uploader.unwritten)
                 log.warning(self.left_behind)
             if self._started:  # the spooled `end` ends the run on the server (or will, by upload)
                 self._started = False
@@ -188,6 +189,19 @@ class MLflowTracker(Tracker):
 
     def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
         self._uploads().submit("artifact", path=str(Path(local_path).resolve()), artifact_dir=artifact_dir)
+
+    def write_later(self, local_path: str | Path, write: Callable[[], object], artifact_dir: str) -> None:
+        """`write()` (which makes `local_path`) on the run's writer thread, then `upload_later` from there."""
+        path = Path(local_path).resolve()
+
+        def written() -> dict[str, str]:
+            write()
+            return {"path": str(path), "artifact_dir": artifact_dir}
+
+        self._uploads().submit_after(written, "artifact", describe=f"{artifact_dir}/{path.name}")
+
+    def log_params_later(self, params: Mapping[str, object]) -> None:
+        self._uploads().submit("params", params={key: str(value) for key, value in params.items()})
 
     def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
         self._uploads().submit("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=int(step),
@@ -217,6 +231,8 @@ class MLflowTracker(Tracker):
                 if not Path(payload["path"]).is_file():
                     raise UploadRefused(f"spooled table {payload['path']} is gone")
                 self._client.log_artifact(run_id, payload["path"], payload["artifact_dir"])
+            elif operation.kind == "params":
+                self._log_params(run_id, payload["params"])
             elif operation.kind == "metrics":
                 metrics, step = payload["metrics"], payload["step"]
                 if maybe_done:
@@ -257,18 +273,21 @@ class MLflowTracker(Tracker):
             raise
 
     def log_params(self, params: Mapping[str, object]) -> None:
+        self._log_params(self.run_id, params)
+
+    def _log_params(self, run_id: str, params: Mapping[str, object]) -> None:
+        """Params are immutable in MLflow, and `mlflow run` logs the entry point's parameters itself:
+        keep what is there rather than fail on a reformatted value (this also makes a replay idempotent)."""
         from mlflow.entities import Param
 
-        # Params are immutable in MLflow, and `mlflow run` logs the entry point's
-        # parameters itself: keep what is there rather than fail on a reformatted value.
-        existing = self.params()
+        existing = self._client.get_run(run_id).data.params
         fresh = [
             Param(key, str(value)[: self._MAX_PARAM_LENGTH])
             for key, value in params.items()
             if key not in existing
         ]
         for start in range(0, len(fresh), self._MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=fresh[start : start + self._MAX_PARAMS_PER_BATCH])
+            self._client.log_batch(run_id, params=fresh[start : start + self._MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self._log_metrics(self.run_id, metrics, step)
