@@ -16,7 +16,9 @@ Two figures per framework:
   goes first (median of the neighbouring pairs' ratios). With the callback, Lightning and
   Keras also run the evaluation pass (a forward pass over the tracked split, the paper's
   measurement); the Trainer evaluates every epoch in both fits, so its ratio is recording alone.
-The cost of media on its own (bytes per sample, seconds per 10,000): `bench/bench_media.py`.
+Also printed: the tracked split's media, bytes per sample and seconds per 10,000 samples (the
+one-time check + encode + write, inside the session's `recorder`); the cost of other kinds of
+media on their own: `bench/bench_media.py`.
 Runs go to a throwaway sqlite MLflow store; uploads run in the background as in training.
 """
 
@@ -41,6 +43,10 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+import pyarrow.parquet as pq  # noqa: E402
+
+from tracking import contract  # noqa: E402
+from tracking.backends.uploads import SPOOL_ENV  # noqa: E402
 from tracking.integrations import session as session_module  # noqa: E402
 from tracking.record.recorder import LossRecorder  # noqa: E402
 
@@ -191,6 +197,10 @@ def overhead(name: str, epochs: int, repeats: int) -> None:
                 calls.append(attribution.by_call)
                 background.append(attribution.background_seconds)
     ratios = [r / p for p, r in zip(plain_s, recorded_s)]
+    media = max(Path(os.environ[SPOOL_ENV]).glob(f"*/{contract.media_dir('test')}/{contract.MEDIA_FILE}"),
+                key=lambda path: path.stat().st_mtime)  # the last recorded fit's
+    rows = pq.read_metadata(media).num_rows
+    encode_s = statistics.median(c.get("recorder", 0.0) for c in calls)  # the session's `recorder`: media check+encode
     print(f"{name}: {epochs}-epoch fit, plain median {statistics.median(plain_s):.2f}s, with the callback "
           f"{statistics.median(recorded_s):.2f}s\n"
           f"    attribution (inside the recorder / fit time): median {100 * statistics.median(attributed):.2f}% "
@@ -198,6 +208,8 @@ def overhead(name: str, epochs: int, repeats: int) -> None:
           f"{', '.join(f'{k} {statistics.median(c.get(k, 0.0) for c in calls):.3f}' for k in sorted(calls[0]))}\n"
           f"    off the training thread (table writes on the writer thread): median "
           f"{statistics.median(background):.3f}s per fit\n"
+          f"    media of the tracked split: {rows:,} samples, {media.stat().st_size / rows:.0f} bytes per sample, "
+          f"{encode_s * 10_000 / rows:.2f}s per 10,000 samples (check + encode + write)\n"
           f"    paired ratio with/without: median {statistics.median(ratios):.3f} "
           f"(pairs: {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
 
@@ -213,7 +225,7 @@ def main() -> None:
     torch.set_num_threads(1)  # least noise on a shared machine
     with tempfile.TemporaryDirectory(prefix="bench-integrations-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        os.environ["ACTION_SCORES_SPOOL"] = f"{tmp}/spool"
+        os.environ[SPOOL_ENV] = f"{tmp}/spool"
         os.chdir(tmp)  # the sqlite store's artifacts land here
         print(f"{args.epochs}-epoch fits, {args.repeats} pairs each, 1 torch thread", flush=True)
         for name in filter(None, args.frameworks.split(",")):
