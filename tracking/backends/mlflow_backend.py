@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,9 +26,25 @@ from tracking.errors import ActionScoresError
 log = logging.getLogger(__name__)
 # MLflow error codes of a write that no retry can make succeed (the run deleted or missing, no permission).
 REFUSALS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+# What S3 (a client writing the bucket itself: `--no-serve-artifacts`) answers for good: retrying cannot help.
+S3_REFUSALS = frozenset({"NoSuchBucket", "InvalidBucketName", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId",
+                         "SignatureDoesNotMatch", "AccountProblem"})
 # MLflow 3's experiment kind: model training, not GenAI. (MLflow 3.17's UI shows the view of its global
 # GenAI / Model training switch instead; `?workflowType=machine_learning` in a link selects the latter.)
 EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def _s3_refusal(error: Exception) -> str | None:
+    """The S3 error code of a boto3/botocore error that retrying cannot fix (a missing bucket, refused
+    credentials), or None for anything else (a network error, a server error: tried again later).
+    boto3's upload wraps S3's answer in its message: "An error occurred (NoSuchBucket) when calling ..."."""
+    if not type(error).__module__.startswith(("boto3", "botocore")):
+        return None
+    if type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return type(error).__name__
+    code = getattr(error, "response", {}).get("Error", {}).get("Code") or next(
+        iter(re.findall(r"An error occurred \((\w+)\)", str(error))), None)
+    return code if code in S3_REFUSALS else None
 
 
 def _end_run_without_waiting(status: str) -> None:
@@ -164,6 +181,7 @@ class MLflowTracker(Tracker):
         status = "FAILED" if failed else "FINISHED"
         if self._uploader is not None:
             uploader, self._uploader = self._uploader, None
+            uploader.wait_for_writes()  # the run's end comes after its last table
             if self._started:
                 uploader.submit("end", status=status)
             left = uploader.close()
@@ -250,6 +268,12 @@ class MLflowTracker(Tracker):
         except ImportError as error:  # the run's artifact store needs a client package this process lacks
             raise UploadRefused(f"{error}: the run's artifact store needs it in the training environment "
                                 "(for s3://: pip install 'action-scores[s3]')") from None
+        except Exception as error:
+            code = _s3_refusal(error)
+            if code is None:
+                raise
+            raise UploadRefused(f"S3 refused it ({code}): {redact(str(error))[:300]}; check the bucket and the "
+                                "AWS credentials of the training environment") from None
 
     @contextmanager
     def job_lock(self) -> Iterator[None]:

@@ -176,6 +176,11 @@ class Uploader:
         by `unwritten` (`describe` says what it was), and the operations behind it go on."""
         self._writer.submit(self._make_and_submit, make, kind, describe)
 
+    def wait_for_writes(self) -> None:
+        """Wait until every table handed to `submit_after` is written and queued (or named in `unwritten`),
+        so that an operation submitted next comes after them: the run's end, above all."""
+        self._writer.shutdown(wait=True)
+
     def _make_and_submit(self, make: Callable[[], Mapping[str, Any]], kind: str, describe: str) -> None:
         try:
             payload = make()
@@ -223,7 +228,7 @@ class Uploader:
         """Wait up to `timeout` seconds (default `$ACTION_SCORES_UPLOAD_WAIT`, 300) for the queue
         to drain, after the writer thread's tables; return the operations left undone (still on disk)."""
         deadline = time.monotonic() + (self._wait if timeout is None else timeout)
-        self._writer.shutdown(wait=True)  # local disk: its tables join the queue before the wait starts
+        self.wait_for_writes()  # local disk: its tables join the queue before the wait starts
         with self._lock:
             self._closing = True
             self._lock.notify_all()
