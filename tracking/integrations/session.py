@@ -176,7 +176,7 @@ class RecordingSession:
         if self.writer is None:
             return
         if not self._params_logged:
-            self.writer.log_params_later({f"action_scores.scored_by.{name}": how
+            self.writer.log_params_later({contract.SCORED_BY_PREFIX + name: how
                                           for name, how in self.scored_by.items()})
             self._params_logged = True
         media = self._pending_media.pop(split, None)
