@@ -13,8 +13,10 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -24,7 +26,7 @@ from tracking.backends.base import Tracker
 from tracking.errors import ActionScoresError
 from tracking.report.plots import class_distribution
 from tracking.report.views import VIEWS, SplitView, choose_view, load_picture_function
-from tracking.scoring.engines import ENGINES
+from tracking.scoring.engines import ENGINES, Fetched, LocalFile
 from tracking.scoring.tables import epoch_files
 
 log = logging.getLogger(__name__)
@@ -52,9 +54,12 @@ class RunFiles:
     """A run's files as the job reads them, each a `Future` of its local path, fetched in the background.
 
     Where the run's store is a folder on this machine (`Tracker.local_file`) a file is read in place,
-    never copied. Otherwise DOWNLOAD_THREADS threads download it under `dst`; epoch tables (`stream`)
-    at most `ahead` (default FETCH_AHEAD) beyond the last one the scorer has read (`release`), and each
-    copy is deleted once read, so the disk holds a window of tables, not the run. `keep` files (media) stay until the end.
+    never copied. Otherwise DOWNLOAD_THREADS threads fetch it: epoch tables (`stream`) at most `ahead`
+    (default FETCH_AHEAD) beyond the last one the scorer has read (`release`), each straight into memory
+    where the tracker can (`Tracker.fetch`: a store served over HTTP; the Future's result is then a `Fetched`),
+    else downloaded under `dst` and the copy deleted once read: memory or disk holds a window of tables, not
+    the run. `keep` files (media), and the tables of an engine that needs them all (`bounded=False`: it reads
+    files), are downloaded, and stay until the end.
     Use it as a context manager: leaving cancels what has not started and waits for the rest.
     """
 
@@ -62,8 +67,8 @@ class RunFiles:
         self._tracker, self._dst, self._free = tracker, dst, FETCH_AHEAD if ahead is None else ahead
         self._pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="action-scores-fetch")
         self._lock = threading.Lock()
-        self._waiting: deque[tuple[str, Future[Path]]] = deque()  # tables beyond the window, in order
-        self._copies: dict[str, tuple[Path, bool]] = {}  # downloaded, not yet released -> (copy, holds a place)
+        self._waiting: deque[tuple[str, Future[LocalFile]]] = deque()  # tables beyond the window, in order
+        self._copies: dict[str, tuple[Path | None, bool]] = {}  # fetched, not yet released -> (copy on disk, holds a place)
         self._bar = tqdm(total=0, desc="fetch", unit="file", disable=not progress)
 
     def __enter__(self) -> RunFiles:
@@ -77,14 +82,15 @@ class RunFiles:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._bar.close()
 
-    def stream(self, paths: list[str], bounded: bool = True) -> list[Future[Path]]:
-        """Futures of the tables at `paths`, fetched in order, each copy deleted on `release`. `bounded`:
-        within the window (for a streaming engine), else all at once (an engine that needs every file)."""
+    def stream(self, paths: list[str], bounded: bool = True) -> list[Future[LocalFile]]:
+        """Futures of the tables at `paths`, fetched in order, each copy dropped on `release`. `bounded`:
+        within the window, into memory where the tracker can (for a streaming engine), else all at once, as
+        files (an engine that needs every file)."""
         return self._submit(paths, "window" if bounded else "all")
 
     def keep(self, path: str) -> Future[Path]:
-        """A file needed until the job ends (a split's media), fetched now, outside the window."""
-        return self._submit([path], "keep")[0]
+        """A file needed until the job ends (a split's media), downloaded now, outside the window."""
+        return cast("Future[Path]", self._submit([path], "keep")[0])
 
     def release(self, path: str) -> None:
         """The scorer has read `path`: delete its copy, and fetch the next table if it held a place."""
@@ -96,8 +102,8 @@ class RunFiles:
                 self._free += 1
                 self._pump()
 
-    def _submit(self, paths: list[str], mode: str) -> list[Future[Path]]:
-        futures = [(path, Future()) for path in paths]
+    def _submit(self, paths: list[str], mode: str) -> list[Future[LocalFile]]:
+        futures: list[tuple[str, Future[LocalFile]]] = [(path, Future()) for path in paths]
         with self._lock:
             self._bar.total += len(paths)
             self._bar.refresh()
@@ -119,17 +125,18 @@ class RunFiles:
             self._free -= 1
             self._pool.submit(self._fetch, path, future, "window")
 
-    def _fetch(self, path: str, future: Future[Path], mode: str) -> None:
+    def _fetch(self, path: str, future: Future[LocalFile], mode: str) -> None:
         if not future.set_running_or_notify_cancel():
             return
         try:
-            local = self._tracker.download(path, self._dst)
+            data = self._tracker.fetch(path) if mode == "window" else None
+            local: LocalFile = Fetched(data) if data is not None else self._tracker.download(path, self._dst)
         except Exception as error:  # handed to the reader, which raises it in the job's thread
             future.set_exception(error)
             return
         if mode != "keep":
             with self._lock:
-                self._copies[path] = (local, mode == "window")
+                self._copies[path] = (local if isinstance(local, Path) else None, mode == "window")
         self._bar.update()
         future.set_result(local)
 
@@ -138,7 +145,7 @@ def download_all(tracker: Tracker, paths: list[str], dst: Path) -> dict[str, Pat
     """Fetch files in parallel threads, with a progress bar; returns artifact path -> local path (the file
     itself where the store is local). For a whole folder at once; the job streams instead (`RunFiles`)."""
     with RunFiles(tracker, dst) as files:
-        return {path: future.result() for path, future in zip(paths, files.stream(paths, bounded=False))}
+        return {path: Path(future.result()) for path, future in zip(paths, files.stream(paths, bounded=False))}
 
 
 def objectives(scores: pd.DataFrame) -> dict[str, str]:
@@ -202,7 +209,8 @@ def analyze_run(
     `el2n_epoch`: see `score_split`. `pictures`: a function of a sample id that returns a
     uint8 image, or its `module:function` name, for runs with neither media nor a built-in
     dataset (`tracking.report.views.choose_view`). The run is held with `Tracker.job_lock`
-    meanwhile: a second job on it fails, naming the first.
+    while the job computes and writes (its tables start downloading before: reading needs no
+    lock): a second job on it fails, naming the first.
     """
     if top_k <= 0:
         raise ActionScoresError(f"top_k must be positive, got {top_k}")
@@ -221,9 +229,7 @@ def analyze_run(
 
     if done := skipped():
         return done
-    with tracker.job_lock():
-        return skipped() or _analyze_locked(tracker, run_id, top_k, data_root, panels, engine,  # a job may just have finished
-                                          el2n_epoch, named, progress)
+    return _analyze(tracker, run_id, top_k, data_root, panels, engine, el2n_epoch, named, progress, skipped)
 
 
 def media_files(tracker: Tracker, splits: list[str]) -> dict[str, str]:
@@ -249,11 +255,13 @@ def write_text_tables(samples: dict[str, list[dict]], view: SplitView, out_dir: 
     return written
 
 
-def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, panels: bool,
-                    engine: str, el2n_epoch: int | None,
-                    pictures: tuple[str, Callable[[int], object]] | None, progress: bool) -> AnalysisResult:
-    """The job's work on a run it holds: read and check everything, compute, then write, status last.
-    Each epoch table is scored as soon as it is local (`RunFiles`), while the next ones download."""
+def _analyze(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, panels: bool,
+             engine: str, el2n_epoch: int | None, pictures: tuple[str, Callable[[int], object]] | None,
+             progress: bool, skipped: Callable[[], AnalysisResult | None]) -> AnalysisResult:
+    """The job's work on a run: read and check everything, compute, then write, status last. The tables start
+    downloading first, then the job takes the run (`Tracker.job_lock`, whose settle wait they overlap), and
+    `skipped` asks again whether a job has just finished it. Each epoch table is scored as soon as it is here
+    (`RunFiles`), while the next ones download."""
     files = tracker.list_files(contract.LOSSES_DIR)
     by_split = epoch_files(files)
     if not by_split:
@@ -270,12 +278,16 @@ def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | 
     result = AnalysisResult(run_id, "done")
     media = media_files(tracker, list(by_split)) if panels else {}
     scorer = ENGINES[engine]
-    with tempfile.TemporaryDirectory(prefix="action-scores-job-") as work, \
-            RunFiles(tracker, Path(work) / "in", progress=progress) as files:
+    with ExitStack() as held:  # left in reverse: the lock first, then the downloads, then the folder
+        work = held.enter_context(tempfile.TemporaryDirectory(prefix="action-scores-job-"))
+        files = held.enter_context(RunFiles(tracker, Path(work) / "in", progress=progress))
         # Every split's tables are queued at once, so the next split's first ones arrive while one is scored.
         tables = {split: list(zip(paths, files.stream(paths, bounded=scorer.streams)))
                   for split, paths in by_split.items()}
         pictures_of = {split: files.keep(path) for split, path in media.items()}
+        held.enter_context(tracker.job_lock())  # reading needs no lock: the tables download while it settles
+        if done := skipped():  # a job may just have finished
+            return done
         out = Path(work) / "out"
         metrics: dict[str, float] = {}
         samples: dict[str, list[dict]] = {}
@@ -314,11 +326,11 @@ def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | 
                 f"action_scores.{split}.action_min": float(scores["action"].min()),
             }
         tracker.log_artifacts(out, contract.SCORES_DIR)
-    for key, rows in samples.items():
-        tracker.log_samples(key, rows)
-    tracker.log_metrics(metrics)
-    tracker.set_tags({contract.STATUS_TAG: contract.STATUS_DONE})
-    tracker.finish()  # flushes a resumed W&B run; a no-op for an attached MLflow run
+        for key, rows in samples.items():
+            tracker.log_samples(key, rows)
+        tracker.log_metrics(metrics)
+        tracker.set_tags({contract.STATUS_TAG: contract.STATUS_DONE})
+        tracker.finish()  # flushes a resumed W&B run; a no-op for an attached MLflow run
     return result
 
 
