@@ -101,3 +101,32 @@ def test_a_missing_table_is_the_server_s_404_and_a_local_store_is_not_fetched(
     local = MLflowTracker(uri)
     local.attach(local_run)
     assert local.fetch(f"{contract.losses_dir(SPLIT)}/epoch_0000.parquet") is None  # read in place instead
+
+
+
+def test_past_the_memory_budget_the_window_s_tables_go_to_disk_and_each_copy_is_deleted_once_read(
+        client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracking.analyze
+
+    run_id = client.create_run(experiment_id).info.run_id
+    written = _log_epochs(client, run_id, np.ones((5, 10), np.float32), tmp_path / "written")
+    paths = [f"{contract.losses_dir(SPLIT)}/{path.name}" for path in written]
+    tracker.attach(run_id)
+    monkeypatch.setattr(tracking.analyze, "FETCH_MEMORY", min(path.stat().st_size for path in written))
+    dst = tmp_path / "in"
+    with RunFiles(tracker, dst, ahead=2, progress=False) as files:
+        futures = files.stream(paths)
+        # The first two start together, the memory still empty: both come into memory.
+        assert all(isinstance(future.result(timeout=60), Fetched) for future in futures[:2])
+        files.release(paths[0])  # epoch 1 still holds the budget: epoch 2 goes to disk
+        assert futures[2].result(timeout=60) == dst / paths[2]
+        assert (dst / paths[2]).read_bytes() == written[2].read_bytes()
+        files.release(paths[1])  # the memory is empty again: epoch 3 comes into it
+        assert isinstance(futures[3].result(timeout=60), Fetched)
+        files.release(paths[2])  # the copy is deleted once read; epoch 4 finds epoch 3 holding the budget
+        assert not (dst / paths[2]).exists()
+        assert futures[4].result(timeout=60) == dst / paths[4]
+        files.release(paths[3])
+        files.release(paths[4])
+    assert [p for p in dst.rglob("*") if p.is_file()] == []

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 DOWNLOAD_THREADS = 8
 DEFAULT_WORKERS = 4  # runs analysed at once by `analyze_experiment`
 FETCH_AHEAD = 16  # epoch tables downloaded beyond the one being scored: keeps DOWNLOAD_THREADS busy, bounds the disk
+FETCH_MEMORY = 512 * 2**20  # bytes of fetched tables held in memory at most (plus those in flight); more go to disk
 CLASS_DISTRIBUTION = "by_class_distribution.png"  # box plot of action per class, classification splits
 
 
@@ -56,9 +57,9 @@ class RunFiles:
     Where the run's store is a folder on this machine (`Tracker.local_file`) a file is read in place,
     never copied. Otherwise DOWNLOAD_THREADS threads fetch it: epoch tables (`stream`) at most `ahead`
     (default FETCH_AHEAD) beyond the last one the scorer has read (`release`), each straight into memory
-    where the tracker can (`Tracker.fetch`: a store served over HTTP; the Future's result is then a `Fetched`),
-    else downloaded under `dst` and the copy deleted once read: memory or disk holds a window of tables, not
-    the run. `keep` files (media), and the tables of an engine that needs them all (`bounded=False`: it reads
+    where the tracker can (`Tracker.fetch`: a store served over HTTP; the Future's result is then a `Fetched`)
+    and the window's tables in memory stay under FETCH_MEMORY bytes, else downloaded under `dst` and the copy
+    deleted once read: memory or disk holds a window of tables, not the run. `keep` files (media), and the tables of an engine that needs them all (`bounded=False`: it reads
     files), are downloaded, and stay until the end.
     Use it as a context manager: leaving cancels what has not started and waits for the rest.
     """
@@ -68,7 +69,9 @@ class RunFiles:
         self._pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="action-scores-fetch")
         self._lock = threading.Lock()
         self._waiting: deque[tuple[str, Future[LocalFile]]] = deque()  # tables beyond the window, in order
-        self._copies: dict[str, tuple[Path | None, bool]] = {}  # fetched, not yet released -> (copy on disk, holds a place)
+        # fetched, not yet released -> (copy on disk, holds a place, bytes held in memory)
+        self._copies: dict[str, tuple[Path | None, bool, int]] = {}
+        self._in_memory = 0  # bytes of the fetched tables not yet released
         self._bar = tqdm(total=0, desc="fetch", unit="file", disable=not progress)
 
     def __enter__(self) -> RunFiles:
@@ -95,7 +98,8 @@ class RunFiles:
     def release(self, path: str) -> None:
         """The scorer has read `path`: delete its copy, and fetch the next table if it held a place."""
         with self._lock:
-            local, counted = self._copies.pop(path, (None, False))
+            local, counted, size = self._copies.pop(path, (None, False, 0))
+            self._in_memory -= size
             if local is not None:
                 local.unlink(missing_ok=True)
             if counted:
@@ -128,15 +132,19 @@ class RunFiles:
     def _fetch(self, path: str, future: Future[LocalFile], mode: str) -> None:
         if not future.set_running_or_notify_cancel():
             return
+        with self._lock:
+            to_memory = mode == "window" and self._in_memory < FETCH_MEMORY
         try:
-            data = self._tracker.fetch(path) if mode == "window" else None
+            data = self._tracker.fetch(path) if to_memory else None
             local: LocalFile = Fetched(data) if data is not None else self._tracker.download(path, self._dst)
         except Exception as error:  # handed to the reader, which raises it in the job's thread
             future.set_exception(error)
             return
         if mode != "keep":
             with self._lock:
-                self._copies[path] = (local if isinstance(local, Path) else None, mode == "window")
+                size = len(data) if data is not None else 0
+                self._in_memory += size
+                self._copies[path] = (local if isinstance(local, Path) else None, mode == "window", size)
         self._bar.update()
         future.set_result(local)
 
