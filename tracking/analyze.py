@@ -59,8 +59,9 @@ class RunFiles:
     (default FETCH_AHEAD) beyond the last one the scorer has read (`release`), each straight into memory
     where the tracker can (`Tracker.fetch`: a store served over HTTP; the Future's result is then a `Fetched`)
     and the window's tables in memory stay under FETCH_MEMORY bytes, else downloaded under `dst` and the copy
-    deleted once read: memory or disk holds a window of tables, not the run. `keep` files (media), and the tables of an engine that needs them all (`bounded=False`: it reads
-    files), are downloaded, and stay until the end.
+    deleted once read: memory or disk holds a window of tables, not the run. `keep` files (media), and the
+    tables of an engine that needs them all (`bounded=False`: it reads files), are downloaded, and stay until
+    the end. The progress bar shows from `show_progress` on.
     Use it as a context manager: leaving cancels what has not started and waits for the rest.
     """
 
@@ -72,7 +73,8 @@ class RunFiles:
         # fetched, not yet released -> (copy on disk, holds a place, bytes held in memory)
         self._copies: dict[str, tuple[Path | None, bool, int]] = {}
         self._in_memory = 0  # bytes of the fetched tables not yet released
-        self._bar = tqdm(total=0, desc="fetch", unit="file", disable=not progress)
+        self._progress, self._bar = progress, None  # the bar starts with `show_progress`
+        self._total = self._fetched = 0  # files asked for, files here
 
     def __enter__(self) -> RunFiles:
         return self
@@ -83,7 +85,26 @@ class RunFiles:
                 future.cancel()
             self._waiting.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
+
+    def show_progress(self) -> None:
+        """Start the progress bar, from what is already here: the job shows it once it holds the run, so a
+        job refused the run (another job holds it, no permission to write) ends with its error alone."""
+        with self._lock:
+            if self._bar is None:
+                self._bar = tqdm(total=self._total, initial=self._fetched, desc="fetch", unit="file",
+                                 disable=not self._progress)
+
+    def _count(self, asked: int = 0, here: int = 0) -> None:
+        """Files asked for and arrived, on the bar once it is shown (under the lock)."""
+        self._total, self._fetched = self._total + asked, self._fetched + here
+        if self._bar is not None:
+            self._bar.total = self._total
+            if here:
+                self._bar.update(here)
+            else:
+                self._bar.refresh()
 
     def stream(self, paths: list[str], bounded: bool = True) -> list[Future[LocalFile]]:
         """Futures of the tables at `paths`, fetched in order, each copy dropped on `release`. `bounded`:
@@ -109,12 +130,11 @@ class RunFiles:
     def _submit(self, paths: list[str], mode: str) -> list[Future[LocalFile]]:
         futures: list[tuple[str, Future[LocalFile]]] = [(path, Future()) for path in paths]
         with self._lock:
-            self._bar.total += len(paths)
-            self._bar.refresh()
+            self._count(asked=len(paths))
             for path, future in futures:
                 if (local := self._tracker.local_file(path)) is not None:
                     future.set_result(local)  # read in place: never copied, never deleted, no place taken
-                    self._bar.update()
+                    self._count(here=1)
                 elif mode == "window":
                     self._waiting.append((path, future))
                 else:
@@ -140,12 +160,12 @@ class RunFiles:
         except Exception as error:  # handed to the reader, which raises it in the job's thread
             future.set_exception(error)
             return
-        if mode != "keep":
-            with self._lock:
+        with self._lock:
+            if mode != "keep":
                 size = len(data) if data is not None else 0
                 self._in_memory += size
                 self._copies[path] = (local if isinstance(local, Path) else None, mode == "window", size)
-        self._bar.update()
+            self._count(here=1)
         future.set_result(local)
 
 
@@ -153,6 +173,7 @@ def download_all(tracker: Tracker, paths: list[str], dst: Path) -> dict[str, Pat
     """Fetch files in parallel threads, with a progress bar; returns artifact path -> local path (the file
     itself where the store is local). For a whole folder at once; the job streams instead (`RunFiles`)."""
     with RunFiles(tracker, dst) as files:
+        files.show_progress()
         return {path: Path(future.result()) for path, future in zip(paths, files.stream(paths, bounded=False))}
 
 
@@ -296,6 +317,7 @@ def _analyze(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, p
         held.enter_context(tracker.job_lock())  # reading needs no lock: the tables download while it settles
         if done := skipped():  # a job may just have finished
             return done
+        files.show_progress()
         out = Path(work) / "out"
         metrics: dict[str, float] = {}
         samples: dict[str, list[dict]] = {}
