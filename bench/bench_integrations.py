@@ -4,17 +4,21 @@
     python bench/bench_integrations.py --frameworks keras --repeats 5 --epochs 5
 
 Two figures per framework:
-- attribution: the time spent inside the recorder's calls (`LossRecorder.update`,
-  `update_classification`, `end_epoch`, and `record_media`; for Keras also the dynamics
-  columns its callback computes beside `update`), summed over a fit and divided by the
-  fit's time (the forward pass of an evaluation pass is the measurement, not counted).
-  It is what recording adds, measured where it happens, so the noise of a shared machine
-  hardly touches it;
+- attribution: the time spent inside the recorder's calls on the training thread
+  (`LossRecorder.update`, `update_classification`, and the session's `recorder` (which
+  checks and encodes a split's media) and `end_epoch` (which checks the table and queues
+  it, the params and the media); for Keras also the dynamics columns its callback computes
+  beside `update`), summed over a fit and divided by the fit's time (the forward pass of an
+  evaluation pass is the measurement, not counted). It is what recording adds, measured
+  where it happens, so the noise of a shared machine hardly touches it. Printed beside it:
+  the seconds the tables' writes take on the tracker's writer thread, off the training thread;
 - the paired ratio: the same fit with the callback against without it, alternating which
   goes first (median of the neighbouring pairs' ratios). With the callback, Lightning and
   Keras also run the evaluation pass (a forward pass over the tracked split, the paper's
   measurement); the Trainer evaluates every epoch in both fits, so its ratio is recording alone.
-The cost of media on its own (bytes per sample, seconds per 10,000): `bench/bench_media.py`.
+Also printed: the tracked split's media, bytes per sample and seconds per 10,000 samples (the
+one-time check + encode + write, inside the session's `recorder`); the cost of other kinds of
+media on their own: `bench/bench_media.py`.
 Runs go to a throwaway sqlite MLflow store; uploads run in the background as in training.
 """
 
@@ -28,6 +32,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +43,10 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+import pyarrow.parquet as pq  # noqa: E402
+
+from tracking import contract  # noqa: E402
+from tracking.backends.uploads import SPOOL_ENV  # noqa: E402
 from tracking.integrations import session as session_module  # noqa: E402
 from tracking.record.recorder import LossRecorder  # noqa: E402
 
@@ -49,6 +58,8 @@ class Attribution:
         self.seconds = 0.0
         self.by_call: dict[str, float] = {}  # outermost call name -> seconds
         self._depth = 0
+        self.background_seconds = 0.0  # table writes on the tracker's writer thread, off the training thread
+        self._background_lock = threading.Lock()
 
     def timed(self, function: Callable) -> Callable:
         @functools.wraps(function)
@@ -65,19 +76,38 @@ class Attribution:
                     self.by_call[function.__name__] = self.by_call.get(function.__name__, 0.0) + elapsed
         return wrapper
 
+    def timed_elsewhere(self, function: Callable) -> Callable:
+        """Seconds of a call made on another thread (the tables' background writes), kept apart."""
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                with self._background_lock:
+                    self.background_seconds += time.perf_counter() - start
+        return wrapper
+
     @contextlib.contextmanager
     def patched(self) -> Iterator[None]:
         from tracking.integrations import keras as keras_module  # its dynamics columns are computed beside `update`
+        from tracking.record import recorder as recorder_module
 
+        # The session's calls are the outermost: `recorder` checks and encodes a split's media when it is first
+        # seen, `end_epoch` ends the recorder's epoch and queues the params and media.
         targets = [(LossRecorder, "update"), (LossRecorder, "update_classification"), (LossRecorder, "end_epoch"),
-                   (session_module, "record_media"), (keras_module, "classification_columns")]
-        saved = [getattr(owner, name) for owner, name in targets]
+                   (session_module.RecordingSession, "recorder"), (session_module.RecordingSession, "end_epoch"),
+                   (keras_module, "classification_columns")]
+        background = [(recorder_module, "_write_atomically")]
+        saved = [getattr(owner, name) for owner, name in targets + background]
         for owner, name in targets:
             setattr(owner, name, self.timed(getattr(owner, name)))
+        for owner, name in background:
+            setattr(owner, name, self.timed_elsewhere(getattr(owner, name)))
         try:
             yield
         finally:
-            for (owner, name), original in zip(targets, saved):
+            for (owner, name), original in zip(targets + background, saved):
                 setattr(owner, name, original)
 
 
@@ -153,7 +183,7 @@ FITS = {"lightning": lightning_fit, "huggingface": huggingface_fit, "keras": ker
 def overhead(name: str, epochs: int, repeats: int) -> None:
     fit = FITS[name]
     fit(1, True)  # warm-up: imports, allocator, kernels
-    plain_s, recorded_s, attributed, calls = [], [], [], []
+    plain_s, recorded_s, attributed, calls, background = [], [], [], [], []
     for repeat in range(repeats):
         for recorded in ((False, True) if repeat % 2 == 0 else (True, False)):
             attribution = Attribution()
@@ -165,12 +195,21 @@ def overhead(name: str, epochs: int, repeats: int) -> None:
             if recorded:
                 attributed.append(attribution.seconds / seconds)
                 calls.append(attribution.by_call)
+                background.append(attribution.background_seconds)
     ratios = [r / p for p, r in zip(plain_s, recorded_s)]
+    media = max(Path(os.environ[SPOOL_ENV]).glob(f"*/{contract.media_dir('test')}/{contract.MEDIA_FILE}"),
+                key=lambda path: path.stat().st_mtime)  # the last recorded fit's
+    rows = pq.read_metadata(media).num_rows
+    encode_s = statistics.median(c.get("recorder", 0.0) for c in calls)  # the session's `recorder`: media check+encode
     print(f"{name}: {epochs}-epoch fit, plain median {statistics.median(plain_s):.2f}s, with the callback "
           f"{statistics.median(recorded_s):.2f}s\n"
           f"    attribution (inside the recorder / fit time): median {100 * statistics.median(attributed):.2f}% "
           f"(runs: {', '.join(f'{100 * a:.2f}%' for a in attributed)}); by call, seconds per fit: "
           f"{', '.join(f'{k} {statistics.median(c.get(k, 0.0) for c in calls):.3f}' for k in sorted(calls[0]))}\n"
+          f"    off the training thread (table writes on the writer thread): median "
+          f"{statistics.median(background):.3f}s per fit\n"
+          f"    media of the tracked split: {rows:,} samples, {media.stat().st_size / rows:.0f} bytes per sample, "
+          f"{encode_s * 10_000 / rows:.2f}s per 10,000 samples (check + encode + write)\n"
           f"    paired ratio with/without: median {statistics.median(ratios):.3f} "
           f"(pairs: {', '.join(f'{r:.3f}' for r in ratios)})", flush=True)
 
@@ -186,7 +225,7 @@ def main() -> None:
     torch.set_num_threads(1)  # least noise on a shared machine
     with tempfile.TemporaryDirectory(prefix="bench-integrations-") as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-        os.environ["ACTION_SCORES_SPOOL"] = f"{tmp}/spool"
+        os.environ[SPOOL_ENV] = f"{tmp}/spool"
         os.chdir(tmp)  # the sqlite store's artifacts land here
         print(f"{args.epochs}-epoch fits, {args.repeats} pairs each, 1 torch thread", flush=True)
         for name in filter(None, args.frameworks.split(",")):

@@ -60,19 +60,19 @@ def write_run(uri: str, experiment: str, name: str, samples: int, epochs: int, s
     run_id = tracker.start(experiment=experiment, run_name=name)
     recorder = LossRecorder(SPLIT, num_samples=samples, tracker=tracker)
     rng = np.random.default_rng(seed)
-    latencies, hashes, started = [], {}, time.time()
+    latencies, paths, started = [], [], time.time()
     for epoch in range(epochs):
         order = torch.from_numpy(rng.permutation(samples))
         losses = torch.from_numpy(rng.exponential(1.0, samples).astype(np.float32))
         for batch in torch.chunk(torch.arange(samples), BATCHES):
             recorder.update(order[batch], losses[batch])
         before = time.perf_counter()
-        path = recorder.end_epoch(epoch)
+        paths.append(recorder.end_epoch(epoch))
         latencies.append(time.perf_counter() - before)
         tracker.log_metrics_later({"loss_mean": float(losses.mean())}, step=epoch)
-        hashes[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
     before = time.perf_counter()
-    tracker.finish()
+    tracker.finish()  # the tables are written (in the background) by now
+    hashes = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in paths}
     report.write_text(json.dumps({
         "run_id": run_id, "name": name, "end_epoch_s": latencies, "finish_s": time.perf_counter() - before,
         "first_epoch_at": started, "finished_at": time.time(), "sha256": hashes,

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from tracking import contract
 from tracking.record import distributed
 from tracking.record import IndexedDataset
 from tracking.errors import ActionScoresError
@@ -274,7 +275,7 @@ def train_and_record(
         try:
             if run_tracker is not None:
                 run_tracker.log_params(
-                    {**params, **{f"action_scores.scored_by.{s}": p for s, p in tracked_passes.items()}})
+                    {**params, **{contract.SCORED_BY_PREFIX + s: p for s, p in tracked_passes.items()}})
                 run_tracker.set_tags(tags or {})
             tracked = {
                 split: TrackedSplit(loader(split, shuffle=False), _recorder(split, len(datasets[split]),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import uuid
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -195,3 +197,30 @@ def test_stacked_pngs_decode_to_the_same_pixels_and_are_no_larger_than_pils(shap
     for png, picture in zip(pngs, pixels):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), picture)
     assert sum(map(len, pngs)) <= 1.05 * sum(len(encode_png(picture)) for picture in pixels)
+
+
+@pytest.mark.parametrize("shape", [(40, 8, 8), (12, 32, 32), (6, 9, 7, 3), (3, 1, 1)])
+def test_stored_pngs_are_valid_pngs_of_the_same_pixels(shape: tuple[int, ...]) -> None:
+    """Level 0 frames the zlib stream with numpy: chunk CRCs and the Adler-32 must be right, not just the pixels
+    (PIL stops reading before the checksum), so the stream is checked by zlib itself."""
+    pixels = np.random.default_rng(3).integers(0, 256, size=shape, dtype=np.uint8)
+    pngs = encode_pngs(pixels, level=0)
+    for png, picture in zip(pngs, pixels, strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), picture)
+        position, chunks = 8, {}
+        while position < len(png):
+            (size,) = struct.unpack(">I", png[position:position + 4])
+            kind, data = png[position + 4:position + 8], png[position + 8:position + 8 + size]
+            assert struct.unpack(">I", png[position + 8 + size:position + 12 + size])[0] == zlib.crc32(kind + data)
+            chunks[kind] = data
+            position += 12 + size
+        rows = zlib.decompress(chunks[b"IDAT"])  # raises on a wrong Adler-32
+        assert rows == np.concatenate([np.zeros((shape[1], 1), np.uint8), picture.reshape(shape[1], -1)], 1).tobytes()
+
+
+def test_tiny_pictures_are_stored_uncompressed_and_larger_ones_deflated(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    tiny, larger = rng.integers(0, 256, (5, 8, 8), dtype=np.uint8), rng.integers(0, 256, (5, 40, 40), dtype=np.uint8)
+    for pixels, level in ((tiny, 0), (larger, 6)):
+        summary = record_media(None, "test", np.arange(5), images=pixels, local_dir=tmp_path / str(level))
+        assert _rows(summary.path)["image_png"] == encode_pngs(pixels, level=level)

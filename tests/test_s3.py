@@ -198,3 +198,29 @@ def test_a_client_without_boto3_is_told_what_to_install_instead_of_retrying(
             "'action-scores[s3]'))") in result.stderr
     assert (tmp_path / "spool" / f"mlflow-{run_id}" / "failed" / "00000001.json").is_file()
     assert mlflow.MlflowClient(s3.uri).get_run(run_id).info.status == "FINISHED"  # the rest went on
+
+
+def test_a_bucket_that_does_not_exist_is_refused_at_once_instead_of_retried(
+    s3: S3MlflowServer, spool_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Direct mode only: S3's own "NoSuchBucket" reaches the training process, which sets the write aside (as
+    for an MLflow refusal) rather than retrying it until the end of training's wait."""
+    if s3.mode != "direct":
+        pytest.skip("proxied: the server writes the bucket, and the client sees a server error")
+    monkeypatch.setenv("ACTION_SCORES_UPLOAD_WAIT", "120")
+    experiment = f"s3-missing-bucket-{uuid.uuid4().hex[:8]}"
+    mlflow.MlflowClient(s3.uri).create_experiment(experiment, artifact_location=f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x")
+    tracker = MLflowTracker(s3.uri)
+    run_id = tracker.start(experiment=experiment)
+    recorder = LossRecorder("test", 4, tracker)
+    recorder.update(torch.arange(4), torch.rand(4))
+    recorder.end_epoch(0)
+    tracker.log_metrics_later({"test_loss": 0.5}, step=0)
+    started = time.monotonic()
+    tracker.finish()
+    assert time.monotonic() - started < 60
+    assert "refused 1 write(s) (per_sample_losses/test/epoch_0000.parquet: S3 refused it (NoSuchBucket)" in \
+        tracker.left_behind
+    assert (spool_root / f"mlflow-{run_id}" / "failed" / "00000001.json").is_file()
+    run = mlflow.MlflowClient(s3.uri).get_run(run_id)
+    assert (run.info.status, run.data.metrics) == ("FINISHED", {"test_loss": 0.5})  # the rest went on

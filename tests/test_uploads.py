@@ -313,3 +313,33 @@ def test_resumed_process_sets_unreadable_leftovers_aside_and_ends_the_run_itself
     assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "test_loss")) == [(0, 0.25), (1, 0.125)]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert sorted(pending.glob("*.json")) == []
+
+
+def test_tables_written_off_the_training_thread_arrive_and_a_failed_write_is_named(
+    mlflow_server: str, spool_root: Path
+) -> None:
+    """`end_epoch` checks the table in the caller's thread and leaves the writing to the tracker's writer
+    thread; `finish` waits for it. A table the disk refuses is missing from the run, named at the end, and the
+    epochs around it, the queued params and the run's end are unaffected."""
+    client = mlflow.MlflowClient(mlflow_server)
+    tracker = MLflowTracker(mlflow_server)
+    run_id = tracker.start(experiment=f"write-behind-{uuid.uuid4().hex[:8]}")
+    recorder = LossRecorder("test", num_samples=4, tracker=tracker)
+    folder = spool_root / f"mlflow-{run_id}" / "per_sample_losses" / "test"
+    (folder / "epoch_0001.parquet").mkdir(parents=True)  # a folder where epoch 1's table must go: the rename fails
+    (folder / "epoch_0001.parquet" / "blocker").write_text("x")
+    losses = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for epoch in range(3):
+        recorder.update(torch.arange(4), torch.from_numpy(losses[epoch]))
+        recorder.end_epoch(epoch)  # returns at once; epoch 1's failure happens on the writer thread
+    tracker.log_params_later({"lr": 0.1})
+    tracker.finish()
+    assert "1 table(s) could not be written to" in tracker.left_behind
+    assert "(per_sample_losses/test/epoch_0001.parquet: IsADirectoryError" in tracker.left_behind
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.params) == ("FINISHED", {"lr": "0.1"})
+    names = [info.path for info in client.list_artifacts(run_id, "per_sample_losses/test")]
+    assert names == ["per_sample_losses/test/epoch_0000.parquet", "per_sample_losses/test/epoch_0002.parquet"]
+    for epoch in (0, 2):
+        table = pd.read_parquet(client.download_artifacts(run_id, names[epoch // 2], str(spool_root / f"d{epoch}")))
+        assert table["loss"].tolist() == losses[epoch].tolist()

@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 from tracking import contract
 from tracking.backends.base import Tracker
 from tracking.errors import ActionScoresError
-from tracking.report.plots import class_distribution
+from tracking.report.plots import class_distribution, data_map
 from tracking.report.views import VIEWS, SplitView, choose_view, load_picture_function
 from tracking.scoring.engines import ENGINES, Fetched, LocalFile
+from tracking.scoring.regions import REGION
 from tracking.scoring.tables import epoch_files
 
 log = logging.getLogger(__name__)
@@ -345,6 +346,12 @@ def _analyze(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, p
             elif why:
                 result.message = "; ".join(filter(None, [result.message, why]))
                 log.warning(why)
+            if panels and REGION in scores:  # Cartography's map: a plot of scores, it needs no pictures
+                how = {"train": " of the training pass", "eval": " of an evaluation pass"}.get(
+                    params.get(contract.SCORED_BY_PREFIX + split, ""), "")
+                data_map(scores, split_out / contract.DATA_MAP_FILE,
+                         f"{split}: data map, {scores['epochs'].iloc[0]} epochs{how}")
+                result.panels.append(f"{contract.scores_dir(split)}/{contract.DATA_MAP_FILE}")
             scores.to_parquet(split_out / contract.SCORES_FILE, index=False)
             result.samples[split] = len(scores)
             result.epochs[split] = int(scores["epochs"].iloc[0])
@@ -370,7 +377,7 @@ def describe(result: AnalysisResult, tracker: Tracker) -> str:
     splits = ", ".join(f"{s}: {n} samples x {result.epochs[s]} epochs" for s, n in result.samples.items())
     lines = [f"run {result.run_id}: {result.status}" + (f" ({splits})" if splits else "")
              + (f" - {result.message}" if result.message else "")]
-    overview = [p for p in result.panels if p.endswith(("/hardest.png", "/easiest.png"))]
+    overview = [p for p in result.panels if p.endswith(("/hardest.png", "/easiest.png", f"/{contract.DATA_MAP_FILE}"))]
     if overview:
         tracker.attach(result.run_id)
         lines += ["  panels:", *(f"    {tracker.artifact_uri(p)}" for p in overview)]

@@ -17,6 +17,7 @@ MEDIA_DIR = "per_sample_media"  # per_sample_media/<split>/media.parquet: what a
 MEDIA_FILE = "media.parquet"
 SCORES_DIR = "action_scores"
 SCORES_FILE = "scores.parquet"
+DATA_MAP_FILE = "data_map.png"  # action_scores/<split>/data_map.png: Cartography's map, where the split has its scores
 STATUS_TAG = "action_scores.status"
 STATUS_DONE = "done"
 # Held by a running post-hoc job: "<host>:<pid>:<nonce> <UTC ISO time>"; removed when it ends.
@@ -27,6 +28,7 @@ LOCK_TAG = "action_scores.lock"
 TASK_PARAM = "action_scores.task"
 DATASET_PARAM = "action_scores.dataset"
 DATA_ROOT_PARAM = "action_scores.data_root"
+SCORED_BY_PREFIX = "action_scores.scored_by."  # + split: "train" (the training pass) or "eval" (an evaluation pass)
 
 SAMPLE_ID = "sample_id"
 LOSS = "loss"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -104,6 +104,17 @@ class RunWriter(_Run, ABC):
         network backend queues it (see `tracking.backends.uploads`) and `finish` waits for it.
         """
         self.log_artifact(local_path, artifact_dir)
+
+    def write_later(self, local_path: str | Path, write: Callable[[], object], artifact_dir: str) -> None:
+        """`write()` makes the file `local_path`; then it is handed to `upload_later`. A backend with a
+        background uploader writes it there too, off the training thread (`finish` waits for both);
+        the default writes it now."""
+        write()
+        self.upload_later(local_path, artifact_dir)
+
+    def log_params_later(self, params: Mapping[str, object]) -> None:
+        """`log_params` without waiting for the network (a network backend queues it with its uploads)."""
+        self.log_params(params)
 
     def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
         """`log_metrics` without waiting for the network, in order with `upload_later`."""

@@ -63,6 +63,10 @@ class FanOutTracker(Tracker):
         for tracker in self.trackers:
             tracker.upload_later(local_path, artifact_dir)
 
+    def log_params_later(self, params: Mapping[str, object]) -> None:
+        for tracker in self.trackers:
+            tracker.log_params_later(params)
+
     def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
         for tracker in self.trackers:
             tracker.log_metrics_later(metrics, step)

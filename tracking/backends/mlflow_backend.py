@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,25 @@ from tracking.errors import ActionScoresError
 log = logging.getLogger(__name__)
 # MLflow error codes of a write that no retry can make succeed (the run deleted or missing, no permission).
 REFUSALS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+# What S3 (a client writing the bucket itself: `--no-serve-artifacts`) answers for good: retrying cannot help.
+S3_REFUSALS = frozenset({"NoSuchBucket", "InvalidBucketName", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId",
+                         "SignatureDoesNotMatch", "AccountProblem"})
 # MLflow 3's experiment kind: model training, not GenAI. (MLflow 3.17's UI shows the view of its global
 # GenAI / Model training switch instead; `?workflowType=machine_learning` in a link selects the latter.)
 EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def _s3_refusal(error: Exception) -> str | None:
+    """The S3 error code of a boto3/botocore error that retrying cannot fix (a missing bucket, refused
+    credentials), or None for anything else (a network error, a server error: tried again later).
+    boto3's upload wraps S3's answer in its message: "An error occurred (NoSuchBucket) when calling ..."."""
+    if not type(error).__module__.startswith(("boto3", "botocore")):
+        return None
+    if type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return type(error).__name__
+    code = getattr(error, "response", {}).get("Error", {}).get("Code") or next(
+        iter(re.findall(r"An error occurred \((\w+)\)", str(error))), None)
+    return code if code in S3_REFUSALS else None
 
 
 def _end_run_without_waiting(status: str) -> None:
@@ -164,12 +181,14 @@ class MLflowTracker(Tracker):
         status = "FAILED" if failed else "FINISHED"
         if self._uploader is not None:
             uploader, self._uploader = self._uploader, None
+            uploader.wait_for_writes()  # the run's end comes after its last table
             if self._started:
                 uploader.submit("end", status=status)
             left = uploader.close()
-            if left or uploader.refused:
+            if left or uploader.refused or uploader.unwritten:
                 self.left_behind = left_behind_message(uploader.spool, left, redact(uploader.last_error),
-                                                       redact(self.tracking_uri), uploader.refused)
+                                                       redact(self.tracking_uri), uploader.refused,
+                                                       uploader.unwritten)
                 log.warning(self.left_behind)
             if self._started:  # the spooled `end` ends the run on the server (or will, by upload)
                 self._started = False
@@ -188,6 +207,19 @@ class MLflowTracker(Tracker):
 
     def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
         self._uploads().submit("artifact", path=str(Path(local_path).resolve()), artifact_dir=artifact_dir)
+
+    def write_later(self, local_path: str | Path, write: Callable[[], object], artifact_dir: str) -> None:
+        """`write()` (which makes `local_path`) on the run's writer thread, then `upload_later` from there."""
+        path = Path(local_path).resolve()
+
+        def written() -> dict[str, str]:
+            write()
+            return {"path": str(path), "artifact_dir": artifact_dir}
+
+        self._uploads().submit_after(written, "artifact", describe=f"{artifact_dir}/{path.name}")
+
+    def log_params_later(self, params: Mapping[str, object]) -> None:
+        self._uploads().submit("params", params={key: str(value) for key, value in params.items()})
 
     def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
         self._uploads().submit("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=int(step),
@@ -217,6 +249,8 @@ class MLflowTracker(Tracker):
                 if not Path(payload["path"]).is_file():
                     raise UploadRefused(f"spooled table {payload['path']} is gone")
                 self._client.log_artifact(run_id, payload["path"], payload["artifact_dir"])
+            elif operation.kind == "params":
+                self._log_params(run_id, payload["params"])
             elif operation.kind == "metrics":
                 metrics, step = payload["metrics"], payload["step"]
                 if maybe_done:
@@ -234,6 +268,12 @@ class MLflowTracker(Tracker):
         except ImportError as error:  # the run's artifact store needs a client package this process lacks
             raise UploadRefused(f"{error}: the run's artifact store needs it in the training environment "
                                 "(for s3://: pip install 'action-scores[s3]')") from None
+        except Exception as error:
+            code = _s3_refusal(error)
+            if code is None:
+                raise
+            raise UploadRefused(f"S3 refused it ({code}): {redact(str(error))[:300]}; check the bucket and the "
+                                "AWS credentials of the training environment") from None
 
     @contextmanager
     def job_lock(self) -> Iterator[None]:
@@ -257,18 +297,21 @@ class MLflowTracker(Tracker):
             raise
 
     def log_params(self, params: Mapping[str, object]) -> None:
+        self._log_params(self.run_id, params)
+
+    def _log_params(self, run_id: str, params: Mapping[str, object]) -> None:
+        """Params are immutable in MLflow, and `mlflow run` logs the entry point's parameters itself:
+        keep what is there rather than fail on a reformatted value (this also makes a replay idempotent)."""
         from mlflow.entities import Param
 
-        # Params are immutable in MLflow, and `mlflow run` logs the entry point's
-        # parameters itself: keep what is there rather than fail on a reformatted value.
-        existing = self.params()
+        existing = self._client.get_run(run_id).data.params
         fresh = [
             Param(key, str(value)[: self._MAX_PARAM_LENGTH])
             for key, value in params.items()
             if key not in existing
         ]
         for start in range(0, len(fresh), self._MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=fresh[start : start + self._MAX_PARAMS_PER_BATCH])
+            self._client.log_batch(run_id, params=fresh[start : start + self._MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self._log_metrics(self.run_id, metrics, step)

@@ -14,6 +14,12 @@ already in the run's history are not logged again). A new process on the same ru
 (resumed training) picks the leftover operations up first, except the earlier process's
 end of run: the new process ends the run itself.
 
+A table can also be handed over before it is written (`Uploader.submit_after`): a second
+thread writes it into the spool, then queues its upload, so that the training thread pays
+for neither the disk nor the network. That thread never waits for the tracker, so an outage
+keeps tables on disk, not in memory; a table handed over when the process dies is lost with
+the epoch, as it would be mid-write.
+
 A write the tracker refuses for good (`UploadRefused`: the run deleted, no permission, a
 spooled table gone) is not retried: it is moved to `failed/`, the writes behind it go on,
 and the run's end names it. `action-scores upload` tries `failed/` again with `pending/`,
@@ -32,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +77,7 @@ class Operation:
     """One queued write, persisted as `pending/<seq>.json` until it is done."""
 
     file: Path
-    kind: str  # "artifact", "metrics" or "end"
+    kind: str  # "artifact", "params", "metrics" or "end"
     payload: dict[str, Any]
 
     @property
@@ -79,6 +86,8 @@ class Operation:
             return f"{self.payload['artifact_dir']}/{Path(self.payload['path']).name}"
         if self.kind == "metrics":
             return f"metrics of step {self.payload['step']}"
+        if self.kind == "params":
+            return f"params {', '.join(sorted(self.payload['params']))}"
         return f"end of run ({self.payload['status']})"
 
 
@@ -145,6 +154,8 @@ class Uploader:
         self._closing = False
         self._abandoned = False  # set by close() on timeout: the worker stops retrying
         self.last_error = ""
+        self.unwritten: list[str] = []  # tables `submit_after` could not write, with the reason
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"action-scores-write-{spool.name}")
         self._thread = threading.Thread(target=self._work, name=f"action-scores-upload-{spool.name}", daemon=True)
         self._thread.start()
 
@@ -158,6 +169,26 @@ class Uploader:
             os.replace(temporary, file)  # never a half-written operation on disk
             self._queue.append(Operation(file, kind, payload))
             self._lock.notify_all()
+
+    def submit_after(self, make: Callable[[], Mapping[str, Any]], kind: str, describe: str) -> None:
+        """Queue the operation whose payload `make` returns, after running `make` on the writer thread
+        (it writes the file the payload names); returns at once. A `make` that fails is logged and named
+        by `unwritten` (`describe` says what it was), and the operations behind it go on."""
+        self._writer.submit(self._make_and_submit, make, kind, describe)
+
+    def wait_for_writes(self) -> None:
+        """Wait until every table handed to `submit_after` is written and queued (or named in `unwritten`),
+        so that an operation submitted next comes after them: the run's end, above all."""
+        self._writer.shutdown(wait=True)
+
+    def _make_and_submit(self, make: Callable[[], Mapping[str, Any]], kind: str, describe: str) -> None:
+        try:
+            payload = make()
+        except Exception as error:  # the disk, not the tracker: retrying would not help
+            self.unwritten.append(f"{describe}: {type(error).__name__}: {str(error)[:300]}")
+            log.error("could not write %s (%s: %s); it is not uploaded", describe, type(error).__name__, error)
+            return
+        self.submit(kind, **payload)
 
     def _work(self) -> None:
         while True:
@@ -195,8 +226,9 @@ class Uploader:
 
     def close(self, timeout: float | None = None) -> list[Operation]:
         """Wait up to `timeout` seconds (default `$ACTION_SCORES_UPLOAD_WAIT`, 300) for the queue
-        to drain; return the operations left undone (still on disk)."""
+        to drain, after the writer thread's tables; return the operations left undone (still on disk)."""
         deadline = time.monotonic() + (self._wait if timeout is None else timeout)
+        self.wait_for_writes()  # local disk: its tables join the queue before the wait starts
         with self._lock:
             self._closing = True
             self._lock.notify_all()
@@ -207,9 +239,13 @@ class Uploader:
 
 
 def left_behind_message(spool: Path, operations: list[Operation], last_error: str, tracking_uri: str,
-                        refused: list[tuple[Operation, str]] = ()) -> str:
-    """What the end of a run says about writes the tracker did not take: in time, or at all."""
+                        refused: list[tuple[Operation, str]] = (), unwritten: list[str] = ()) -> str:
+    """What the end of a run says about writes the tracker did not take (in time, or at all), and
+    tables that never reached the disk."""
     parts = []
+    if unwritten:
+        parts.append(f"{len(unwritten)} table(s) could not be written to {spool} and are missing from the run "
+                     f"({'; '.join(unwritten[:3])}{' ...' if len(unwritten) > 3 else ''})")
     if operations:
         tables = [op.describe for op in operations if op.kind == "artifact"]
         parts.append(
@@ -221,6 +257,8 @@ def left_behind_message(spool: Path, operations: list[Operation], last_error: st
         reasons = "; ".join(f"{op.describe}: {why}" for op, why in refused[:3]) + (" ..." if len(refused) > 3 else "")
         parts.append(f"the tracker at {tracking_uri} refused {len(refused)} write(s) ({reasons}). "
                      f"They are set aside in {spool / FAILED}; fix the cause first")
+    if not operations and not refused:
+        return ". ".join(parts) + ": free space in the spool's disk (or point $ACTION_SCORES_SPOOL elsewhere)"
     when = "once the server is back" if not refused else "then"
     return ". ".join(parts) + f". Upload them {when} with:\n    action-scores upload --spool {spool} --tracking-uri {tracking_uri}"
 

@@ -176,7 +176,8 @@ class RecordingSession:
         if self.writer is None:
             return
         if not self._params_logged:
-            self.writer.log_params({f"action_scores.scored_by.{name}": how for name, how in self.scored_by.items()})
+            self.writer.log_params_later({contract.SCORED_BY_PREFIX + name: how
+                                          for name, how in self.scored_by.items()})
             self._params_logged = True
         media = self._pending_media.pop(split, None)
         if media is not None and media.path is not None:

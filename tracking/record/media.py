@@ -9,7 +9,8 @@ the tracking server, even after the training data is gone.
 - `images`: uint8 pixels, HxW (grey) or HxWx3 (RGB), channels last, as an NxHxW[x3] array or
   a list of arrays of any sizes. Floats are refused rather than guessed at (is it [0, 1] or
   [0, 255]?): convert with `(x * 255).round().astype(np.uint8)`. Pictures up to
-  `THUMBNAIL_SIDE` pixels a side are stored as they are (lossless PNG); larger ones as a PNG
+  `THUMBNAIL_SIDE` pixels a side are stored as they are (lossless PNG, uncompressed up to
+  `STORED_PICTURE_BYTES`: the table's zstd does better across pictures); larger ones as a PNG
   thumbnail of that size.
 - `texts`: strings, stored up to `MAX_TEXT_CHARS` characters.
 - `uris`: paths or URLs, for data too large to copy. Given beside `images` or `texts` they
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_BYTES = 256 * 2**20  # encoded media per split; CIFAR-10's 50,000 training images take ~120 MB
 THUMBNAIL_SIDE = 64  # pictures with a longer side are stored as a thumbnail of this side
+STORED_PICTURE_BYTES = 1024  # pictures up to this many bytes (32x32 grey) go into their PNG uncompressed
 MAX_TEXT_CHARS = 1000  # a panel card shows a few hundred; the table keeps this many
 
 SCHEMA = pa.schema([
@@ -160,8 +162,8 @@ def encode_png(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
 def _encode_all(pictures: np.ndarray | list[np.ndarray]) -> list[bytes]:
     """PNGs of the checked pictures: same-size small ones together (`tracking.record.png`), others one by one."""
     shapes = {pictures.shape[1:]} if isinstance(pictures, np.ndarray) else {picture.shape for picture in pictures}
-    if len(shapes) == 1 and max(next(iter(shapes))[:2]) <= THUMBNAIL_SIDE:
-        return encode_pngs(np.asarray(pictures))
+    if len(shapes) == 1 and max((shape := next(iter(shapes)))[:2]) <= THUMBNAIL_SIDE:
+        return encode_pngs(np.asarray(pictures), level=0 if int(np.prod(shape)) <= STORED_PICTURE_BYTES else 6)
     return [encode_png(pixels) for pixels in pictures]
 
 

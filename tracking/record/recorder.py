@@ -29,6 +29,7 @@ the order received, then rank 1's, and so on.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -140,7 +141,11 @@ class LossRecorder:
         checked = {name: self._checked(name, values, ids.shape[0], is_loss=name in named)
                    for name, values in {**named, **columns}.items()}
         self._parts = parts
-        for name, values in checked.items():
+        self._keep(ids, checked)
+
+    def _keep(self, ids: torch.Tensor, columns: Mapping[str, torch.Tensor]) -> None:
+        """Add a checked batch: its ids and its columns, in the order they came."""
+        for name, values in columns.items():
             self._columns.setdefault(name, []).append(values)
         self._ids.append(ids)
 
@@ -190,7 +195,11 @@ class LossRecorder:
         if targets.device.type != "cpu":
             self._check_targets(targets, logits.shape[1])
         losses, columns = classification_outputs(logits, targets)
-        self.update(ids, losses, target=targets, **columns)
+        if self._parts:
+            raise ActionScoresError(f"expected a dict with parts {self._parts}, got logits (one loss per sample)")
+        self._parts = []
+        # Made here from checked logits: one float32 value per id already, no need for `update`'s checks.
+        self._keep(ids, {contract.LOSS: losses, contract.TARGET: targets, **columns})
 
     @staticmethod
     def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
@@ -303,23 +312,31 @@ class LossRecorder:
         return pa.table(arrays)
 
     def end_epoch(self, epoch: int) -> Path | None:
-        """Write the epoch's table, hand it to the tracker's background upload, and start a new epoch.
+        """Check the epoch's table and hand it to the tracker, which writes and uploads it in the
+        background (`RunWriter.write_later`); start a new epoch.
 
-        Returns the local parquet file, kept on disk after upload. The file is replaced
+        Returns the local parquet file, kept on disk after upload: written when this returns
+        without a tracker, and by the tracker's `finish` with one. The file is replaced
         atomically, so a re-recorded epoch (resumed training) never uploads half a table.
         Under torchrun only rank 0 writes, and the other ranks get None.
         """
-        table = self.compute()
+        table = self.compute()  # every check happens here, in the caller's thread
+        self.reset()
         if table is None:
-            self.reset()
             return None
         folder = self.local_dir / contract.losses_dir(self.split)
-        folder.mkdir(parents=True, exist_ok=True)
         path = folder / contract.epoch_file_name(epoch)
-        partial = path.with_name(path.name + ".partial")
-        write_table(table, partial)
-        os.replace(partial, path)
-        if self.tracker is not None:
-            self.tracker.upload_later(path, contract.losses_dir(self.split))
-        self.reset()
+        if self.tracker is None:
+            _write_atomically(table, path)
+        else:
+            self.tracker.write_later(path, functools.partial(_write_atomically, table, path),
+                                     contract.losses_dir(self.split))
         return path
+
+
+def _write_atomically(table: pa.Table, path: Path) -> None:
+    """`write_table` to a partial file, then renamed: readers see the old table or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    write_table(table, partial)
+    os.replace(partial, path)

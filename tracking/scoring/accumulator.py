@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
+from tracking.scoring import regions
 from tracking.scoring.rank import rank
 from tracking.scoring.registry import BLOCK, SCORES, SCRATCH, Score, State
 from tracking.scoring.tables import bools, dynamics_expected, recorded_columns
@@ -157,7 +158,8 @@ class ActionAccumulator:
 
     def compute(self) -> pd.DataFrame:
         """The scores table of the contract: sample_id, epochs, the registered scores the tables
-        allow (action, action_<part>, mean_loss, ...), rank (by action), label."""
+        allow (action, action_<part>, mean_loss, ...), rank (by action), label, and Cartography's
+        `region` where there are confidence and variability (`tracking.scoring.regions`)."""
         if self.sample_ids is None:
             raise ActionScoresError(f"split {self.split!r}: no epoch tables to score")
         if self.non_finite:
@@ -182,6 +184,8 @@ class ActionAccumulator:
                                "action")
         if self.labels is not None:
             columns["label"] = self.labels
+        if all(name in columns for name in regions.NEEDS):
+            columns[regions.REGION] = regions.assign(columns["confidence"], columns["variability"])
         return pd.DataFrame(columns, copy=False)  # the arrays are this accumulator's own: no copy needed
 
 
