@@ -11,7 +11,9 @@ served over HTTP), then, per case, in one run:
 - the job: `action-scores analyze --run-id <id> --no-panels --force` in a subprocess, timed from
   process start to exit, with that process's peak RSS (`os.wait4`);
 - the floor: the same epoch files fetched by 8 threads of raw HTTP GETs from the server's artifact
-  proxy, and a `pq.read_table` of them; the ratio job / download (target <= 1.5x) and RSS (<= 1 GB).
+  proxy, and a `pq.read_table` of them; the ratio job / download (target <= 1.5x) and RSS (<= 1 GB);
+- the server's CPU seconds during the job and during the raw download: the server runs on the same
+  cores, so what it spends serving the bytes bounds how fast any client can fetch them.
 Cases (`--cases`, comma separated):
 - `pyarrow`: tables as any client writes them (`pq.write_table`, pyarrow defaults: snappy, dictionary),
   `sample_id` int64 + `loss` float32, `--samples` x `--epochs`, on the served store;
@@ -167,6 +169,26 @@ def raw_download(uri: str, artifact_root: str, paths: list[str], dst: Path) -> f
     return time.perf_counter() - start
 
 
+def server_cpu_seconds(process: subprocess.Popen) -> float:
+    """CPU seconds used so far by the server and its workers (Linux `/proc`; 0 elsewhere)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process has just exited
+            continue
+        pid = int(stat.parent.name)
+        parents[pid], times[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+    tree, grown = {process.pid}, True
+    while grown:
+        found = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= found
+        grown = bool(found)
+    return sum(times.get(pid, 0.0) for pid in tree)
+
+
 def read_all(files: list[Path]) -> tuple[float, float, int]:
     """Seconds to `pq.read_table` every file, the total of their losses (to check the job's sums) and bytes."""
     start = time.perf_counter()
@@ -182,31 +204,39 @@ def checked(job: Job, run_label: str) -> None:
 
 
 def report_line(case: str, job: Job, floor_label: str, floor_s: float | None, read_s: float, size: int,
-                samples: int, epochs: int) -> str:
+                samples: int, epochs: int, server_s: tuple[float, float] | None = None) -> str:
     ratio = f"{job.seconds / floor_s:.2f}x" if floor_s else "-"
     floor = f"{floor_s:.2f}" if floor_s else "-"
+    server = f"{server_s[0]:.1f} / {server_s[1]:.1f}" if server_s else "-"
     return (f"| {case} | {samples:,} x {epochs} | {size / 1e6:.0f} MB | {job.seconds:.2f} | {floor} | {read_s:.2f} | "
-            f"{ratio} | {job.seconds / read_s:.2f}x | {job.peak_mb:.0f} |")
+            f"{ratio} | {job.seconds / read_s:.2f}x | {job.peak_mb:.0f} | {server} |")
 
 
 HEADER = ("| case | samples x epochs | size | job end to end (s) | raw download, 8 threads (s) | pyarrow read (s) | "
-          "job / download | job / read | job peak RSS (MB) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "job / download | job / read | job peak RSS (MB) | server CPU during job / raw download (s) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def mlflow_case(case: str, uri: str, run_id: str, code: Path, work: Path, samples: int, epochs: int,
-                served: bool) -> str:
-    """Time the job on one MLflow run, then its floor; check the job's sums; return the table row."""
+                server: subprocess.Popen | None) -> str:
+    """Time the job on one MLflow run, then its floor; check the job's sums; return the table row.
+    `server`: the process serving the run's store (None: a local store, read in place)."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
+    before = server_cpu_seconds(server) if server else 0.0
     job = run_job(["analyze", "--run-id", run_id, "--no-panels", "--force", "--tracking-uri", uri], code)
+    job_server_s = server_cpu_seconds(server) - before if server else 0.0
     checked(job, case)
     info = client.get_run(run_id).info
     paths = [f"{contract.losses_dir(SPLIT)}/{contract.epoch_file_name(e)}" for e in range(epochs)]
     fetched = work / f"raw-{case}"
     shutil.rmtree(fetched, ignore_errors=True)
-    if served:
+    server_s = None
+    if server:
+        before = server_cpu_seconds(server)
         download_s = raw_download(uri, info.artifact_uri, paths, fetched)
+        server_s = (job_server_s, server_cpu_seconds(server) - before)
         files = [fetched / p for p in paths]
     else:
         download_s = None
@@ -216,7 +246,7 @@ def mlflow_case(case: str, uri: str, run_id: str, code: Path, work: Path, sample
     logged = client.get_run(run_id).data.metrics[f"action_scores.{SPLIT}.action_mean"]
     if not np.isclose(logged, total / samples, rtol=1e-6):
         raise RuntimeError(f"{case}: the job's action_mean {logged} differs from the files' {total / samples}")
-    return report_line(case, job, "raw download", download_s, read_s, size, samples, epochs)
+    return report_line(case, job, "raw download", download_s, read_s, size, samples, epochs, server_s)
 
 
 def wandb_case(folder: str, code: Path, samples: int, epochs: int) -> str:
@@ -303,11 +333,11 @@ def main() -> None:
         for case in cases:
             if case in WRITERS:
                 lines.append(mlflow_case(case, uri, manifest[f"{case}/{size}"], args.code, work, args.samples,
-                                         args.epochs, served=True))
+                                         args.epochs, process))
             elif case == "sqlite":
                 lines.append(mlflow_case("sqlite (local store)", f"sqlite:///{root / 'local' / 'mlflow.db'}",
                                          manifest[f"sqlite/{size}"], args.code, work, args.samples, args.epochs,
-                                         served=False))
+                                         None))
             elif case == "wandb":
                 lines.append(wandb_case(manifest[f"wandb/{args.wandb_samples}x{args.epochs}"], args.code,
                                         args.wandb_samples, args.epochs))

@@ -24,7 +24,7 @@ from tracking.analyze import RunFiles, analyze_run
 from tracking.backends import MLflowTracker
 from tracking.cli import main
 from tracking.errors import ActionScoresError
-from tracking.scoring.engines import ENGINES
+from tracking.scoring.engines import ENGINES, Fetched
 
 SPLIT = "test"
 
@@ -63,8 +63,10 @@ def _logged_scores(client: mlflow.MlflowClient, run_id: str, dst: Path) -> pd.Da
     return pd.read_parquet(local).set_index("sample_id").sort_index()
 
 
-def test_tables_are_fetched_in_a_window_and_each_copy_is_deleted_once_read(
+def test_tables_are_fetched_in_a_window_and_each_is_dropped_once_read(
         client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path) -> None:
+    """A served store: the window's tables are in memory (`Fetched`), each handed over once; nothing on disk.
+    The tables of an engine that needs files (`bounded=False`) are downloaded, and each copy deleted once read."""
     run_id = client.create_run(experiment_id).info.run_id
     paths = _log_tables(client, run_id, _tables(_losses(1, 20, 6)), tmp_path)
     tracker.attach(run_id)
@@ -73,15 +75,20 @@ def test_tables_are_fetched_in_a_window_and_each_copy_is_deleted_once_read(
         futures = files.stream(paths)
         first = [future.result(timeout=60) for future in futures[:2]]
         # The window is full: epoch 2 is not even asked for until the scorer has read one.
-        assert not futures[2].done() and not (dst / paths[2]).exists()
-        assert first == [dst / path for path in paths[:2]] and all(path.is_file() for path in first)
+        assert not futures[2].done()
+        assert all(isinstance(table, Fetched) for table in first)
         files.release(paths[0])
-        assert futures[2].result(timeout=60) == dst / paths[2]
-        assert not first[0].exists() and first[1].exists()  # the read copy is gone, the unread one stays
+        assert isinstance(futures[2].result(timeout=60), Fetched)
         for path, future in zip(paths[1:], futures[1:]):
             future.result(timeout=60)
             files.release(path)
-        assert sorted(p for p in dst.rglob("*") if p.is_file()) == []
+    assert not dst.exists()  # nothing was written to disk
+
+    with RunFiles(tracker, dst, progress=False) as files:
+        copies = [future.result(timeout=60) for future in files.stream(paths, bounded=False)]
+        assert copies == [dst / path for path in paths] and all(path.is_file() for path in copies)
+        files.release(paths[0])
+        assert not copies[0].exists() and copies[1].exists()  # the read copy is gone, the unread one stays
 
 
 def test_the_job_streams_a_run_and_sums_each_epoch_once(
@@ -108,11 +115,12 @@ def test_a_table_that_fails_to_download_fails_the_job_and_writes_nothing(
     tracker.attach(run_id)
     with RunFiles(tracker, tmp_path / "in", ahead=2, progress=False) as files:
         futures = files.stream([*paths[:1], f"{contract.losses_dir(SPLIT)}/epoch_0009.parquet"])
-        assert futures[0].result(timeout=60).is_file()
+        assert isinstance(futures[0].result(timeout=60), Fetched)
         with pytest.raises(Exception):  # the server's 404, raised where the scorer waits for the file
             futures[1].result(timeout=60)
-    with pytest.raises(ActionScoresError, match="escapes the run's artifact folder"):
-        tracker.download("../elsewhere/epoch_0000.parquet", tmp_path / "in")
+    for fetch in (lambda path: tracker.download(path, tmp_path / "in"), tracker.fetch):
+        with pytest.raises(ActionScoresError, match="escapes the run's artifact folder"):
+            fetch("../elsewhere/epoch_0000.parquet")
 
 
 def test_a_local_store_is_read_in_place_and_left_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

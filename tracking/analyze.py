@@ -13,8 +13,10 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -24,7 +26,7 @@ from tracking.backends.base import Tracker
 from tracking.errors import ActionScoresError
 from tracking.report.plots import class_distribution, data_map
 from tracking.report.views import VIEWS, SplitView, choose_view, load_picture_function
-from tracking.scoring.engines import ENGINES
+from tracking.scoring.engines import ENGINES, Fetched, LocalFile
 from tracking.scoring.regions import REGION
 from tracking.scoring.tables import epoch_files
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 DOWNLOAD_THREADS = 8
 DEFAULT_WORKERS = 4  # runs analysed at once by `analyze_experiment`
 FETCH_AHEAD = 16  # epoch tables downloaded beyond the one being scored: keeps DOWNLOAD_THREADS busy, bounds the disk
+FETCH_MEMORY = 512 * 2**20  # bytes of fetched tables held in memory at most (plus those in flight); more go to disk
 CLASS_DISTRIBUTION = "by_class_distribution.png"  # box plot of action per class, classification splits
 
 
@@ -53,9 +56,13 @@ class RunFiles:
     """A run's files as the job reads them, each a `Future` of its local path, fetched in the background.
 
     Where the run's store is a folder on this machine (`Tracker.local_file`) a file is read in place,
-    never copied. Otherwise DOWNLOAD_THREADS threads download it under `dst`; epoch tables (`stream`)
-    at most `ahead` (default FETCH_AHEAD) beyond the last one the scorer has read (`release`), and each
-    copy is deleted once read, so the disk holds a window of tables, not the run. `keep` files (media) stay until the end.
+    never copied. Otherwise DOWNLOAD_THREADS threads fetch it: epoch tables (`stream`) at most `ahead`
+    (default FETCH_AHEAD) beyond the last one the scorer has read (`release`), each straight into memory
+    where the tracker can (`Tracker.fetch`: a store served over HTTP; the Future's result is then a `Fetched`)
+    and the window's tables in memory stay under FETCH_MEMORY bytes, else downloaded under `dst` and the copy
+    deleted once read: memory or disk holds a window of tables, not the run. `keep` files (media), and the
+    tables of an engine that needs them all (`bounded=False`: it reads files), are downloaded, and stay until
+    the end. The progress bar shows from `show_progress` on.
     Use it as a context manager: leaving cancels what has not started and waits for the rest.
     """
 
@@ -63,9 +70,12 @@ class RunFiles:
         self._tracker, self._dst, self._free = tracker, dst, FETCH_AHEAD if ahead is None else ahead
         self._pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="action-scores-fetch")
         self._lock = threading.Lock()
-        self._waiting: deque[tuple[str, Future[Path]]] = deque()  # tables beyond the window, in order
-        self._copies: dict[str, tuple[Path, bool]] = {}  # downloaded, not yet released -> (copy, holds a place)
-        self._bar = tqdm(total=0, desc="fetch", unit="file", disable=not progress)
+        self._waiting: deque[tuple[str, Future[LocalFile]]] = deque()  # tables beyond the window, in order
+        # fetched, not yet released -> (copy on disk, holds a place, bytes held in memory)
+        self._copies: dict[str, tuple[Path | None, bool, int]] = {}
+        self._in_memory = 0  # bytes of the fetched tables not yet released
+        self._progress, self._bar = progress, None  # the bar starts with `show_progress`
+        self._total = self._fetched = 0  # files asked for, files here
 
     def __enter__(self) -> RunFiles:
         return self
@@ -76,36 +86,56 @@ class RunFiles:
                 future.cancel()
             self._waiting.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
-    def stream(self, paths: list[str], bounded: bool = True) -> list[Future[Path]]:
-        """Futures of the tables at `paths`, fetched in order, each copy deleted on `release`. `bounded`:
-        within the window (for a streaming engine), else all at once (an engine that needs every file)."""
+    def show_progress(self) -> None:
+        """Start the progress bar, from what is already here: the job shows it once it holds the run, so a
+        job refused the run (another job holds it, no permission to write) ends with its error alone."""
+        with self._lock:
+            if self._bar is None:
+                self._bar = tqdm(total=self._total, initial=self._fetched, desc="fetch", unit="file",
+                                 disable=not self._progress)
+
+    def _count(self, asked: int = 0, here: int = 0) -> None:
+        """Files asked for and arrived, on the bar once it is shown (under the lock)."""
+        self._total, self._fetched = self._total + asked, self._fetched + here
+        if self._bar is not None:
+            self._bar.total = self._total
+            if here:
+                self._bar.update(here)
+            else:
+                self._bar.refresh()
+
+    def stream(self, paths: list[str], bounded: bool = True) -> list[Future[LocalFile]]:
+        """Futures of the tables at `paths`, fetched in order, each copy dropped on `release`. `bounded`:
+        within the window, into memory where the tracker can (for a streaming engine), else all at once, as
+        files (an engine that needs every file)."""
         return self._submit(paths, "window" if bounded else "all")
 
     def keep(self, path: str) -> Future[Path]:
-        """A file needed until the job ends (a split's media), fetched now, outside the window."""
-        return self._submit([path], "keep")[0]
+        """A file needed until the job ends (a split's media), downloaded now, outside the window."""
+        return cast("Future[Path]", self._submit([path], "keep")[0])
 
     def release(self, path: str) -> None:
         """The scorer has read `path`: delete its copy, and fetch the next table if it held a place."""
         with self._lock:
-            local, counted = self._copies.pop(path, (None, False))
+            local, counted, size = self._copies.pop(path, (None, False, 0))
+            self._in_memory -= size
             if local is not None:
                 local.unlink(missing_ok=True)
             if counted:
                 self._free += 1
                 self._pump()
 
-    def _submit(self, paths: list[str], mode: str) -> list[Future[Path]]:
-        futures = [(path, Future()) for path in paths]
+    def _submit(self, paths: list[str], mode: str) -> list[Future[LocalFile]]:
+        futures: list[tuple[str, Future[LocalFile]]] = [(path, Future()) for path in paths]
         with self._lock:
-            self._bar.total += len(paths)
-            self._bar.refresh()
+            self._count(asked=len(paths))
             for path, future in futures:
                 if (local := self._tracker.local_file(path)) is not None:
                     future.set_result(local)  # read in place: never copied, never deleted, no place taken
-                    self._bar.update()
+                    self._count(here=1)
                 elif mode == "window":
                     self._waiting.append((path, future))
                 else:
@@ -120,18 +150,23 @@ class RunFiles:
             self._free -= 1
             self._pool.submit(self._fetch, path, future, "window")
 
-    def _fetch(self, path: str, future: Future[Path], mode: str) -> None:
+    def _fetch(self, path: str, future: Future[LocalFile], mode: str) -> None:
         if not future.set_running_or_notify_cancel():
             return
+        with self._lock:
+            to_memory = mode == "window" and self._in_memory < FETCH_MEMORY
         try:
-            local = self._tracker.download(path, self._dst)
+            data = self._tracker.fetch(path) if to_memory else None
+            local: LocalFile = Fetched(data) if data is not None else self._tracker.download(path, self._dst)
         except Exception as error:  # handed to the reader, which raises it in the job's thread
             future.set_exception(error)
             return
-        if mode != "keep":
-            with self._lock:
-                self._copies[path] = (local, mode == "window")
-        self._bar.update()
+        with self._lock:
+            if mode != "keep":
+                size = len(data) if data is not None else 0
+                self._in_memory += size
+                self._copies[path] = (local if isinstance(local, Path) else None, mode == "window", size)
+            self._count(here=1)
         future.set_result(local)
 
 
@@ -139,7 +174,8 @@ def download_all(tracker: Tracker, paths: list[str], dst: Path) -> dict[str, Pat
     """Fetch files in parallel threads, with a progress bar; returns artifact path -> local path (the file
     itself where the store is local). For a whole folder at once; the job streams instead (`RunFiles`)."""
     with RunFiles(tracker, dst) as files:
-        return {path: future.result() for path, future in zip(paths, files.stream(paths, bounded=False))}
+        files.show_progress()
+        return {path: Path(future.result()) for path, future in zip(paths, files.stream(paths, bounded=False))}
 
 
 def objectives(scores: pd.DataFrame) -> dict[str, str]:
@@ -203,7 +239,8 @@ def analyze_run(
     `el2n_epoch`: see `score_split`. `pictures`: a function of a sample id that returns a
     uint8 image, or its `module:function` name, for runs with neither media nor a built-in
     dataset (`tracking.report.views.choose_view`). The run is held with `Tracker.job_lock`
-    meanwhile: a second job on it fails, naming the first.
+    while the job computes and writes (its tables start downloading before: reading needs no
+    lock): a second job on it fails, naming the first.
     """
     if top_k <= 0:
         raise ActionScoresError(f"top_k must be positive, got {top_k}")
@@ -222,9 +259,7 @@ def analyze_run(
 
     if done := skipped():
         return done
-    with tracker.job_lock():
-        return skipped() or _analyze_locked(tracker, run_id, top_k, data_root, panels, engine,  # a job may just have finished
-                                          el2n_epoch, named, progress)
+    return _analyze(tracker, run_id, top_k, data_root, panels, engine, el2n_epoch, named, progress, skipped)
 
 
 def media_files(tracker: Tracker, splits: list[str]) -> dict[str, str]:
@@ -250,11 +285,13 @@ def write_text_tables(samples: dict[str, list[dict]], view: SplitView, out_dir: 
     return written
 
 
-def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, panels: bool,
-                    engine: str, el2n_epoch: int | None,
-                    pictures: tuple[str, Callable[[int], object]] | None, progress: bool) -> AnalysisResult:
-    """The job's work on a run it holds: read and check everything, compute, then write, status last.
-    Each epoch table is scored as soon as it is local (`RunFiles`), while the next ones download."""
+def _analyze(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, panels: bool,
+             engine: str, el2n_epoch: int | None, pictures: tuple[str, Callable[[int], object]] | None,
+             progress: bool, skipped: Callable[[], AnalysisResult | None]) -> AnalysisResult:
+    """The job's work on a run: read and check everything, compute, then write, status last. The tables start
+    downloading first, then the job takes the run (`Tracker.job_lock`, whose settle wait they overlap), and
+    `skipped` asks again whether a job has just finished it. Each epoch table is scored as soon as it is here
+    (`RunFiles`), while the next ones download."""
     files = tracker.list_files(contract.LOSSES_DIR)
     by_split = epoch_files(files)
     if not by_split:
@@ -271,12 +308,17 @@ def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | 
     result = AnalysisResult(run_id, "done")
     media = media_files(tracker, list(by_split)) if panels else {}
     scorer = ENGINES[engine]
-    with tempfile.TemporaryDirectory(prefix="action-scores-job-") as work, \
-            RunFiles(tracker, Path(work) / "in", progress=progress) as files:
+    with ExitStack() as held:  # left in reverse: the lock first, then the downloads, then the folder
+        work = held.enter_context(tempfile.TemporaryDirectory(prefix="action-scores-job-"))
+        files = held.enter_context(RunFiles(tracker, Path(work) / "in", progress=progress))
         # Every split's tables are queued at once, so the next split's first ones arrive while one is scored.
         tables = {split: list(zip(paths, files.stream(paths, bounded=scorer.streams)))
                   for split, paths in by_split.items()}
         pictures_of = {split: files.keep(path) for split, path in media.items()}
+        held.enter_context(tracker.job_lock())  # reading needs no lock: the tables download while it settles
+        if done := skipped():  # a job may just have finished
+            return done
+        files.show_progress()
         out = Path(work) / "out"
         metrics: dict[str, float] = {}
         samples: dict[str, list[dict]] = {}
@@ -321,11 +363,11 @@ def _analyze_locked(tracker: Tracker, run_id: str, top_k: int, data_root: str | 
                 f"action_scores.{split}.action_min": float(scores["action"].min()),
             }
         tracker.log_artifacts(out, contract.SCORES_DIR)
-    for key, rows in samples.items():
-        tracker.log_samples(key, rows)
-    tracker.log_metrics(metrics)
-    tracker.set_tags({contract.STATUS_TAG: contract.STATUS_DONE})
-    tracker.finish()  # flushes a resumed W&B run; a no-op for an attached MLflow run
+        for key, rows in samples.items():
+            tracker.log_samples(key, rows)
+        tracker.log_metrics(metrics)
+        tracker.set_tags({contract.STATUS_TAG: contract.STATUS_DONE})
+        tracker.finish()  # flushes a resumed W&B run; a no-op for an attached MLflow run
     return result
 
 

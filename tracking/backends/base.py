@@ -160,6 +160,12 @@ class RunReader(_Run, ABC):
         instead of copying it; None where it must be downloaded (a server, a bucket) or is not there."""
         return None
 
+    def fetch(self, artifact_path: str) -> bytes | None:
+        """The file's bytes, fetched straight into memory where the backend can do that in one request (a store
+        served over HTTP), so the job never writes a copy to disk; None where it cannot: the caller downloads
+        the file (`download`) instead."""
+        return None
+
     @abstractmethod
     def find_runs(self, experiment: str) -> list[str]:
         """Ids of the finished runs of an experiment, newest first."""

@@ -354,10 +354,13 @@ class MLflowTracker(Tracker):
         return dict(self._client.get_run(self.run_id).data.tags)
 
     def list_files(self, artifact_dir: str) -> list[str]:
+        """One listing request per folder, to the run's own store (`_artifact_repository`): `client.list_artifacts`
+        first reads the run, and looks for logged models' files too (0.5 s for a run's two folders, not 0.1 s)."""
         files: list[str] = []
         pending = [artifact_dir]
+        repository = self._artifact_repository()
         while pending:
-            for info in self._client.list_artifacts(self.run_id, pending.pop()):
+            for info in repository.list_artifacts(pending.pop()):
                 (pending if info.is_dir else files).append(info.path)
         return sorted(files)
 
@@ -388,6 +391,25 @@ class MLflowTracker(Tracker):
         target.parent.mkdir(parents=True, exist_ok=True)
         self._artifact_repository()._download_file(relative.as_posix(), str(target))
         return target
+
+    def fetch(self, artifact_path: str) -> bytes | None:
+        """One file into memory by one GET, where the tracking server serves the run's store over HTTP
+        (`mlflow-artifacts:`, proxied to a folder or a bucket): with the credentials, TLS settings and retries of
+        MLflow's own requests (`http_request`), as the store's `_download_file` makes it, minus the copy on disk.
+        None for other stores (a bucket read directly, a local folder): those are downloaded or read in place."""
+        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
+
+        repository = self._artifact_repository()
+        if not isinstance(repository, HttpArtifactRepository):
+            return None
+        relative = contract.relative_artifact_path(artifact_path).as_posix()  # refuses paths that leave the run
+        response = http_request(get_default_host_creds(repository.artifact_uri), f"/{relative}", "GET", stream=True)
+        with response:
+            augmented_raise_for_status(response)
+            # The whole body in one read: a third of the CPU of `iter_content`'s chunks, on a core the server shares.
+            return response.raw.read(decode_content=True)
 
     def local_file(self, artifact_path: str) -> Path | None:
         """In place where the run's artifact store is a local folder (a `file:` URI or a plain path, as a

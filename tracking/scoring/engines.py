@@ -1,8 +1,9 @@
 """Scoring engines: one split's epoch tables in, the scores table of the contract out.
 
 - `arrow` (default): one table at a time through `ActionAccumulator`, every registered
-  score, memory O(samples); it streams: each table is scored as soon as it is local (a file,
-  or a `Future` of one still downloading), the next ones decoded while one is summed.
+  score, memory O(samples); it streams: each table is scored as soon as it is here (a file, a
+  table fetched into memory, or a `Future` of either still downloading), the next ones decoded
+  while one is summed.
 - `duckdb`: one SQL query over all files, the loss sums only, spilling to disk when a
   run's sums outgrow memory; it needs every file of the split before it starts.
 
@@ -30,13 +31,30 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD = 2  # epoch tables decoded in parallel while the previous one is summed
 
-LocalFile = Path | Future  # a file on disk, or the Future of one (`Future[Path]`) still being fetched
+class Fetched:
+    """A table fetched straight into memory (`tracking.analyze.RunFiles`), read once: `take` hands its bytes
+    over and forgets them, so the list of a split's tables, which the job holds until the split is scored,
+    never holds more than the window of tables not yet read."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def take(self) -> bytes:
+        data, self._data = self._data, None
+        if data is None:
+            raise RuntimeError("a fetched table is read once")
+        return data
+
+
+LocalFile = Path | Fetched | Future  # a file on disk, a table in memory, or the Future of either still being fetched
 Tables = Sequence[tuple[str, LocalFile]]  # (artifact path for messages, local file), in epoch order
 
 
-def local_path(file: LocalFile) -> Path:
-    """The file's path, waiting for it if it is still being fetched (a fetch error is raised here)."""
-    return file.result() if isinstance(file, Future) else Path(file)
+def table_source(file: LocalFile) -> Path | pa.BufferReader:
+    """What pyarrow reads the table from: the file's path, or a reader over its bytes in memory; waits for a
+    file still being fetched (a fetch error is raised here)."""
+    found = file.result() if isinstance(file, Future) else file
+    return pa.BufferReader(found.take()) if isinstance(found, Fetched) else Path(found)
 
 
 def default_el2n_epoch(epochs: int) -> int:
@@ -61,7 +79,7 @@ def score_split(split: str, tables: Tables, el2n_epoch: int | None = None,
 
     def read(epoch: int) -> pa.Table:
         name, file = tables[epoch]
-        table = read_epoch_table(local_path(file), name, threads=False, skip=accumulator.unused_columns(epoch))
+        table = read_epoch_table(table_source(file), name, threads=False, skip=accumulator.unused_columns(epoch))
         if done is not None:
             done(epoch)
         return table
@@ -100,7 +118,9 @@ def score_split_duckdb(split: str, tables: Tables, el2n_epoch: int | None = None
     """
     from tracking.scoring.duckdb_engine import score_tables_duckdb
 
-    paths = [local_path(file) for _, file in tables]
+    paths = [table_source(file) for _, file in tables]
+    if not all(isinstance(path, Path) for path in paths):  # RunFiles keeps a non-streaming engine's tables on disk
+        raise TypeError("the duckdb engine reads files on disk, not tables in memory")
     scores = score_tables_duckdb(paths, split)
     columns = pq.read_schema(paths[0]).names  # checked readable by the query's first step
     for epoch in range(len(paths)) if done is not None else ():

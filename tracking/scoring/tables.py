@@ -50,9 +50,9 @@ def epoch_files(files: list[str]) -> dict[str, list[str]]:
 
 
 def read_epoch_table(
-    path: str | Path, name: str, threads: bool = True, skip: frozenset[str] = frozenset()
+    path: str | Path | pa.NativeFile, name: str, threads: bool = True, skip: frozenset[str] = frozenset()
 ) -> pa.Table:
-    """Read and check one `epoch_EEEE.parquet`; `name` is how errors refer to it.
+    """Read and check one `epoch_EEEE.parquet` (a file, or a reader over its bytes); `name` is how errors refer to it.
 
     Checks: readable parquet, a non-empty table, an integer `sample_id` without
     duplicates, float `loss` and `loss_<part>` columns. Returns it sorted by sample_id.
