@@ -11,7 +11,8 @@ Two figures per framework:
   beside `update`), summed over a fit and divided by the fit's time (the forward pass of an
   evaluation pass is the measurement, not counted). It is what recording adds, measured
   where it happens, so the noise of a shared machine hardly touches it. Printed beside it:
-  the seconds the tables' writes take on the tracker's writer thread, off the training thread;
+  the seconds the tracker's writer thread spends making and writing the tables (the columns
+  of `update_classification`, the table, the parquet file), off the training thread;
 - the paired ratio: the same fit with the callback against without it, alternating which
   goes first (median of the neighbouring pairs' ratios). With the callback, Lightning and
   Keras also run the evaluation pass (a forward pass over the tracked split, the paper's
@@ -58,7 +59,8 @@ class Attribution:
         self.seconds = 0.0
         self.by_call: dict[str, float] = {}  # outermost call name -> seconds
         self._depth = 0
-        self.background_seconds = 0.0  # table writes on the tracker's writer thread, off the training thread
+        self.background_seconds = 0.0  # the tables' making and writing on the writer thread, off the training thread
+        self.background_cpu = 0.0
         self._background_lock = threading.Lock()
 
     def timed(self, function: Callable) -> Callable:
@@ -77,28 +79,30 @@ class Attribution:
         return wrapper
 
     def timed_elsewhere(self, function: Callable) -> Callable:
-        """Seconds of a call made on another thread (the tables' background writes), kept apart."""
+        """Seconds of a call made on another thread (the tables' background writes), kept apart: wall time,
+        which includes waiting for the GIL while training runs, and the thread's own CPU time."""
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return function(*args, **kwargs)
             finally:
                 with self._background_lock:
                     self.background_seconds += time.perf_counter() - start
+                    self.background_cpu += time.thread_time() - cpu
         return wrapper
 
     @contextlib.contextmanager
     def patched(self) -> Iterator[None]:
         from tracking.integrations import keras as keras_module  # its dynamics columns are computed beside `update`
-        from tracking.record import recorder as recorder_module
+        from tracking.backends.uploads import Uploader
 
         # The session's calls are the outermost: `recorder` checks and encodes a split's media when it is first
         # seen, `end_epoch` ends the recorder's epoch and queues the params and media.
         targets = [(LossRecorder, "update"), (LossRecorder, "update_classification"), (LossRecorder, "end_epoch"),
                    (session_module.RecordingSession, "recorder"), (session_module.RecordingSession, "end_epoch"),
                    (keras_module, "classification_columns")]
-        background = [(recorder_module, "_write_atomically")]
+        background = [(Uploader, "_make_and_submit")]  # an epoch's columns, table and file, on the writer thread
         saved = [getattr(owner, name) for owner, name in targets + background]
         for owner, name in targets:
             setattr(owner, name, self.timed(getattr(owner, name)))
@@ -183,7 +187,7 @@ FITS = {"lightning": lightning_fit, "huggingface": huggingface_fit, "keras": ker
 def overhead(name: str, epochs: int, repeats: int) -> None:
     fit = FITS[name]
     fit(1, True)  # warm-up: imports, allocator, kernels
-    plain_s, recorded_s, attributed, calls, background = [], [], [], [], []
+    plain_s, recorded_s, attributed, calls, background, background_cpu = [], [], [], [], [], []
     for repeat in range(repeats):
         for recorded in ((False, True) if repeat % 2 == 0 else (True, False)):
             attribution = Attribution()
@@ -196,6 +200,7 @@ def overhead(name: str, epochs: int, repeats: int) -> None:
                 attributed.append(attribution.seconds / seconds)
                 calls.append(attribution.by_call)
                 background.append(attribution.background_seconds)
+                background_cpu.append(attribution.background_cpu)
     ratios = [r / p for p, r in zip(plain_s, recorded_s)]
     media = max(Path(os.environ[SPOOL_ENV]).glob(f"*/{contract.media_dir('test')}/{contract.MEDIA_FILE}"),
                 key=lambda path: path.stat().st_mtime)  # the last recorded fit's
@@ -206,8 +211,9 @@ def overhead(name: str, epochs: int, repeats: int) -> None:
           f"    attribution (inside the recorder / fit time): median {100 * statistics.median(attributed):.2f}% "
           f"(runs: {', '.join(f'{100 * a:.2f}%' for a in attributed)}); by call, seconds per fit: "
           f"{', '.join(f'{k} {statistics.median(c.get(k, 0.0) for c in calls):.3f}' for k in sorted(calls[0]))}\n"
-          f"    off the training thread (table writes on the writer thread): median "
-          f"{statistics.median(background):.3f}s per fit\n"
+          f"    off the training thread (the tables' columns and files, on the writer thread): median "
+          f"{statistics.median(background):.3f}s wall, {statistics.median(background_cpu):.3f}s CPU per fit "
+          f"({100 * statistics.median(c / r for c, r in zip(background_cpu, recorded_s)):.2f}% of the fit's time)\n"
           f"    media of the tracked split: {rows:,} samples, {media.stat().st_size / rows:.0f} bytes per sample, "
           f"{encode_s * 10_000 / rows:.2f}s per 10,000 samples (check + encode + write)\n"
           f"    paired ratio with/without: median {statistics.median(ratios):.3f} "

@@ -29,6 +29,7 @@ the order received, then rank 1's, and so on.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import tempfile
@@ -194,9 +195,9 @@ class LossRecorder:
         ids, logits, targets = (torch.cat(parts) for parts in zip(*batches))
         if targets.device.type != "cpu":
             self._check_targets(targets, logits.shape[1])
-        losses, columns = classification_outputs(logits, targets)
         if self._parts:
             raise ActionScoresError(f"expected a dict with parts {self._parts}, got logits (one loss per sample)")
+        losses, columns = classification_outputs(logits, targets)
         self._parts = []
         # Made here from checked logits: one float32 value per id already, no need for `update`'s checks.
         self._keep(ids, {contract.LOSS: losses, contract.TARGET: targets, **columns})
@@ -272,16 +273,9 @@ class LossRecorder:
         ids = np.concatenate([share_ids for share_ids, _ in shares])
         return ids, {name: np.concatenate([columns[name] for _, columns in shares]) for name in names}
 
-    def compute(self) -> pa.Table | None:
-        """The epoch's table: one row per sample, sorted by ``sample_id``, validated.
-
-        Under torchrun the ranks' shares are gathered first: rank 0 gets the whole
-        table, the other ranks None.
-        """
-        shares = distributed.gather_shares(self._local_share())
-        if shares is None:
-            return None
-        ids, values = self._merged(shares)
+    def _validated_ids(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's ids, each once and sorted, with where each first came; raises if one is out of range or
+        missing (or, for a selection, not among its ids)."""
         unique_ids, first = np.unique(ids, return_index=True)
         out_of_range = unique_ids[(unique_ids < 0) | (unique_ids >= self.num_samples)]
         if out_of_range.size:
@@ -300,6 +294,29 @@ class LossRecorder:
                 f"from this epoch: {preview(missing)}" + (f"; not among its ids: {preview(unexpected)}"
                                                           if unexpected.size else "")
             )
+        return unique_ids, first
+
+    def _check_epoch(self) -> None:
+        """Raise now every error `compute` would raise for this epoch (one process, targets on the host): its
+        ids, a missing batch, loss parts against logits. The columns are computed later, elsewhere."""
+        if not self._ids and not self._pending_classification:
+            raise ActionScoresError(f"split {self.split!r}: no batch was recorded this epoch")
+        if self._parts and self._pending_classification:
+            raise ActionScoresError(f"expected a dict with parts {self._parts}, got logits (one loss per sample)")
+        ids = [*self._ids, *(batch_ids for batch_ids, _, _ in self._pending_classification)]
+        self._validated_ids(torch.cat(ids).cpu().numpy())
+
+    def compute(self) -> pa.Table | None:
+        """The epoch's table: one row per sample, sorted by ``sample_id``, validated.
+
+        Under torchrun the ranks' shares are gathered first: rank 0 gets the whole
+        table, the other ranks None.
+        """
+        shares = distributed.gather_shares(self._local_share())
+        if shares is None:
+            return None
+        ids, values = self._merged(shares)
+        unique_ids, first = self._validated_ids(ids)
         arrays: dict[str, np.ndarray] = {contract.SAMPLE_ID: unique_ids}
         values = {name: column[first] for name, column in values.items()}
         loss_names = [contract.part_column(p) for p in self._parts or []]
@@ -320,17 +337,26 @@ class LossRecorder:
         atomically, so a re-recorded epoch (resumed training) never uploads half a table.
         Under torchrun only rank 0 writes, and the other ranks get None.
         """
-        table = self.compute()  # every check happens here, in the caller's thread
+        folder = contract.losses_dir(self.split)
+        if self.tracker is not None and not distributed.active() and all(
+                targets.device.type == "cpu" for _, _, targets in self._pending_classification):
+            # Every check now, in the caller's thread; the columns, the table and the file on the writer thread,
+            # from this epoch's batches, which move to a copy of the recorder (`reset` gives this one new lists).
+            self._check_epoch()
+            epoch_batches = copy.copy(self)
+            self.reset()
+            path = self.local_dir / folder / contract.epoch_file_name(epoch)
+            self.tracker.write_later(path, lambda: _write_atomically(epoch_batches.compute(), path), folder)
+            return path
+        table = self.compute()  # under torchrun every rank gathers here; on a device, targets are checked here
         self.reset()
         if table is None:
             return None
-        folder = self.local_dir / contract.losses_dir(self.split)
-        path = folder / contract.epoch_file_name(epoch)
+        path = self.local_dir / folder / contract.epoch_file_name(epoch)
         if self.tracker is None:
             _write_atomically(table, path)
         else:
-            self.tracker.write_later(path, functools.partial(_write_atomically, table, path),
-                                     contract.losses_dir(self.split))
+            self.tracker.write_later(path, functools.partial(_write_atomically, table, path), folder)
         return path
 
 
