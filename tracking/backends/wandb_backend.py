@@ -27,7 +27,9 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,17 @@ def offline_root() -> Path:
 def is_offline_run_folder(path: str | Path) -> bool:
     """Whether `path` is one folder of a W&B offline run (it holds `run-<id>.wandb`)."""
     return Path(path).is_dir() and any(Path(path).glob("run-*.wandb"))
+
+
+def _wait_for_a_new_folder_name(run: OfflineRun) -> None:
+    """Offline, a resumed run gets the folder `offline-run-<local time to the second>-<id>`: in the second its
+    newest folder was made, that would be the same folder, and the resumed run's writes would be lost in it.
+    A job that finishes within a second of training (a small run) waits for the next second."""
+    stamps = [found.group(1) for folder in run.folders
+              if (found := re.fullmatch(r"offline-run-(\d{8}_\d{6})-\w+", folder.name))]
+    deadline = time.monotonic() + 2  # at most a second's wait, unless the clock went back
+    while stamps and datetime.now().strftime("%Y%m%d_%H%M%S") <= max(stamps) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 class OfflineRun:
@@ -192,6 +205,8 @@ class WandbTracker(Tracker):
 
             project = self._offline.project if self._offline else self._online.project
             entity = None if self._offline else self._online.entity
+            if self._offline:
+                _wait_for_a_new_folder_name(self._offline)
             self._live = wandb.init(id=self.run_id, project=project or self.project, entity=entity,
                                     resume="allow", mode=self.mode,
                                     dir=str(self._offline.root.parent) if self._offline else None)
