@@ -195,12 +195,16 @@ class LossRecorder:
         ids, logits, targets = (torch.cat(parts) for parts in zip(*batches))
         if targets.device.type != "cpu":
             self._check_targets(targets, logits.shape[1])
-        if self._parts:
-            raise ActionScoresError(f"expected a dict with parts {self._parts}, got logits (one loss per sample)")
+        self._refuse_logits_after_parts()
         losses, columns = classification_outputs(logits, targets)
         self._parts = []
         # Made here from checked logits: one float32 value per id already, no need for `update`'s checks.
         self._keep(ids, {contract.LOSS: losses, contract.TARGET: targets, **columns})
+
+    def _refuse_logits_after_parts(self) -> None:
+        """Logits give one loss per sample: refused in a split whose losses came in parts."""
+        if self._parts:
+            raise ActionScoresError(f"expected a dict with parts {self._parts}, got logits (one loss per sample)")
 
     @staticmethod
     def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
@@ -301,8 +305,8 @@ class LossRecorder:
         ids, a missing batch, loss parts against logits. The columns are computed later, elsewhere."""
         if not self._ids and not self._pending_classification:
             raise ActionScoresError(f"split {self.split!r}: no batch was recorded this epoch")
-        if self._parts and self._pending_classification:
-            raise ActionScoresError(f"expected a dict with parts {self._parts}, got logits (one loss per sample)")
+        if self._pending_classification:
+            self._refuse_logits_after_parts()
         ids = [*self._ids, *(batch_ids for batch_ids, _, _ in self._pending_classification)]
         self._validated_ids(torch.cat(ids).cpu().numpy())
 
