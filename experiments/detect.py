@@ -40,37 +40,42 @@ DEFAULT_MODEL = {"digit-scenes": "tiny", "voc2007": "ssdlite"}  # what learns he
 class DetectionStep:
     """SSD's loss split per image into loc / pos / neg, plus each image's number of objects.
 
-    In eval mode (the tracked split's pass) the same forward pass also gives the detections,
-    which feed a mAP@0.5 metric (torchmetrics' `MeanAveragePrecision`, pycocotools backend);
-    `epoch_metrics` reads and resets it, synchronised across torchrun's ranks.
+    In eval mode (the tracked split's pass) the same forward pass also gives the detections;
+    `epoch_metrics` turns them into mAP@0.5 (torchmetrics' `MeanAveragePrecision`, pycocotools
+    backend). Under torchrun the ranks' detections are gathered to rank 0 first: torchmetrics' own
+    sync needs as many images on every rank, and the eval shares are unpadded, so they may differ by one.
     """
 
     def __init__(self, metric_name: str | None) -> None:
-        from torchmetrics.detection import MeanAveragePrecision
-
         self.metric_name = metric_name  # None: no mAP (several eval-pass splits would mix)
-        self.quality = MeanAveragePrecision(iou_thresholds=[0.5], backend="pycocotools")
-        self.updated = False
+        self.detections: list[dict[str, torch.Tensor]] = []
+        self.truths: list[dict[str, torch.Tensor]] = []
 
     def __call__(self, model: nn.Module, batch: dict) -> StepOutput:
         forward = ssd_forward(model, batch["input"], batch["target"])
         parts = per_image_parts(model, forward)
         if not model.training and self.metric_name is not None:
             sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in batch["input"]]
-            detections = ssd_detections(model, forward, sizes)
-            self.quality.update([{k: v.detach().cpu() for k, v in d.items()} for d in detections],
-                                [{k: v.cpu() for k, v in t.items()} for t in batch["target"]])
-            self.updated = True
+            self.detections += [{k: v.detach().cpu() for k, v in d.items()}
+                                for d in ssd_detections(model, forward, sizes)]
+            self.truths += [{k: v.cpu() for k, v in t.items()} for t in batch["target"]]
         objects = torch.tensor([len(t["labels"]) for t in batch["target"]], dtype=torch.int32)
         return StepOutput(parts, {"num_objects": objects})
 
     def epoch_metrics(self) -> dict[str, float]:
-        """`<split>_map_50` of this epoch's eval pass (every rank must call it: it gathers)."""
-        if not self.updated:
+        """`<split>_map_50` of this epoch's eval pass, on rank 0 (every rank must call it: it gathers)."""
+        if self.metric_name is None:
             return {}
-        result = float(self.quality.compute()["map_50"])
-        self.quality.reset()
-        return {f"{self.metric_name}_map_50": result}
+        shares = distributed.gather_shares((self.detections, self.truths))
+        self.detections, self.truths = [], []
+        detections = [d for share in shares or [] for d in share[0]]
+        if not detections:  # not rank 0, or no eval pass this epoch
+            return {}
+        from torchmetrics.detection import MeanAveragePrecision
+
+        quality = MeanAveragePrecision(iou_thresholds=[0.5], backend="pycocotools", sync_on_compute=False)
+        quality.update(detections, [t for share in shares or [] for t in share[1]])
+        return {f"{self.metric_name}_map_50": float(quality.compute()["map_50"])}
 
 
 def check_batches_train(model: nn.Module, train_size: int, batch_size: int) -> None:

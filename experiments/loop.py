@@ -15,7 +15,7 @@ of every epoch (see `tracking.record.distributed`).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from tracking import contract
@@ -69,6 +69,23 @@ class _StepModule(nn.Module):
         return self.step(self.model, batch)
 
 
+class _EvalShard(Sampler[int]):
+    """This rank's share of an eval split under torchrun: every `world`-th sample, none repeated."""
+
+    def __init__(self, dataset: Dataset, split: str) -> None:
+        size, world = len(dataset), torch.distributed.get_world_size()  # type: ignore[arg-type]
+        if size < world:  # a rank without samples would never join the eval metrics' gathering
+            raise ActionScoresError(f"split {split!r} has {size} sample(s) for {world} processes: "
+                                    f"track a split with at least one sample per process")
+        self.indices = list(range(torch.distributed.get_rank(), size, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 @dataclass
 class TrackedSplit:
     """A split whose per-sample losses are recorded every epoch, and how."""
@@ -105,7 +122,7 @@ class _Means:
         self.count += out.total.shape[0]
 
     def read(self, prefix: str) -> dict[str, float]:
-        """Means over every rank's samples (under torchrun, padded duplicates included)."""
+        """Means over every rank's samples (under torchrun, a training pass's padded duplicates included)."""
         if not self.sums:
             return {}
         keys = list(self.sums)
@@ -260,11 +277,16 @@ def train_and_record(
     joined = distributed.init_from_env(device)
     main = distributed.is_main()
 
-    def loader(split: str, shuffle: bool) -> DataLoader:
+    def loader(split: str, shuffle: bool, scored_by: Pass = "train") -> DataLoader:
         indexed = IndexedDataset(datasets[split], sample_ids.get(split))
-        if distributed.active():  # pads each rank's share with copies: the recorder keeps the first
+        if distributed.active():
+            # Training needs as many batches on every rank (DDP syncs each backward), so DistributedSampler
+            # pads the shares with copies, which the recorder drops. An eval pass has no collectives: its
+            # shares are disjoint and unpadded, so its metrics (mean losses, mAP) count every sample once.
+            sampler = _EvalShard(indexed, split) if scored_by == "eval" else \
+                DistributedSampler(indexed, shuffle=shuffle, seed=seed)
             return DataLoader(indexed, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
-                              sampler=DistributedSampler(indexed, shuffle=shuffle, seed=seed))
+                              sampler=sampler)
         return DataLoader(indexed, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                           collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
 
@@ -278,7 +300,7 @@ def train_and_record(
                     {**params, **{contract.SCORED_BY_PREFIX + s: p for s, p in tracked_passes.items()}})
                 run_tracker.set_tags(tags or {})
             tracked = {
-                split: TrackedSplit(loader(split, shuffle=False), _recorder(split, len(datasets[split]),
+                split: TrackedSplit(loader(split, False, scored_by), _recorder(split, len(datasets[split]),
                                                                             sample_ids.get(split), run_tracker),
                                     scored_by)
                 for split, scored_by in tracked_passes.items()

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from experiments.detection_data import digit_scenes
+from experiments.detect import DetectionStep
+from experiments.detection_data import detection_collate, digit_scenes
 from experiments.models import KerasCifarCNN, tiny_ssd
 from experiments.ssd_loss import ssd_per_image_losses
 from tests.conftest import BIN, run_command
@@ -134,7 +135,7 @@ def test_torchrun_losses_equal_a_single_process_pass_and_scores_equal_the_tables
 
 
 
-DETECT_LIMIT = 21  # odd: DistributedSampler pads rank 1's share of train and val with a copy of image 0
+DETECT_LIMIT = 21  # odd: DistributedSampler pads rank 1's share of train with a copy of image 0 (not val's)
 
 
 def test_torchrun_detection_writes_each_epochs_table_once_whole_with_the_parts_one_process_computes(
@@ -177,3 +178,11 @@ def test_torchrun_detection_writes_each_epochs_table_once_whole_with_the_parts_o
         expected = ssd_per_image_losses(model.eval(), list(images), list(targets))
     for part, values in expected.items():
         np.testing.assert_allclose(tables[-1][f"loss_{part}"], values.numpy(), rtol=1e-4, atol=1e-6)
+    # The eval pass's metrics count every image once, not DistributedSampler's padded copy of image 0 again.
+    val_loss = client.get_metric_history(run_id, "val_loss")[-1].value
+    assert val_loss == pytest.approx(float(tables[-1]["loss"].mean()), rel=1e-5)
+    step = DetectionStep("val")
+    with torch.no_grad():
+        step(model, detection_collate([{"sample_id": i, "input": images[i], "target": targets[i]}
+                                       for i in range(DETECT_LIMIT)]))
+    assert maps[-1].value == pytest.approx(step.epoch_metrics()["val_map_50"], abs=1e-6)

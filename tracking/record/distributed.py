@@ -8,6 +8,7 @@ initialised process group everything here is a no-op, so single-process code is 
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from tracking.errors import ActionScoresError
 
 # One rank's share of an epoch, on the host: its sample ids and named columns.
 Share = tuple[np.ndarray, dict[str, np.ndarray]]
+T = TypeVar("T")
 
 
 def launched_by_torchrun() -> bool:
@@ -60,15 +62,16 @@ def init_from_env(device: torch.device) -> bool:
     return True
 
 
-def gather_shares(share: Share) -> list[Share] | None:
+def gather_shares(share: T) -> list[T] | None:
     """Every rank's share, in rank order, on rank 0 (None on the other ranks).
 
-    Rank order is what "first occurrence" means across processes: rank 0's batches
+    Any picklable share: a recorder's `Share`, an eval pass's detections. Rank order is what
+    "first occurrence" means across processes: rank 0's batches
     first, in the order it received them, then rank 1's, and so on.
     """
     if not active():
         return [share]
-    shares: list[Share] | None = [None] * dist.get_world_size() if is_main() else None  # type: ignore[list-item]
+    shares: list[T] | None = [None] * dist.get_world_size() if is_main() else None  # type: ignore[list-item]
     dist.gather_object(share, shares, dst=0)
     return shares
 
