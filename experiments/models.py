@@ -125,6 +125,9 @@ def load_weights(model: nn.Module, weights: str) -> nn.Module:
 
 
 DETECTORS = {"tiny": (tiny_ssd, 128), "ssdlite": (ssdlite, 320), "ssd300": (partial(ssd300, weights=None), 300)}
+# Below 268 px the VGG's last extra layers of SSD300 get feature maps smaller than their 3x3 kernels
+# (measured: 267 fails, 268 runs), and torch's error says nothing of the input size.
+SMALLEST_INPUT = {"ssd300": 268}
 
 
 def detector(name: str, num_classes: int, size: int = 0, weights: str = "") -> nn.Module:
@@ -132,5 +135,9 @@ def detector(name: str, num_classes: int, size: int = 0, weights: str = "") -> n
     if name not in DETECTORS:
         raise ActionScoresError(f"unknown detection model {name!r}; choose one of {sorted(DETECTORS)}")
     build, own_size = DETECTORS[name]
+    if size and size < SMALLEST_INPUT.get(name, 0):
+        raise ActionScoresError(f"{name} needs an input of at least {SMALLEST_INPUT[name]} px, not {size}: its last "
+                                f"feature maps would be smaller than their kernels; use --image-size 0 (its own "
+                                f"{own_size}) or a smaller model (ssdlite, tiny)")
     model = build(num_classes, size=size or own_size)
     return load_weights(model, weights) if weights else model

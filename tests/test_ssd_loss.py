@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torchvision.models.detection.ssd import SSD
 
 from experiments.models import detector, tiny_ssd
+from tracking.errors import ActionScoresError
 from experiments.detection_data import digit_scenes
 from experiments.ssd_loss import per_image_parts, ssd_detections, ssd_forward, ssd_per_image_losses
 
@@ -82,6 +83,15 @@ def test_voc_models_parts_match_torchvision_loss_and_are_batch_independent(name:
     for part in ("loc", "pos", "neg"):
         torch.testing.assert_close(batch[part][1], parts[part][0], rtol=1e-4, atol=1e-5)
         assert parts[part][0] > 0
+
+
+def test_ssd300_below_its_smallest_input_is_refused_naming_the_size() -> None:
+    """torch's own error ("Kernel size can't be greater than actual input size") names no input size."""
+    with pytest.raises(ActionScoresError, match=r"ssd300 needs an input of at least 268 px, not 160"):
+        detector("ssd300", 21, size=160)
+    model = detector("ssd300", 21, size=268).eval()  # the smallest that runs
+    with torch.no_grad():
+        assert len(model([torch.rand(3, 268, 268)])) == 1
 
 
 def _matched(model: SSD, forward) -> list[torch.Tensor]:  # noqa: ANN001 - an SSDForward
