@@ -20,15 +20,19 @@ Writes to `--out`: clean_and_retrain.csv, .md (tables, command, wall time) and .
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shlex
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,15 +40,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from experiments.classify import classification_step, from_selections  # noqa: E402
 from experiments.datasets import load_split, select_samples  # noqa: E402
-from experiments.loop import train_and_record  # noqa: E402
+from experiments.loop import evaluate, train_and_record  # noqa: E402
 from experiments.models import KerasCifarCNN  # noqa: E402
 from label_noise import Data, cifar_subset, digits, flip, local_store  # noqa: E402
 from tracking.analyze import analyze_run  # noqa: E402
 from tracking.backends import MLflowTracker  # noqa: E402
+from tracking.record.indexed import IndexedDataset  # noqa: E402
 from tracking.select import select_run  # noqa: E402
 
 RANDOM = "random"
 EXPERIMENT = "clean-and-retrain"
+PARTIAL = "clean_and_retrain.partial.csv"
 
 
 def test_split(dataset: str, root: Path, limit: int) -> Data:
@@ -66,70 +72,149 @@ def test_split(dataset: str, root: Path, limit: int) -> Data:
     return Data("cifar10-test", inputs, np.asarray(folder.targets)[chosen], len(folder.classes))
 
 
-def train(train_data: Data, labels: np.ndarray, test: Data, epochs: int, seed: int, uri: str, batch_size: int, *,
-          record_train: bool, sample_ids: np.ndarray | None = None, new_labels: dict[int, int] | None = None,
-          exclude: list[int] | None = None, tags: dict[str, str] | None = None, name: str = "") -> tuple[str, float]:
-    """Train from scratch (the same seed every time), return (run id, clean test accuracy of the last epoch)."""
+@dataclass
+class Arm:
+    """One training of the bench: which labels, which samples left out or relabelled, and the tags that say so."""
+
+    setting: tuple[str, float]
+    arm: str
+    score: str
+    labels: np.ndarray
+    record_train: bool = False
+    exclude: list[int] = field(default_factory=list)
+    new_labels: dict[int, int] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)  # the selection's precision, relabelled counts
+
+    @property
+    def name(self) -> str:
+        kind, rate = self.setting
+        return f"{kind}-{rate}-{self.arm.split(': ')[1]}" + (f"-{self.score}" if self.score else "")
+
+
+_WORKER_DATA: dict[str, Data] = {}  # each worker process decodes the splits once
+
+
+def load_splits(args: argparse.Namespace) -> None:
+    """Worker initializer: one torch thread per process (the pool spreads the trainings over the cores)."""
+    torch.set_num_threads(1)
+    root = Path(args.cifar_root)
+    _WORKER_DATA["train"] = digits() if args.dataset == "digits" else cifar_subset(root, args.cifar_train, args.seed)
+    _WORKER_DATA["test"] = test_split(args.dataset, root, args.cifar_test)
+
+
+def train(arm: Arm, epochs: int, seed: int, batch_size: int) -> tuple[str, str, float]:
+    """Train from scratch (the same seed every time) into a store of its own (no two processes share a sqlite
+    file); return (store uri, run id, clean test accuracy of the last epoch)."""
+    train_data, test = _WORKER_DATA["train"], _WORKER_DATA["test"]
     torch.manual_seed(seed)
     model = KerasCifarCNN(train_data.inputs.shape[1], train_data.classes, train_data.inputs.shape[2])
-    dataset = TensorDataset(train_data.inputs, torch.from_numpy(labels))
+    dataset = TensorDataset(train_data.inputs, torch.from_numpy(arm.labels))
     ids = {}
-    if exclude or new_labels:
-        dataset, ids["train"] = select_samples(dataset, train_data.classes, exclude or [], new_labels)
-    tracker = MLflowTracker(uri)
+    if arm.exclude or arm.new_labels:
+        dataset, ids["train"] = select_samples(dataset, train_data.classes, arm.exclude, arm.new_labels)
+    test_set = TensorDataset(test.inputs, torch.from_numpy(test.labels))
+    tracker = MLflowTracker(local_store(EXPERIMENT).uri)
     metrics = train_and_record(
-        tracker=lambda: tracker, experiment=EXPERIMENT, run_name=name, params={"action_scores.task": "classification"},
+        tracker=lambda: tracker, experiment=EXPERIMENT, run_name=arm.name,
+        params={"action_scores.task": "classification"},
         model=model, step=classification_step, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
-        datasets={"train": dataset, "test": TensorDataset(test.inputs, torch.from_numpy(test.labels))},
-        tracked_passes={"train": "train", "test": "eval"} if record_train else {"test": "eval"},
-        epochs=epochs, batch_size=batch_size, seed=seed, device=torch.device("cpu"), sample_ids=ids, tags=tags,
+        datasets={"train": dataset, "test": test_set},
+        # the source run records both splits every epoch; a retraining only needs its last model's accuracy
+        tracked_passes={"train": "train", "test": "eval"} if arm.record_train else {},
+        epochs=epochs, batch_size=batch_size, seed=seed, device=torch.device("cpu"), sample_ids=ids, tags=arm.tags,
     )
-    return tracker.run_id, metrics["test_correct"]
+    if not arm.record_train:
+        loader = DataLoader(IndexedDataset(test_set), batch_size=256)
+        metrics = evaluate(model, classification_step, loader, None, torch.device("cpu"), "test")
+    return tracker.tracking_uri, tracker.run_id, metrics["test_correct"]
 
 
-def run_setting(data: Data, test: Data, kind: str, rate: float, args: argparse.Namespace, uri: str) -> list[dict]:
-    """Every arm of one noise setting; rows of (arm, score, test accuracy, samples trained on)."""
-    noisy, flipped = flip(data.labels, data.classes, rate, kind, args.seed)
-    base = {"dataset": data.name, "noise": kind, "rate": rate, "epochs": args.epochs, "batch_size": args.batch_size}
-    fraction = args.flag_fraction or rate
-    rows = []
-    started = time.monotonic()
-    source, noisy_accuracy = train(data, noisy, test, args.epochs, args.seed, uri, args.batch_size, record_train=True,
-                                   name=f"{kind}-{rate}-noisy")
-    analyze_run(MLflowTracker(uri), source, panels=False)
-    rows.append({**base, "arm": "a: noisy", "score": "", "accuracy": noisy_accuracy, "samples": len(noisy)})
-    _, clean_accuracy = train(data, data.labels, test, args.epochs, args.seed, uri, args.batch_size, record_train=False,
-                              name=f"{kind}-{rate}-clean")
-    rows.append({**base, "arm": "d: clean oracle", "score": "", "accuracy": clean_accuracy, "samples": len(noisy)})
+def selected_arms(source: Arm, uri: str, run_id: str, data: Data, flipped: np.ndarray,
+                  args: argparse.Namespace) -> list[Arm]:
+    """Score the source run, then one removal per score of `--scores` and one relabelling per `--relabel-scores`,
+    each from the selection `action-scores select` logs to the source run (`experiments.classify`'s reading)."""
+    analyze_run(MLflowTracker(uri), run_id, panels=False)
+    fraction = args.flag_fraction or source.setting[1]
     reader = MLflowTracker(uri)
+    arms = []
     for score in args.scores.split(","):
         if score == RANDOM:
             rng = np.random.default_rng(args.seed + 1)
-            chosen = rng.choice(len(noisy), round(fraction * len(noisy)), replace=False)
-            taken_exclude, tags, found = chosen.tolist(), {"action_scores.selection.exclude.run": "random"}, np.nan
-        else:
-            select_run(MLflowTracker(uri), source, by=score, split="train", fraction=fraction)
-            taken = from_selections(reader, "train", exclude=source)
-            taken_exclude, tags = taken.exclude, taken.tags
-            found = flipped[taken_exclude].mean()
-        _, accuracy = train(data, noisy, test, args.epochs, args.seed, uri, args.batch_size, record_train=False,
-                            exclude=taken_exclude, tags=tags, name=f"{kind}-{rate}-without-{score}")
-        rows.append({**base, "arm": "b: remove", "score": score, "accuracy": accuracy,
-                     "samples": len(noisy) - len(taken_exclude), "flagged_precision": found})
+            chosen = rng.choice(len(source.labels), round(fraction * len(source.labels)), replace=False).tolist()
+            arms.append(Arm(source.setting, "b: remove", score, source.labels, exclude=chosen,
+                            tags={"action_scores.selection.exclude.run": "random"}))
+            continue
+        select_run(MLflowTracker(uri), run_id, by=score, split="train", fraction=fraction)
+        taken = from_selections(reader, "train", exclude=run_id)
+        arms.append(Arm(source.setting, "b: remove", score, source.labels, exclude=taken.exclude, tags=taken.tags,
+                        extra={"flagged_precision": flipped[taken.exclude].mean()}))
         if score in args.relabel_scores.split(","):
-            taken = from_selections(reader, "train", relabel=source)
+            taken = from_selections(reader, "train", relabel=run_id)
             corrected = (np.mean([data.labels[i] == y for i, y in taken.new_labels.items()]) if taken.new_labels
                          else np.nan)
-            _, accuracy = train(data, noisy, test, args.epochs, args.seed, uri, args.batch_size, record_train=False,
-                                new_labels=taken.new_labels, tags=taken.tags, name=f"{kind}-{rate}-relabel-{score}")
-            rows.append({**base, "arm": "c: relabel", "score": score, "accuracy": accuracy, "samples": len(noisy),
-                         "relabelled": len(taken.new_labels), "relabel_correct": corrected})
-    for row in rows:
-        gap = clean_accuracy - noisy_accuracy
-        row["recovered"] = (row["accuracy"] - noisy_accuracy) / gap if abs(gap) > 1e-9 else np.nan
-    print(f"{data.name} {kind} {rate:.0%}: {len(rows)} trainings in {time.monotonic() - started:.0f}s; "
-          f"noisy {noisy_accuracy:.3f}, clean {clean_accuracy:.3f}", flush=True)
-    return rows
+            arms.append(Arm(source.setting, "c: relabel", score, source.labels, new_labels=taken.new_labels,
+                            tags=taken.tags, extra={"relabelled": len(taken.new_labels), "relabel_correct": corrected}))
+    return arms
+
+
+def run_bench(data: Data, args: argparse.Namespace) -> list[dict]:
+    """Every arm of every setting, spread over `--jobs` processes: the noisy runs and the clean oracle (trained
+    once: its labels and seed are the same in every setting) first, each noisy run's selections as it ends."""
+    settings = [(kind, float(rate)) for kind, rate in (s.split(":") for s in args.settings.split(","))]
+    flips = {setting: flip(data.labels, data.classes, setting[1], setting[0], args.seed) for setting in settings}
+    oracle = Arm(settings[0], "d: clean oracle", "", data.labels)
+    rows: list[dict] = []
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=load_splits, initargs=(args,)) as pool, \
+            tqdm(total=len(settings) * (2 + len(args.scores.split(","))) + 1, desc="trainings", unit="run") as bar:
+        def submit(arm: Arm) -> Future:
+            future = pool.submit(train, arm, args.epochs, args.seed, args.batch_size)
+            running[future] = arm
+            return future
+
+        running: dict[Future, Arm] = {}
+        for setting in settings:
+            submit(Arm(setting, "a: noisy", "", flips[setting][0], record_train=True))
+        submit(oracle)
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                arm = running.pop(future)
+                uri, run_id, accuracy = future.result()
+                bar.update()
+                rows.append({"setting": arm.setting, "arm": arm.arm, "score": arm.score, "accuracy": accuracy,
+                             "samples": len(arm.labels) - len(arm.exclude), **arm.extra})
+                pd.DataFrame(rows).to_csv(Path(args.out) / PARTIAL, index=False)  # what a stopped run had
+                if arm.arm == "a: noisy":
+                    followers = selected_arms(arm, uri, run_id, data, flips[arm.setting][1], args)
+                    bar.total += len(followers) - len(args.scores.split(","))  # relabellings come on top
+                    for follower in followers:
+                        submit(follower)
+    return with_recovered(rows, settings, args)
+
+
+def with_recovered(rows: list[dict], settings: list[tuple[str, float]], args: argparse.Namespace) -> list[dict]:
+    """The oracle's row in every setting, the rows in the order of the tables, and (b - a) / (d - a)."""
+    clean = next(row for row in rows if row["arm"] == "d: clean oracle")
+    order = {"a: noisy": 0, "d: clean oracle": 1, "b: remove": 2, "c: relabel": 2}
+    scores = args.scores.split(",")
+    table = []
+    for setting in settings:
+        kind, rate = setting
+        mine = [row for row in rows if row["setting"] == setting and row["arm"] != "d: clean oracle"] + [clean]
+        mine.sort(key=lambda r: (order[r["arm"]], scores.index(r["score"]) if r["score"] else -1, r["arm"]))
+        noisy = next(row["accuracy"] for row in mine if row["arm"] == "a: noisy")
+        gap = clean["accuracy"] - noisy
+        for row in mine:
+            table.append({"dataset": data_name(args), "noise": kind, "rate": rate, "epochs": args.epochs,
+                          "batch_size": args.batch_size, **{k: v for k, v in row.items() if k != "setting"},
+                          "recovered": (row["accuracy"] - noisy) / gap if abs(gap) > 1e-9 else np.nan})
+    return table
+
+
+def data_name(args: argparse.Namespace) -> str:
+    return "digits" if args.dataset == "digits" else f"cifar10-{args.cifar_train // 1000}k"
 
 
 def markdown(table: pd.DataFrame, command: str, wall: float, flag: str) -> str:
@@ -192,22 +277,17 @@ def main() -> None:
     parser.add_argument("--cifar-root", default="/tmp/data/cifar10")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/clean_and_retrain")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings at once, one process and one torch thread "
+                        "each (default 2: this machine's cores)")
     args = parser.parse_args()
     started = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
-    uri = local_store(EXPERIMENT).uri
-    torch.set_num_threads(1)  # 2 cores shared with other jobs: one thread each trains faster than two fighting
-    root = Path(args.cifar_root)
-    data = digits() if args.dataset == "digits" else cifar_subset(root, args.cifar_train, args.seed)
-    test = test_split(args.dataset, root, args.cifar_test)
-    rows: list[dict] = []
-    for setting in args.settings.split(","):
-        kind, rate = setting.split(":")
-        rows += run_setting(data, test, kind, float(rate), args, uri)
-        pd.DataFrame(rows).to_csv(out / "clean_and_retrain.csv", index=False)
-    table = pd.DataFrame(rows)
+    data = digits() if args.dataset == "digits" else cifar_subset(Path(args.cifar_root), args.cifar_train, args.seed)
+    table = pd.DataFrame(run_bench(data, args))
+    table.to_csv(out / "clean_and_retrain.csv", index=False)
+    (out / PARTIAL).unlink()
     flag = f"{args.flag_fraction:.0%}" if args.flag_fraction else "the true noise rate"
     (out / "clean_and_retrain.md").write_text(markdown(table, command, time.monotonic() - started, flag))
     plot(table, out / "clean_and_retrain.png")
