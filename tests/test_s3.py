@@ -30,7 +30,8 @@ from tests.conftest import BIN, S3MlflowServer, run_command, snapshot_run
 from tests.test_job_lock import test_a_job_killed_halfway_leaves_no_done_and_the_next_job_finishes_the_work  # noqa: F401
 from tests.test_job_lock import test_two_jobs_at_once_do_the_work_once  # noqa: F401
 from tests.test_uploads import (  # noqa: F401 (spool_root: the fixture of the imported test)
-    _assert_tables_arrived_whole_and_once, _env, _only_run, _train, _wait_for, spool_root,
+    _assert_finished_with_nothing_left_behind, _assert_tables_arrived_whole_and_once, _env, _only_run, _train,
+    _wait_for, spool_root,
     test_resumed_training_replaces_the_epochs_it_repeats,
 )
 from tracking.backends import MLflowTracker
@@ -160,9 +161,7 @@ def test_the_bucket_gone_mid_training_loses_nothing(s3: S3MlflowServer, tmp_path
     finally:
         if training.poll() is None:
             training.kill()
-    assert training.returncode == 0, err
-    assert f"run {run_id} finished" in out
-    assert "action-scores upload" not in err  # nothing left behind
+    _assert_finished_with_nothing_left_behind(training, out, err, run_id)
     assert "retrying" in err  # the uploader did meet the outage
     _assert_tables_arrived_whole_and_once(s3, run_id, spool, epochs, tmp_path)
     objects = _objects(s3, run_id)

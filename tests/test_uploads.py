@@ -115,6 +115,13 @@ def _stop_once_the_run_exists(server: RestartableServer, experiment: str, proces
     return run_id
 
 
+def _assert_finished_with_nothing_left_behind(training: subprocess.Popen, out: str, err: str, run_id: str) -> None:
+    """Training exited cleanly, its run finished, and no write was left for `action-scores upload`."""
+    assert training.returncode == 0, err
+    assert f"run {run_id} finished" in out
+    assert "action-scores upload" not in err
+
+
 def _assert_tables_arrived_whole_and_once(server: RestartableServer, run_id: str, spool: Path, epochs: int,
                                           tmp_path: Path) -> None:
     client = mlflow.MlflowClient(server.uri)
@@ -149,9 +156,7 @@ def test_server_stopped_mid_training_and_restarted_loses_nothing(server: Restart
     finally:
         if training.poll() is None:
             training.kill()
-    assert training.returncode == 0, err
-    assert f"run {run_id} finished" in out
-    assert "action-scores upload" not in err
+    _assert_finished_with_nothing_left_behind(training, out, err, run_id)
     _assert_tables_arrived_whole_and_once(server, run_id, spool, epochs, tmp_path)
     # Metrics queued in the outage carry the time they were measured, not the time they arrived.
     history = {m.step: m.timestamp for m in mlflow.MlflowClient(server.uri).get_metric_history(run_id, "test_loss")}
