@@ -11,8 +11,11 @@ For each noise setting (`--settings`, default 40% symmetric, 20% and 40% asymmet
   code on that run, and retrain from scratch without the selection (`experiments.classify --exclude`'s
   code: the new run's tags name the source run and selection file);
 - (c) for each score of `--relabel-scores`: retrain with the selection's suggested labels instead;
-- (d) train on the clean labels: the oracle.
+- (d) train on the clean labels: the oracle, once (its labels and seed are the same in every setting).
 Reports test accuracy (the clean test split) of each, and the accuracy recovered, (b - a) / (d - a).
+The noisy runs record the test split every epoch too; a retraining is scored on it once, after its
+last epoch. Trainings run `--jobs` at a time (processes, one torch thread and one local store each);
+each noisy run's selections start as soon as it ends.
 
 Writes to `--out`: clean_and_retrain.csv, .md (tables, command, wall time) and .png (recovered per score).
 """
