@@ -282,15 +282,30 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/clean_and_retrain")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once, one process and one torch thread "
                         "each (default 2: this machine's cores)")
+    parser.add_argument("--report-partial", default="", metavar="MINUTES",
+                        help="instead of training: the tables of a stopped run's partial CSV in --out (run with the "
+                             "same arguments), whose wall time was MINUTES; the arms it did not reach are left out")
     args = parser.parse_args()
     started = time.monotonic()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
-    data = digits() if args.dataset == "digits" else cifar_subset(Path(args.cifar_root), args.cifar_train, args.seed)
-    table = pd.DataFrame(run_bench(data, args))
+    if args.report_partial:
+        rows = pd.read_csv(out / PARTIAL).to_dict("records")
+        for row in rows:
+            kind, rate = row["setting"].strip("()").split(",")
+            row["setting"] = (kind.strip(" '"), float(rate))
+            row["score"] = "" if pd.isna(row["score"]) else row["score"]
+        settings = list(dict.fromkeys(r["setting"] for r in rows if r["arm"] == "a: noisy"))
+        table = pd.DataFrame(with_recovered(rows, settings, args))
+        started -= float(args.report_partial) * 60
+        command = command.split(" --report-partial")[0] + " (stopped before its end)"
+    else:
+        data = digits() if args.dataset == "digits" else cifar_subset(Path(args.cifar_root), args.cifar_train,
+                                                                        args.seed)
+        table = pd.DataFrame(run_bench(data, args))
+        (out / PARTIAL).unlink()
     table.to_csv(out / "clean_and_retrain.csv", index=False)
-    (out / PARTIAL).unlink()
     flag = f"{args.flag_fraction:.0%}" if args.flag_fraction else "the true noise rate"
     (out / "clean_and_retrain.md").write_text(markdown(table, command, time.monotonic() - started, flag))
     plot(table, out / "clean_and_retrain.png")
