@@ -170,7 +170,7 @@ def run_bench(data: Data, args: argparse.Namespace) -> list[dict]:
     rows: list[dict] = []
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=load_splits, initargs=(args,)) as pool, \
-            tqdm(total=len(settings) * (2 + len(args.scores.split(","))) + 1, desc="trainings", unit="run") as bar:
+            tqdm(total=len(settings) * (1 + len(args.scores.split(","))) + 1, desc="trainings", unit="run") as bar:
         def submit(arm: Arm) -> Future:
             future = pool.submit(train, arm, args.epochs, args.seed, args.batch_size)
             running[future] = arm
