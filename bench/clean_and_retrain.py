@@ -188,7 +188,9 @@ def run_bench(data: Data, args: argparse.Namespace) -> list[dict]:
                 bar.update()
                 rows.append({"setting": arm.setting, "arm": arm.arm, "score": arm.score, "accuracy": accuracy,
                              "samples": len(arm.labels) - len(arm.exclude), **arm.extra})
-                pd.DataFrame(rows).to_csv(Path(args.out) / PARTIAL, index=False)  # what a stopped run had
+                partial = [{"noise": r["setting"][0], "rate": r["setting"][1],
+                            **{k: v for k, v in r.items() if k != "setting"}} for r in rows]
+                pd.DataFrame(partial).to_csv(Path(args.out) / PARTIAL, index=False)  # what a stopped run had
                 if arm.arm == "a: noisy":
                     followers = selected_arms(arm, uri, run_id, data, flips[arm.setting][1], args)
                     bar.total += len(followers) - len(args.scores.split(","))  # relabellings come on top
@@ -293,8 +295,7 @@ def main() -> None:
     if args.report_partial:
         rows = pd.read_csv(out / PARTIAL).to_dict("records")
         for row in rows:
-            kind, rate = row["setting"].strip("()").split(",")
-            row["setting"] = (kind.strip(" '"), float(rate))
+            row["setting"] = (row.pop("noise"), float(row.pop("rate")))
             row["score"] = "" if pd.isna(row["score"]) else row["score"]
         settings = list(dict.fromkeys(r["setting"] for r in rows if r["arm"] == "a: noisy"))
         table = pd.DataFrame(with_recovered(rows, settings, args))

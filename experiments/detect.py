@@ -66,15 +66,15 @@ class DetectionStep:
         """`<split>_map_50` of this epoch's eval pass, on rank 0 (every rank must call it: it gathers)."""
         if self.metric_name is None:
             return {}
-        shares = distributed.gather_shares((self.detections, self.truths))
+        shares = distributed.gather_shares((self.detections, self.truths)) or []  # [] on ranks other than 0
         self.detections, self.truths = [], []
-        detections = [d for share in shares or [] for d in share[0]]
+        detections = [d for share in shares for d in share[0]]
         if not detections:  # not rank 0, or no eval pass this epoch
             return {}
         from torchmetrics.detection import MeanAveragePrecision
 
         quality = MeanAveragePrecision(iou_thresholds=[0.5], backend="pycocotools", sync_on_compute=False)
-        quality.update(detections, [t for share in shares or [] for t in share[1]])
+        quality.update(detections, [t for share in shares for t in share[1]])
         return {f"{self.metric_name}_map_50": float(quality.compute()["map_50"])}
 
 
