@@ -13,7 +13,11 @@ centred object. Prints, and writes to `--out` as `claim.md`:
   sqrt(image area), from the annotations: scores.parquet's `num_objects`, `median_box_size`);
 - among the 10 hardest and the 10 easiest per part: mean object count, median size, the
   share with a single object, and how far the largest object's centre lies from the image
-  centre (0 = centred, 1 = in a corner), read from the annotations of the run's dataset.
+  centre (0 = centred, 1 = in a corner), read from the annotations of the run's dataset;
+- a 95% bootstrap interval (over images) for each correlation;
+- the same correlations for each epoch's own loss, not summed, beside the val mAP@0.5 of that
+  epoch (`rho_by_epoch.png`): a link already there in the first epoch comes from SSD's geometry
+  (how boxes meet anchors), one that grows as the model learns comes from what it learned.
 The job's own panels (`action_scores/<split>/<part>/{hardest,easiest}.png`: the real
 pictures with their boxes and class names) are copied beside it as palette PNGs; nothing is redrawn.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from datetime import timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -33,8 +37,11 @@ from tqdm.auto import tqdm
 from experiments.detection_data import load_detection_split
 from tracking import contract
 from tracking.backends import MLflowTracker
+from tracking.report.plots import agg_figure
 
 OBJECTIVES = {"action_loc": "loc", "action_pos": "pos", "action_neg": "neg", "action": "loss"}  # column: panel dir
+QUANTITIES = {"num_objects": "number of objects", "median_box_size": "median object size"}
+BOOTSTRAP = 1000
 
 
 def largest_object_geometry(dataset, sample_ids: pd.Series) -> pd.DataFrame:  # noqa: ANN001 - a DetectionDataset
@@ -68,22 +75,102 @@ def compact_copy(source: Path, target: Path, colours: int = 128) -> None:
                                                                                         pnginfo=info)
 
 
+def rank_correlation_interval(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """The 2.5 and 97.5 percentiles of Spearman's rho over `BOOTSTRAP` resamples of the images."""
+    generator = np.random.default_rng(seed)
+    picks = generator.integers(0, len(x), size=(BOOTSTRAP, len(x)))
+    rhos = [spearmanr(x[pick], y[pick]).statistic for pick in picks]
+    low, high = np.nanpercentile(rhos, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def epoch_loss_column(action: str) -> str:
+    """The per-epoch table column an action sums: `loss_loc` for `action_loc`, `loss` for `action`."""
+    part = OBJECTIVES[action]
+    return contract.LOSS if part == contract.LOSS else contract.part_column(part)
+
+
+def rho_by_epoch(tracker: MLflowTracker, split: str, scores: pd.DataFrame, work: Path) -> pd.DataFrame:
+    """Per epoch, per action column: Spearman of that epoch's loss (not the sum) with each quantity."""
+    files = {contract.parse_epoch_file_name(PurePosixPath(name).name): name
+             for name in tracker.list_files(contract.losses_dir(split))}
+    files.pop(None, None)
+    quantities = scores[["sample_id", *QUANTITIES]]
+    rows = []
+    for epoch in tqdm(sorted(files), desc="epoch tables", unit="epoch"):
+        columns = ["sample_id", *(epoch_loss_column(action) for action in OBJECTIVES)]
+        table = pd.read_parquet(tracker.download(files[epoch], work), columns=columns).merge(quantities, on="sample_id")
+        for action in OBJECTIVES:
+            rows.append({"epoch": epoch + 1, "action": action, **{
+                quantity: spearmanr(table[epoch_loss_column(action)], table[quantity]).statistic
+                for quantity in QUANTITIES}})
+    return pd.DataFrame(rows)
+
+
+def plot_rho_by_epoch(by_epoch: pd.DataFrame, map_by_epoch: dict[int, float], split: str, path: Path,
+                      title: str) -> Path:
+    """One panel per quantity: rho of each part's per-epoch loss; a third with the val mAP@0.5 per epoch."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure = agg_figure(15.0, 4.2)
+    for index, (quantity, label) in enumerate(QUANTITIES.items(), start=1):
+        axes = figure.add_subplot(1, 3, index)
+        for action, rows in by_epoch.groupby("action", sort=False):
+            axes.plot(rows["epoch"], rows[quantity], marker=".", label=f"{epoch_loss_column(action)} of the epoch")
+        axes.axhline(0.0, color="grey", linewidth=0.8)
+        axes.set_ylim(-1.0, 1.0)
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_ylabel(f"Spearman rho with {label}")
+        axes.legend(fontsize=8)
+    axes = figure.add_subplot(1, 3, 3)
+    axes.plot(list(map_by_epoch), list(map_by_epoch.values()), marker=".", color="black")
+    axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylim(bottom=0.0)
+    axes.set_ylabel(f"{split} mAP@0.5 after the epoch")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def epoch_table(by_epoch: pd.DataFrame, map_by_epoch: dict[int, float], split: str) -> list[str]:
+    """Markdown rows of `rho_by_epoch` at the first, second, middle and last epochs, with that epoch's mAP."""
+    lines = [f"Spearman of each epoch's own loss (not the sum) with the number of objects and the median object "
+             f"size, at the first, second, middle and last epochs, and {split} mAP@0.5 after that epoch:", "",
+             "| epoch | mAP@0.5 | " + " | ".join(f"{epoch_loss_column(a)}: count, size" for a in OBJECTIVES) + " |",
+             "| --- | --- |" + " --- |" * len(OBJECTIVES)]
+    epochs = sorted(by_epoch["epoch"].unique())
+    for epoch in sorted({epochs[0], epochs[min(1, len(epochs) - 1)], epochs[len(epochs) // 2], epochs[-1]}):
+        rows = by_epoch[by_epoch["epoch"] == epoch].set_index("action")
+        cells = " | ".join(f"{rows.at[a, 'num_objects']:+.2f}, {rows.at[a, 'median_box_size']:+.2f}"
+                           for a in OBJECTIVES)
+        map_cell = f"{map_by_epoch[epoch]:.3f}" if epoch in map_by_epoch else "-"
+        lines.append(f"| {epoch} | {map_cell} | {cells} |")
+    return lines
+
+
 def claim_table(scores: pd.DataFrame, top_k: int) -> list[str]:
     """Markdown rows: per action column, Spearman with count and size, then the top and bottom k."""
-    lines = ["| action | rho(number of objects) | rho(median object size) | hardest 10: objects, size, single, "
-             "offset | easiest 10: objects, size, single, offset |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| action | rho(number of objects) [95% CI] | rho(median object size) [95% CI] | hardest 10: objects, "
+             "size, single, offset | easiest 10: objects, size, single, offset |", "| --- | --- | --- | --- | --- |"]
 
     def describe(rows: pd.DataFrame) -> str:
         return (f"{rows['num_objects'].mean():.1f}, {rows['median_box_size'].median():.2f}, "
                 f"{(rows['num_objects'] == 1).mean():.0%}, {rows['largest_offset'].mean():.2f}")
 
+    def rho(column: str, quantity: str) -> str:
+        x, y = scores[column].to_numpy(), scores[quantity].to_numpy()
+        low, high = rank_correlation_interval(x, y)
+        return f"{spearmanr(x, y).statistic:+.2f} [{low:+.2f}, {high:+.2f}]"
+
     for column in OBJECTIVES:
-        rho_count = spearmanr(scores[column], scores["num_objects"]).statistic
-        rho_size = spearmanr(scores[column], scores["median_box_size"]).statistic
         # Ties broken by lower sample id, as the job ranks: these are the panels' images.
         ranked = scores.sort_values([column, "sample_id"], ascending=[False, True])
         easiest = scores.sort_values([column, "sample_id"], ascending=[True, True])
-        lines.append(f"| `{column}` | {rho_count:+.2f} | {rho_size:+.2f} | {describe(ranked.head(top_k))} | "
+        lines.append(f"| `{column}` | {rho(column, 'num_objects')} | {rho(column, 'median_box_size')} | "
+                     f"{describe(ranked.head(top_k))} | "
                      f"{describe(easiest.head(top_k))} |")
     return lines
 
@@ -123,14 +210,23 @@ def main() -> None:
             "",
             *claim_table(scores, args.top_k),
         ]
+        by_epoch = rho_by_epoch(tracker, args.split, scores, Path(tmp) / "epochs")
+        map_by_epoch = {metric.step + 1: metric.value for metric in
+                        sorted(tracker.native.get_metric_history(args.run_id, f"{args.split}_map_50"),
+                               key=lambda metric: metric.step)}
+        lines += ["", *epoch_table(by_epoch, map_by_epoch, args.split)]
         print("\n".join(lines))
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "claim.md").write_text("\n".join(lines) + "\n")
+            by_epoch.to_csv(out / "rho_by_epoch.csv", index=False, float_format="%.4f")
+            plot_rho_by_epoch(by_epoch, map_by_epoch, args.split, out / "rho_by_epoch.png",
+                              f"{params['dataset']}, {params.get('detector', params.get('model'))}: Spearman of "
+                              f"each epoch's {args.split} loss with the annotations")
             for name, path in panels.items():
                 compact_copy(path, out / name)
-            print(f"wrote {out / 'claim.md'} and {len(panels)} panels")
+            print(f"wrote {out / 'claim.md'}, rho_by_epoch.csv/png and {len(panels)} panels")
 
 
 if __name__ == "__main__":

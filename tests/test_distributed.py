@@ -4,6 +4,7 @@ from the weights."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -18,8 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from experiments.detect import DetectionStep
+from experiments.loop import _EvalShard
 from experiments.detection_data import detection_collate, digit_scenes
 from experiments.models import KerasCifarCNN, tiny_ssd
 from experiments.ssd_loss import ssd_per_image_losses
@@ -28,6 +31,7 @@ from tracking.analyze import analyze_run
 from experiments.datasets import load_split
 from tracking.record.recorder import LossRecorder
 from tracking.backends import MLflowTracker
+from tracking.errors import ActionScoresError
 
 EPOCHS = 2
 SIZES = {"train": 1437, "test": 360}  # 1437 is odd: DistributedSampler pads rank 1 with a copy
@@ -58,6 +62,30 @@ def test_shares_are_gathered_to_rank_0_and_the_first_occurrence_in_rank_order_is
     assert table["sample_id"] == [0, 1, 2, 3, 4, 5]
     assert table["loss"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # rank 0's 0 beats rank 1's copy; 5's first value
     assert table["target"] == [0, 1, 0, 1, 0, 1]
+
+
+def _eval_shares(rank: int, init_file: str, out_dir: str) -> None:
+    """One of two ranks: this rank's eval share of a 5-sample split, and the error for a 1-sample split."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        share = list(_EvalShard(TensorDataset(torch.arange(5)), "val"))
+        try:
+            _EvalShard(TensorDataset(torch.arange(1)), "val")
+            refused = "not refused"
+        except ActionScoresError as error:
+            refused = str(error)
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"share": share, "refused": refused}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_eval_shares_are_disjoint_and_unpadded_and_a_split_smaller_than_the_world_is_refused(tmp_path: Path) -> None:
+    mp.spawn(_eval_shares, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["share"] for r in ranks] == [[0, 2, 4], [1, 3]]  # every sample once: no padded copy of 0
+    for r in ranks:
+        assert r["refused"] == "split 'val' has 1 sample(s) for 2 processes: " \
+                               "track a split with at least one sample per process"
 
 
 @pytest.fixture(scope="module")
