@@ -1,7 +1,7 @@
 """The paper's detection claim, measured on an analysed detect run.
 
     python -m experiments.detect --epochs 8 --experiment digit-scenes-claim
-    python -m experiments.detect --dataset voc2007 --data-root /tmp/data/voc --limit 160 --image-size 160 --epochs 6
+    python -m experiments.detect --dataset voc2007 --data-root /tmp/data/voc --image-size 160 --epochs 30
     action-scores analyze --run-id <id>
     python bench/detection_claim.py --run-id <id> --out bench/results/detection_claim
 
@@ -18,8 +18,11 @@ centred object. Prints, and writes to `--out` as `claim.md`:
 - the same correlations for each epoch's own loss, not summed, beside the val mAP@0.5 of that
   epoch (`rho_by_epoch.png`): a link already there in the first epoch comes from SSD's geometry
   (how boxes meet anchors), one that grows as the model learns comes from what it learned.
-The job's own panels (`action_scores/<split>/<part>/{hardest,easiest}.png`: the real
-pictures with their boxes and class names) are copied beside it as palette PNGs; nothing is redrawn.
+Everything is measured over the images with at least one object: an image without one (the
+VOC copy in ../shared has 9 val images with no annotated object) has no matched anchor, so its loc and pos
+losses are 0 by construction, not easy. The panels (`<part>-{hardest,easiest}.png`: the real
+pictures with their boxes and class names) are drawn over the same images with the job's own
+drawing code, and stored as palette PNGs.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from tqdm.auto import tqdm
 from experiments.detection_data import load_detection_split
 from tracking import contract
 from tracking.backends import MLflowTracker
+from tracking.report.panels import panel_items, render_panel
 from tracking.report.plots import agg_figure
+from tracking.report.views import VIEWS
 
 OBJECTIVES = {"action_loc": "loc", "action_pos": "pos", "action_neg": "neg", "action": "loss"}  # column: panel dir
 QUANTITIES = {"num_objects": "number of objects", "median_box_size": "median object size"}
@@ -175,6 +180,22 @@ def claim_table(scores: pd.DataFrame, top_k: int) -> list[str]:
     return lines
 
 
+def draw_panels(scores: pd.DataFrame, dataset: str, split: str, data_root: str | None, top_k: int,
+                work: Path) -> dict[str, Path]:
+    """`<part>-hardest.png` and `<part>-easiest.png` of `scores`' images, drawn as the job draws them
+    (boxes and class names, captioned with the action and the object count); ties by lower sample id."""
+    view = VIEWS["detection"](scores.copy(), dataset, split, data_root)
+    panels = {}
+    for column, part in OBJECTIVES.items():
+        for end, descending in (("hardest", True), ("easiest", False)):
+            chosen = scores.sort_values([column, "sample_id"], ascending=[not descending, True]).head(top_k)
+            items = panel_items(chosen, column, view.picture, view.label)
+            panels[f"{part}-{end}.png"] = render_panel(
+                [(end, items)], work / f"{part}-{end}.png",
+                f"{top_k} {end} by {column} over {len(scores)} images with objects")
+    return panels
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-id", required=True)
@@ -190,21 +211,22 @@ def main() -> None:
     params = run.data.params
     with tempfile.TemporaryDirectory() as tmp:
         scores = pd.read_parquet(tracker.download(f"action_scores/{args.split}/scores.parquet", Path(tmp)))
-        panels = {f"{part}-{end}.png": tracker.download(f"action_scores/{args.split}/{part}/{end}.png", Path(tmp) / part)
-                  for part in OBJECTIVES.values() for end in ("hardest", "easiest")} if args.out else {}
         split = load_detection_split(params[contract.DATASET_PARAM], args.split,
                                      args.data_root or params[contract.DATA_ROOT_PARAM] or None)
         scores = scores.merge(largest_object_geometry(split.dataset, scores["sample_id"]), on="sample_id")
+        without_objects = int((scores["num_objects"] == 0).sum())
+        scores = scores[scores["num_objects"] > 0].reset_index(drop=True)
         wall = timedelta(seconds=round((run.info.end_time - run.info.start_time) / 1000))
         map_50 = run.data.metrics.get(f"{args.split}_map_50")
         lines = [
             f"run `{args.run_id}`: {params.get('detector', params.get('model'))} at "
             f"{params.get('input_size', params.get('image_size'))} px on {params['dataset']}, "
-            f"{scores['epochs'].iloc[0]} epochs, {len(scores)} {args.split} images scored (limit "
+            f"{scores['epochs'].iloc[0]} epochs, {len(scores) + without_objects} {args.split} images scored (limit "
             f"{params.get('limit')} per split), batch {params.get('batch_size')}, wall {wall}, last "
             f"{args.split} mAP@0.5 {map_50 if map_50 is None else f'{map_50:.3f}'}",
             "",
-            f"Spearman over the {len(scores)} images; then, among the {args.top_k} hardest and easiest: mean number "
+            f"Spearman over the {len(scores)} images with at least one object ({without_objects} without one "
+            f"left out: their loc and pos losses are 0 by construction); then, among the {args.top_k} hardest and easiest: mean number "
             "of objects, median object size (sqrt of box over image area), share with a single object, and the "
             "largest object's centre offset (0 = centred, 1 = a corner)",
             "",
@@ -224,6 +246,8 @@ def main() -> None:
             plot_rho_by_epoch(by_epoch, map_by_epoch, args.split, out / "rho_by_epoch.png",
                               f"{params['dataset']}, {params.get('detector', params.get('model'))}: Spearman of "
                               f"each epoch's {args.split} loss with the annotations")
+            panels = draw_panels(scores, params[contract.DATASET_PARAM], args.split,
+                                 args.data_root or params[contract.DATA_ROOT_PARAM] or None, args.top_k, Path(tmp))
             for name, path in panels.items():
                 compact_copy(path, out / name)
             print(f"wrote {out / 'claim.md'}, rho_by_epoch.csv/png and {len(panels)} panels")
