@@ -40,9 +40,10 @@ from tqdm.auto import tqdm
 from experiments.detection_data import load_detection_split
 from tracking import contract
 from tracking.backends import MLflowTracker
-from tracking.report.panels import panel_items, render_panel
+from tracking.report.panels import ranked_panels
 from tracking.report.plots import agg_figure
 from tracking.report.views import VIEWS
+from tracking.scoring.rank import pick
 
 OBJECTIVES = {"action_loc": "loc", "action_pos": "pos", "action_neg": "neg", "action": "loss"}  # column: panel dir
 QUANTITIES = {"num_objects": "number of objects", "median_box_size": "median object size"}
@@ -171,28 +172,22 @@ def claim_table(scores: pd.DataFrame, top_k: int) -> list[str]:
         return f"{spearmanr(x, y).statistic:+.2f} [{low:+.2f}, {high:+.2f}]"
 
     for column in OBJECTIVES:
-        # Ties broken by lower sample id, as the job ranks: these are the panels' images.
-        ranked = scores.sort_values([column, "sample_id"], ascending=[False, True])
-        easiest = scores.sort_values([column, "sample_id"], ascending=[True, True])
+        picked = pick(scores, column, top_k, higher_is_harder=True)  # the panels' images, ranked as the job ranks
         lines.append(f"| `{column}` | {rho(column, 'num_objects')} | {rho(column, 'median_box_size')} | "
-                     f"{describe(ranked.head(top_k))} | "
-                     f"{describe(easiest.head(top_k))} |")
+                     f"{describe(picked.hardest)} | {describe(picked.easiest)} |")
     return lines
 
 
 def draw_panels(scores: pd.DataFrame, dataset: str, split: str, data_root: str | None, top_k: int,
                 work: Path) -> dict[str, Path]:
-    """`<part>-hardest.png` and `<part>-easiest.png` of `scores`' images, drawn as the job draws them
-    (boxes and class names, captioned with the action and the object count); ties by lower sample id."""
+    """`<part>-hardest.png` and `<part>-easiest.png` of `scores`' images, ranked and drawn by the job's own
+    code (`pick`, `ranked_panels`: boxes and class names, captioned with the action and the object count)."""
     view = VIEWS["detection"](scores.copy(), dataset, split, data_root)
     panels = {}
     for column, part in OBJECTIVES.items():
-        for end, descending in (("hardest", True), ("easiest", False)):
-            chosen = scores.sort_values([column, "sample_id"], ascending=[not descending, True]).head(top_k)
-            items = panel_items(chosen, column, view.picture, view.label)
-            panels[f"{part}-{end}.png"] = render_panel(
-                [(end, items)], work / f"{part}-{end}.png",
-                f"{top_k} {end} by {column} over {len(scores)} images with objects")
+        written, _ = ranked_panels(pick(scores, column, top_k, higher_is_harder=True), work / part, view.picture,
+                                   view.label)
+        panels.update({f"{part}-{path.name}": path for path in written})
     return panels
 
 
