@@ -174,33 +174,45 @@ class MLflowTracker(Tracker):
         """Wait (bounded) for queued writes, then end the run.
 
         If the server does not take them in time, the run is left as the server has it
-        and a warning names the spool folder and the command that finishes the job.
+        and a warning names the spool folder and the command that finishes the job. A table the
+        writer thread could not make ends the run FAILED (the job refuses a run with a gap), and
+        raises `ActionScoresError` naming it unless `failed` already says the run failed.
         """
         import mlflow
 
         status = "FAILED" if failed else "FINISHED"
         if self._uploader is not None:
             uploader, self._uploader = self._uploader, None
-            uploader.wait_for_writes()  # the run's end comes after its last table
-            if self._started:
-                uploader.submit("end", status=status)
-            left = uploader.close()
-            if left or uploader.refused or uploader.unwritten:
-                self.left_behind = left_behind_message(uploader.spool, left, redact(uploader.last_error),
-                                                       redact(self.tracking_uri), uploader.refused,
-                                                       uploader.unwritten)
-                log.warning(self.left_behind)
+            status = self._close_uploads(uploader, status if self._started else None) or status
             if self._started:  # the spooled `end` ends the run on the server (or will, by upload)
                 self._started = False
                 _end_run_without_waiting(status)
+            if uploader.unwritten and not failed:
+                raise ActionScoresError(f"run {uploader.spool.name.partition('-')[2]} ended FAILED: "
+                                        f"{len(uploader.unwritten)} table(s) could not be written "
+                                        f"({'; '.join(uploader.unwritten[:3])})")
             return
         if self._started:
             mlflow.end_run(status=status)
             self._started = False
 
+    def _close_uploads(self, uploader: Uploader, end_status: str | None) -> str:
+        """Close `uploader` within its bound (queueing the run's end when `end_status` is given); say what it
+        left behind. Returns the status it queued ("" for none): FAILED when a table is missing."""
+        left = uploader.close(end_status)
+        if left or uploader.refused or uploader.unwritten:
+            self.left_behind = left_behind_message(uploader.spool, left, redact(uploader.last_error),
+                                                   redact(self.tracking_uri), uploader.refused, uploader.unwritten)
+            log.warning(self.left_behind)
+        return uploader.end_status
+
     def _uploads(self) -> Uploader:
-        """The background uploader of the current run, started on first use."""
-        if self._uploader is None or self._uploader.spool != self.spool_dir:
+        """The background uploader of the current run, started on first use; one of another run (a new
+        `start` in this process) is closed first, so that its threads do not outlive it."""
+        if self._uploader is not None and self._uploader.spool != self.spool_dir:
+            old, self._uploader = self._uploader, None
+            self._close_uploads(old, None)
+        if self._uploader is None:
             record = {"backend": self.name, "run_id": self.run_id, "tracking_uri": redact(self.tracking_uri)}
             self._uploader = Uploader(self.spool_dir, record, functools.partial(self.perform, self.run_id))
         return self._uploader
