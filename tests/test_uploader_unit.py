@@ -118,9 +118,10 @@ def test_the_writer_queue_is_bounded_and_its_waits_counted(tmp_path: Path, monke
     monkeypatch.setenv("ACTION_SCORES_UPLOAD_WAIT", "1")
     uploader = Uploader(tmp_path, RECORD, Tracker().perform)
     release = threading.Event()
-    for epoch in range(2):  # the first is taken by the writer (stuck), the second waits: room for one more
-        uploader.submit_after(lambda e=epoch: release.wait(30) and {"name": f"table{e}"}, "artifact", f"t/{epoch}")
-    uploader.submit_after(lambda: {"name": "table2"}, "artifact", "t/2")
+    uploader.submit_after(lambda: release.wait(30) and {"name": "table0"}, "artifact", "t/0")
+    assert uploader.wait_for_writes(time.monotonic() + 0.3) is False  # the writer is stuck on table0...
+    for epoch in (1, 2):  # ...which is no longer queued: two more wait without waiting
+        uploader.submit_after(lambda e=epoch: {"name": f"table{e}"}, "artifact", f"t/{epoch}")
     assert uploader.table_waits == 0
     started = time.monotonic()
     with pytest.raises(ActionScoresError, match=r"^2 table\(s\) of .* still wait for the writer thread after 1 s"):

@@ -175,7 +175,7 @@ class Uploader:
         self.unwritten: list[str] = []  # tables the writer thread could not make, with the reason
         self._unreported = 0  # how many of `unwritten` no hand-over has raised yet
         self._tables: list[tuple[Callable[[], Mapping[str, Any]], str, str]] = []  # waiting for the writer thread
-        self._writing = False
+        self._writing = ""  # the table the writer thread is making now
         self.end_status = ""  # the status `close` queued for the run's end
         self.table_waits = 0  # hand-overs that found the writer queue full and waited
         self._writer = threading.Thread(target=self._write_tables, name=f"action-scores-write-{spool.name}",
@@ -239,8 +239,8 @@ class Uploader:
                     self._lock.wait()
                 if self._abandoned or not self._tables:
                     return
-                make, kind, describe = self._tables[0]
-                self._writing = True
+                make, kind, describe = self._tables.pop(0)
+                self._writing = describe
             failure = ""
             try:
                 self.submit(kind, **make())
@@ -251,8 +251,7 @@ class Uploader:
                 if failure:
                     self.unwritten.append(failure)
                     self._unreported += 1
-                self._tables.pop(0)
-                self._writing = False
+                self._writing = ""
                 self._lock.notify_all()
 
     def _work(self) -> None:
@@ -302,7 +301,7 @@ class Uploader:
         with self._lock:
             if not written:
                 self.unwritten += [f"{describe}: not written within the wait ({WAIT_ENV})"
-                                   for _, _, describe in self._tables]
+                                   for describe in [self._writing, *(table[2] for table in self._tables)]]
                 self._abandoned = True  # the writer stops before its next table
         if end_status is not None:
             self.end_status = "FAILED" if self.unwritten else end_status
