@@ -20,7 +20,8 @@ from typing import Any
 from tracking import contract
 from tracking.backends.base import Tracker, patched_environ, redact
 from tracking.backends.lock import SETTLE_SECONDS, tag_lock
-from tracking.backends.uploads import Operation, Uploader, UploadRefused, left_behind_message, read_run_record, replay
+from tracking.backends.uploads import (Operation, Uploader, UploadRefused, left_behind_message, read_run_record, replay,
+                                      unwritten_error)
 from tracking.errors import ActionScoresError
 
 log = logging.getLogger(__name__)
@@ -188,9 +189,7 @@ class MLflowTracker(Tracker):
                 self._started = False
                 _end_run_without_waiting(status)
             if uploader.unwritten and not failed:
-                raise ActionScoresError(f"run {uploader.spool.name.partition('-')[2]} ended FAILED: "
-                                        f"{len(uploader.unwritten)} table(s) could not be written "
-                                        f"({'; '.join(uploader.unwritten[:3])})")
+                raise unwritten_error(self.run_id, uploader.unwritten)
             return
         if self._started:
             mlflow.end_run(status=status)
@@ -220,15 +219,8 @@ class MLflowTracker(Tracker):
     def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
         self._uploads().submit("artifact", path=str(Path(local_path).resolve()), artifact_dir=artifact_dir)
 
-    def write_later(self, local_path: str | Path, write: Callable[[], object], artifact_dir: str) -> None:
-        """`write()` (which makes `local_path`) on the run's writer thread, then `upload_later` from there."""
-        path = Path(local_path).resolve()
-
-        def written() -> dict[str, str]:
-            write()
-            return {"path": str(path), "artifact_dir": artifact_dir}
-
-        self._uploads().submit_after(written, "artifact", describe=f"{artifact_dir}/{path.name}")
+    def _table_uploads(self) -> Uploader:
+        return self._uploads()  # one queue: a table's upload keeps its place among the run's other writes
 
     def log_params_later(self, params: Mapping[str, object]) -> None:
         self._uploads().submit("params", params={key: str(value) for key, value in params.items()})

@@ -319,6 +319,13 @@ class Uploader:
         return left
 
 
+def unwritten_error(run_id: str, unwritten: list[str]) -> ActionScoresError:
+    """What `finish` raises for a run that ended FAILED because tables handed to it are missing."""
+    return ActionScoresError(f"run {run_id} ended FAILED: {len(unwritten)} table(s) could not be written "
+                             f"({'; '.join(unwritten[:3])}{' ...' if len(unwritten) > 3 else ''}); record those "
+                             "epochs again (resume the run with the same id)")
+
+
 def left_behind_message(spool: Path, operations: list[Operation], last_error: str, tracking_uri: str,
                         refused: list[tuple[Operation, str]] = (), unwritten: list[str] = ()) -> str:
     """What the end of a run says about writes the tracker did not take (in time, or at all), and
