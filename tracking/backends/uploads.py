@@ -18,7 +18,15 @@ A table can also be handed over before it is written (`Uploader.submit_after`): 
 thread writes it into the spool, then queues its upload, so that the training thread pays
 for neither the disk nor the network. That thread never waits for the tracker, so an outage
 keeps tables on disk, not in memory; a table handed over when the process dies is lost with
-the epoch, as it would be mid-write.
+the epoch, as it would be mid-write. At most `MAX_QUEUED_TABLES` (`$ACTION_SCORES_WRITE_QUEUE`)
+tables wait for it; a hand-over past that waits for room (`Uploader.table_waits` counts those).
+A table it cannot make is raised at the next hand-over, and the run's end is then queued as
+FAILED: a run with a gap never ends FINISHED.
+
+Operations are numbered after every file in `pending/` and `failed/`, so a resumed process never
+overwrites a write set aside by an earlier one. The run's end waits at most
+`$ACTION_SCORES_UPLOAD_WAIT` seconds in all, for the writer thread and the queue together; then
+both threads stop at once, and `action-scores upload` takes over from the files.
 
 A write the tracker refuses for good (`UploadRefused`: the run deleted, no permission, a
 spooled table gone) is not retried: it is moved to `failed/`, the writes behind it go on,
