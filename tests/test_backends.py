@@ -4,6 +4,7 @@ param limits, the run a launcher opened), the registry and redaction."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -148,6 +149,31 @@ def test_upload_later_arrives_when_the_run_finishes(new_tracker: Callable[[], Tr
 
 
 # --- MLflow only ------------------------------------------------------------------------------
+def _uploader_threads() -> set[str]:
+    return {thread.name for thread in threading.enumerate() if thread.name.startswith("action-scores-")}
+
+
+def test_a_new_run_closes_the_uploader_of_the_last_one_and_no_thread_outlives_finish(
+    tracker: MLflowTracker, client: mlflow.MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACTION_SCORES_SPOOL", str(tmp_path / "spool"))
+    before = _uploader_threads()
+    experiment = _experiment()
+    first = tracker.start(experiment=experiment)
+    table = tmp_path / "epoch_0000.parquet"
+    table.write_bytes(b"first run's table")
+    tracker.upload_later(table, "per_sample_losses/train")
+    mlflow.end_run()  # the first run left open on the server, as a restart in one process leaves it
+    second = tracker.start(experiment=experiment)
+    tracker.upload_later(table, "per_sample_losses/train")  # the second run's uploader replaces the first's
+    assert not [t for t in threading.enumerate() if t.name.endswith(f"-mlflow-{first}")]
+    assert [info.path for info in client.list_artifacts(first, "per_sample_losses/train")] == [
+        "per_sample_losses/train/epoch_0000.parquet"]  # the first run's write was done before its uploader closed
+    tracker.finish()
+    assert _uploader_threads() == before
+    assert client.get_run(second).info.status == "FINISHED"
+
+
 
 
 @pytest.fixture()

@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta, timezone
 
@@ -122,3 +123,24 @@ def test_a_refused_write_is_the_backend_s_own_error() -> None:
     with pytest.raises(ActionScoresError, match="^permission denied: needs EDIT$"), \
             tag_lock(RUN, lambda: None, refuse, lambda: None, settle_seconds=0):
         pytest.fail("the block must not run")
+
+
+def test_a_job_running_past_the_ttl_renews_its_lock_and_is_not_taken_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACTION_SCORES_LOCK_TTL", "4")  # renewed every second
+    tags = Tags()
+    with _lock(tags):
+        time.sleep(5.5)  # past the TTL
+        assert not stale(tags.value)
+        with pytest.raises(ActionScoresError, match=f"^run {RUN} is being analysed by another job"), _lock(tags):
+            pytest.fail("a second job must not run")
+        renewals = len(tags.writes)
+    assert renewals >= 4 and tags.value is None
+    time.sleep(1.5)
+    assert len(tags.writes) == renewals  # the heartbeat stopped with the block
+
+
+def test_a_dead_holder_s_lock_is_taken_over() -> None:
+    tags = Tags(_held(HOST, _dead_pid(), 0))
+    with _lock(tags):
+        assert tags.value.startswith(f"{HOST}:{os.getpid()}:")
+    assert tags.value is None

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tracking.backends.uploads import Operation, spool_root
+from tracking.backends.uploads import Operation, Uploader, spool_root
 from tracking.errors import ActionScoresError
 
 
@@ -40,6 +40,8 @@ class _Run:
 
 class RunWriter(_Run, ABC):
     """The training side: everything a loop or a callback writes to a run."""
+
+    _local_uploader: Uploader | None = None  # see `_table_uploads`
 
     @property
     @abstractmethod
@@ -105,12 +107,40 @@ class RunWriter(_Run, ABC):
         """
         self.log_artifact(local_path, artifact_dir)
 
-    def write_later(self, local_path: str | Path, write: Callable[[], object], artifact_dir: str) -> None:
-        """`write()` makes the file `local_path`; then it is handed to `upload_later`. A backend with a
-        background uploader writes it there too, off the training thread (`finish` waits for both);
-        the default writes it now."""
-        write()
-        self.upload_later(local_path, artifact_dir)
+    def log_table(self, path: Path, write: Callable[[], object], artifact_dir: str) -> None:
+        """Hand a table over without waiting for the disk or the network: `write()` makes the file at `path`
+        on the run's writer thread, which then hands it to `upload_later` (`finish` waits for both, bounded).
+        Raises `ActionScoresError` for a table handed over earlier that could not be written."""
+        path = Path(path).resolve()
+
+        def written() -> dict[str, str]:
+            write()
+            return {"path": str(path), "artifact_dir": artifact_dir}
+
+        self._table_uploads().submit_after(written, "artifact", describe=f"{artifact_dir}/{path.name}")
+
+    def _table_uploads(self) -> Uploader:
+        """The run's writer (and, for a backend that writes to local disk, its copier), started on first use.
+        A network backend overrides this with its own uploader, which also queues its uploads."""
+        uploader = self._local_uploader
+        if uploader is None or uploader.spool != self.spool_dir:
+            if uploader is not None:
+                uploader.close()
+            record = {"backend": self.name, "run_id": self.run_id, "tracking_uri": ""}
+            uploader = Uploader(self.spool_dir, record, lambda operation, maybe_done: self.upload_later(
+                operation.payload["path"], operation.payload["artifact_dir"]))
+            self._local_uploader = uploader
+        return uploader
+
+    def _close_table_uploads(self) -> list[str]:
+        """Wait (bounded, `$ACTION_SCORES_UPLOAD_WAIT`) for the tables handed to `log_table`; return those
+        that could not be made or handed on, each with its reason (the run then ends FAILED)."""
+        uploader, self._local_uploader = self._local_uploader, None
+        if uploader is None:
+            return []
+        left = uploader.close()
+        return uploader.unwritten + [f"{op.describe}: {uploader.last_error}" for op in left] + [
+            f"{op.describe}: {why}" for op, why in uploader.refused]
 
     def log_params_later(self, params: Mapping[str, object]) -> None:
         """`log_params` without waiting for the network (a network backend queues it with its uploads)."""
@@ -219,3 +249,6 @@ def _set_environ(values: Mapping[str, str | None]) -> None:
 def redact(uri: str) -> str:
     """A URI without its `user:password@` part, safe to print in errors."""
     return re.sub(r"//[^/]*@", "//***@", uri)  # up to the last '@' of the authority, as urllib does
+
+
+RunWriter.write_later = RunWriter.log_table  # TEMP: removed at merge

@@ -8,6 +8,7 @@ from typing import Any
 
 from tracking.backends.base import Tracker
 from tracking.backends.mlflow_backend import MLflowTracker
+from tracking.backends.uploads import unwritten_error
 from tracking.backends.wandb_backend import WandbTracker
 from tracking.errors import ActionScoresError
 
@@ -40,8 +41,13 @@ class FanOutTracker(Tracker):
         raise ActionScoresError(f"{self.name!r} writes to several backends; attach to one at a time: {names}")
 
     def finish(self, failed: bool = False) -> None:
+        """After the tables handed to `log_table` reach every backend (bounded wait), finish each: as failed
+        when one could not be written, which is then raised unless `failed` already says so."""
+        unwritten = self._close_table_uploads()
         for tracker in self.trackers:
-            tracker.finish(failed)
+            tracker.finish(failed or bool(unwritten))
+        if unwritten and not failed:
+            raise unwritten_error(self.run_id, unwritten)
 
     def log_params(self, params: Mapping[str, object]) -> None:
         for tracker in self.trackers:
@@ -60,6 +66,7 @@ class FanOutTracker(Tracker):
             tracker.log_artifact(local_path, artifact_dir)
 
     def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
+        """Each backend's own hand-over (MLflow queues it; W&B copies it): on the writer thread for `log_table`."""
         for tracker in self.trackers:
             tracker.upload_later(local_path, artifact_dir)
 

@@ -7,8 +7,10 @@ the last writer goes on. The backend supplies three small functions over its tag
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +19,8 @@ from datetime import datetime, timezone
 
 from tracking import contract
 from tracking.errors import ActionScoresError
+
+log = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.5  # how long a job waits before reading its tag back
 DEFAULT_TTL_SECONDS = 6 * 3600
@@ -39,8 +43,20 @@ def stale(held: str) -> bool:
             return True
         except PermissionError:
             pass  # alive, someone else's
+    return age > lock_ttl()
+
+
+def lock_ttl() -> float:
+    """Seconds after which a lock that was not renewed is stale: `$ACTION_SCORES_LOCK_TTL`, else 6 h."""
     ttl = os.environ.get("ACTION_SCORES_LOCK_TTL", "")
-    return age > (float(ttl) if ttl else DEFAULT_TTL_SECONDS)
+    try:
+        return float(ttl) if ttl else DEFAULT_TTL_SECONDS
+    except ValueError:
+        raise ActionScoresError(f"ACTION_SCORES_LOCK_TTL must be a number of seconds, got {ttl!r}") from None
+
+
+def _stamped(owner: str) -> str:
+    return f"{owner} {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
 
 
 @contextmanager
@@ -51,7 +67,9 @@ def tag_lock(run_id: str, read: Callable[[], str | None], write: Callable[[str],
     `read` returns the tag's value (None when absent), `write` sets it (raising
     `ActionScoresError` for a refusal the user must fix, anything else for a failed write),
     `delete` removes it. A lock held by another live job is an error that names it; a stale
-    one (see `stale`) is taken over. The tag is removed when the block ends.
+    one (see `stale`) is taken over. While the block runs, a heartbeat thread writes the tag again
+    with the time now, every quarter of the TTL, so that only a dead job's lock grows stale. The
+    heartbeat stops, and the tag is removed, when the block ends.
     """
     held = read()
     if held and not stale(held):
@@ -60,7 +78,8 @@ def tag_lock(run_id: str, read: Callable[[], str | None], write: Callable[[str],
             "try again when it has finished. If that job is gone, delete the tag (MLflow UI, or "
             f"MlflowClient().delete_tag(run_id, {contract.LOCK_TAG!r}))"
         )
-    mine = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]} {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    mine = _stamped(owner)
 
     def taken_by_another(holder: str | None) -> ActionScoresError:
         return ActionScoresError(
@@ -80,8 +99,26 @@ def tag_lock(run_id: str, read: Callable[[], str | None], write: Callable[[str],
     now_held = read()
     if now_held != mine:
         raise taken_by_another(now_held)
+    stop = threading.Event()
+    current = [mine]  # the value last written, renewed by the heartbeat
+
+    def renew() -> None:
+        while not stop.wait(lock_ttl() / 4):
+            try:
+                if read() != current[0]:
+                    return  # taken over or removed by hand: not ours to write again
+                renewed = _stamped(owner)
+                write(renewed)
+                current[0] = renewed
+            except Exception as error:  # the server away for a moment: the next beat tries again
+                log.warning("could not renew the lock of run %s (%s: %s)", run_id, type(error).__name__, error)
+
+    heartbeat = threading.Thread(target=renew, name=f"action-scores-lock-{run_id}", daemon=True)
+    heartbeat.start()
     try:
         yield
     finally:
-        if read() == mine:
+        stop.set()
+        heartbeat.join()
+        if read() == current[0]:
             delete()

@@ -20,7 +20,8 @@ from typing import Any
 from tracking import contract
 from tracking.backends.base import Tracker, patched_environ, redact
 from tracking.backends.lock import SETTLE_SECONDS, tag_lock
-from tracking.backends.uploads import Operation, Uploader, UploadRefused, left_behind_message, read_run_record, replay
+from tracking.backends.uploads import (Operation, Uploader, UploadRefused, left_behind_message, read_run_record, replay,
+                                      unwritten_error)
 from tracking.errors import ActionScoresError
 
 log = logging.getLogger(__name__)
@@ -174,33 +175,43 @@ class MLflowTracker(Tracker):
         """Wait (bounded) for queued writes, then end the run.
 
         If the server does not take them in time, the run is left as the server has it
-        and a warning names the spool folder and the command that finishes the job.
+        and a warning names the spool folder and the command that finishes the job. A table the
+        writer thread could not make ends the run FAILED (the job refuses a run with a gap), and
+        raises `ActionScoresError` naming it unless `failed` already says the run failed.
         """
         import mlflow
 
         status = "FAILED" if failed else "FINISHED"
         if self._uploader is not None:
             uploader, self._uploader = self._uploader, None
-            uploader.wait_for_writes()  # the run's end comes after its last table
-            if self._started:
-                uploader.submit("end", status=status)
-            left = uploader.close()
-            if left or uploader.refused or uploader.unwritten:
-                self.left_behind = left_behind_message(uploader.spool, left, redact(uploader.last_error),
-                                                       redact(self.tracking_uri), uploader.refused,
-                                                       uploader.unwritten)
-                log.warning(self.left_behind)
+            status = self._close_uploads(uploader, status if self._started else None) or status
             if self._started:  # the spooled `end` ends the run on the server (or will, by upload)
                 self._started = False
                 _end_run_without_waiting(status)
+            if uploader.unwritten and not failed:
+                raise unwritten_error(self.run_id, uploader.unwritten)
             return
         if self._started:
             mlflow.end_run(status=status)
             self._started = False
 
+    def _close_uploads(self, uploader: Uploader, end_status: str | None) -> str:
+        """Close `uploader` within its bound (queueing the run's end when `end_status` is given); say what it
+        left behind. Returns the status it queued ("" for none): FAILED when a table is missing."""
+        left = uploader.close(end_status)
+        if left or uploader.refused or uploader.unwritten:
+            self.left_behind = left_behind_message(uploader.spool, left, redact(uploader.last_error),
+                                                   redact(self.tracking_uri), uploader.refused, uploader.unwritten)
+            log.warning(self.left_behind)
+        return uploader.end_status
+
     def _uploads(self) -> Uploader:
-        """The background uploader of the current run, started on first use."""
-        if self._uploader is None or self._uploader.spool != self.spool_dir:
+        """The background uploader of the current run, started on first use; one of another run (a new
+        `start` in this process) is closed first, so that its threads do not outlive it."""
+        if self._uploader is not None and self._uploader.spool != self.spool_dir:
+            old, self._uploader = self._uploader, None
+            self._close_uploads(old, None)
+        if self._uploader is None:
             record = {"backend": self.name, "run_id": self.run_id, "tracking_uri": redact(self.tracking_uri)}
             self._uploader = Uploader(self.spool_dir, record, functools.partial(self.perform, self.run_id))
         return self._uploader
@@ -208,15 +219,8 @@ class MLflowTracker(Tracker):
     def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
         self._uploads().submit("artifact", path=str(Path(local_path).resolve()), artifact_dir=artifact_dir)
 
-    def write_later(self, local_path: str | Path, write: Callable[[], object], artifact_dir: str) -> None:
-        """`write()` (which makes `local_path`) on the run's writer thread, then `upload_later` from there."""
-        path = Path(local_path).resolve()
-
-        def written() -> dict[str, str]:
-            write()
-            return {"path": str(path), "artifact_dir": artifact_dir}
-
-        self._uploads().submit_after(written, "artifact", describe=f"{artifact_dir}/{path.name}")
+    def _table_uploads(self) -> Uploader:
+        return self._uploads()  # one queue: a table's upload keeps its place among the run's other writes
 
     def log_params_later(self, params: Mapping[str, object]) -> None:
         self._uploads().submit("params", params={key: str(value) for key, value in params.items()})

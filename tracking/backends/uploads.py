@@ -18,7 +18,15 @@ A table can also be handed over before it is written (`Uploader.submit_after`): 
 thread writes it into the spool, then queues its upload, so that the training thread pays
 for neither the disk nor the network. That thread never waits for the tracker, so an outage
 keeps tables on disk, not in memory; a table handed over when the process dies is lost with
-the epoch, as it would be mid-write.
+the epoch, as it would be mid-write. At most `MAX_QUEUED_TABLES` (`$ACTION_SCORES_WRITE_QUEUE`)
+tables wait for it; a hand-over past that waits for room (`Uploader.table_waits` counts those).
+A table it cannot make is raised at the next hand-over, and the run's end is then queued as
+FAILED: a run with a gap never ends FINISHED.
+
+Operations are numbered after every file in `pending/` and `failed/`, so a resumed process never
+overwrites a write set aside by an earlier one. The run's end waits at most
+`$ACTION_SCORES_UPLOAD_WAIT` seconds in all, for the writer thread and the queue together; then
+both threads stop at once, and `action-scores upload` takes over from the files.
 
 A write the tracker refuses for good (`UploadRefused`: the run deleted, no permission, a
 spooled table gone) is not retried: it is moved to `failed/`, the writes behind it go on,
@@ -38,7 +46,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,8 @@ log = logging.getLogger(__name__)
 SPOOL_ENV = "ACTION_SCORES_SPOOL"
 WAIT_ENV = "ACTION_SCORES_UPLOAD_WAIT"  # seconds the run's end waits for the queue (default 300)
 BACKOFF_ENV = "ACTION_SCORES_UPLOAD_BACKOFF"  # longest pause between two tries, seconds (default 30)
+WRITE_QUEUE_ENV = "ACTION_SCORES_WRITE_QUEUE"  # tables that may wait for the writer thread (default below)
+MAX_QUEUED_TABLES = 4  # each holds an epoch's arrays: past this, a hand-over waits for the writer
 PENDING = "pending"
 FAILED = "failed"  # refused writes and unreadable operation files, set aside
 RUN_FILE = "run.json"
@@ -70,6 +79,15 @@ def _seconds(env: str, default: float) -> float:
         return float(value) if value else default
     except ValueError:
         raise ActionScoresError(f"{env} must be a number of seconds, got {value!r}") from None
+
+
+def _count(env: str, default: int) -> int:
+    value = os.environ.get(env, "")
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ActionScoresError(f"{env} must be a whole number of tables, at least 1, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -127,11 +145,15 @@ def read_run_record(spool: Path) -> dict[str, str]:
 
 
 class Uploader:
-    """The one background thread of a run that performs its queued writes in order.
+    """The one background thread of a run that performs its queued writes in order, and the one writer
+    thread that makes its tables first.
 
     `perform(operation)` does one write against the tracker and raises on any failure;
     the thread then waits (0.5 s, doubling up to `$ACTION_SCORES_UPLOAD_BACKOFF`) and
-    tries the same operation again, so later ones never overtake it.
+    tries the same operation again, so later ones never overtake it. At most
+    `$ACTION_SCORES_WRITE_QUEUE` tables (default `MAX_QUEUED_TABLES`) wait for the writer thread:
+    a hand-over beyond that waits (bounded, counted in `table_waits`), since each queued table
+    holds its epoch's arrays.
     """
 
     def __init__(self, spool: Path, run_record: Mapping[str, str],
@@ -142,6 +164,7 @@ class Uploader:
         self._perform = perform
         self._max_backoff = _seconds(BACKOFF_ENV, 30.0)
         self._wait = _seconds(WAIT_ENV, 300.0)  # read now: a bad value is an error at the start, not the end
+        self._max_tables = _count(WRITE_QUEUE_ENV, MAX_QUEUED_TABLES)
         self._lock = threading.Condition()
         self._queue = pending_operations(spool)  # leftovers of an earlier process on this run come first...
         for stale in [op for op in self._queue if op.kind == "end"]:  # ...but this process ends the run
@@ -150,13 +173,23 @@ class Uploader:
             log.info("dropped the earlier process's %s from %s: this process ends the run", stale.describe, spool)
         self.refused: list[tuple[Operation, str]] = []  # set aside in failed/, with the tracker's reason
         self._replayed = {op.file for op in self._queue}
-        self._next = max((int(op.file.stem) for op in self._queue), default=0) + 1
+        # Numbered after every file an earlier process left, refused ones included: none is ever overwritten.
+        self._next = max((int(file.stem.split(".")[0]) for folder in (PENDING, FAILED)
+                          for file in (spool / folder).glob("*.json*") if file.stem.split(".")[0].isdigit()),
+                         default=0) + 1
         self._closing = False
-        self._abandoned = False  # set by close() on timeout: the worker stops retrying
+        self._abandoned = False  # set by close() on timeout: both threads stop at once
         self.last_error = ""
-        self.unwritten: list[str] = []  # tables `submit_after` could not write, with the reason
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"action-scores-write-{spool.name}")
+        self.unwritten: list[str] = []  # tables the writer thread could not make, with the reason
+        self._unreported = 0  # how many of `unwritten` no hand-over has raised yet
+        self._tables: list[tuple[Callable[[], Mapping[str, Any]], str, str]] = []  # waiting for the writer thread
+        self._writing = ""  # the table the writer thread is making now
+        self.end_status = ""  # the status `close` queued for the run's end
+        self.table_waits = 0  # hand-overs that found the writer queue full and waited
+        self._writer = threading.Thread(target=self._write_tables, name=f"action-scores-write-{spool.name}",
+                                        daemon=True)
         self._thread = threading.Thread(target=self._work, name=f"action-scores-upload-{spool.name}", daemon=True)
+        self._writer.start()
         self._thread.start()
 
     def submit(self, kind: str, **payload: Any) -> None:
@@ -172,30 +205,69 @@ class Uploader:
 
     def submit_after(self, make: Callable[[], Mapping[str, Any]], kind: str, describe: str) -> None:
         """Queue the operation whose payload `make` returns, after running `make` on the writer thread
-        (it writes the file the payload names); returns at once. A `make` that fails is logged and named
-        by `unwritten` (`describe` says what it was), and the operations behind it go on."""
-        self._writer.submit(self._make_and_submit, make, kind, describe)
+        (it writes the file the payload names); returns at once, unless `$ACTION_SCORES_WRITE_QUEUE`
+        tables already wait (then it waits for one, at most `$ACTION_SCORES_UPLOAD_WAIT` s).
 
-    def wait_for_writes(self) -> None:
-        """Wait until every table handed to `submit_after` is written and queued (or named in `unwritten`),
-        so that an operation submitted next comes after them: the run's end, above all."""
-        self._writer.shutdown(wait=True)
+        Raises `ActionScoresError` for a table the writer thread could not make since the last
+        hand-over (`describe` names it), or when the writer thread makes no room in time."""
+        with self._lock:
+            self._raise_unwritten()
+            if len(self._tables) >= self._max_tables:
+                self.table_waits += 1
+                deadline = time.monotonic() + self._wait
+                while len(self._tables) >= self._max_tables and time.monotonic() < deadline:
+                    self._lock.wait(timeout=max(0.0, deadline - time.monotonic()))
+                if len(self._tables) >= self._max_tables:
+                    raise ActionScoresError(
+                        f"{len(self._tables)} table(s) of {self.spool} still wait for the writer thread after "
+                        f"{self._wait:g} s ({WAIT_ENV}): the disk under the spool is stuck or full")
+            self._tables.append((make, kind, describe))
+            self._lock.notify_all()
 
-    def _make_and_submit(self, make: Callable[[], Mapping[str, Any]], kind: str, describe: str) -> None:
-        try:
-            payload = make()
-        except Exception as error:  # the disk, not the tracker: retrying would not help
-            self.unwritten.append(f"{describe}: {type(error).__name__}: {str(error)[:300]}")
-            log.error("could not write %s (%s: %s); it is not uploaded", describe, type(error).__name__, error)
-            return
-        self.submit(kind, **payload)
+    def _raise_unwritten(self) -> None:
+        """Raise (once) for tables the writer thread could not make: the caller's run is not whole."""
+        if self._unreported:
+            failed, self._unreported = self.unwritten[-self._unreported:], 0
+            raise ActionScoresError(f"could not write {'; '.join(failed)}; the run will end FAILED. Free space in "
+                                    f"the spool's disk (or point ${SPOOL_ENV} elsewhere) and record those epochs again")
+
+    def wait_for_writes(self, deadline: float) -> bool:
+        """Wait, until `deadline` (`time.monotonic()`), for every table handed to `submit_after` to be written
+        and queued (or named in `unwritten`), so that an operation submitted next comes after them: the run's
+        end, above all. False when the writer thread did not finish in time."""
+        with self._lock:
+            while (self._tables or self._writing) and time.monotonic() < deadline:
+                self._lock.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return not (self._tables or self._writing)
+
+    def _write_tables(self) -> None:
+        while True:
+            with self._lock:
+                while not self._tables and not self._closing and not self._abandoned:
+                    self._lock.wait()
+                if self._abandoned or not self._tables:
+                    return
+                make, kind, describe = self._tables.pop(0)
+                self._writing = describe
+            failure = ""
+            try:
+                self.submit(kind, **make())
+            except Exception as error:  # the disk, not the tracker: retrying would not help
+                log.error("could not write %s (%s: %s); it is not uploaded", describe, type(error).__name__, error)
+                failure = f"{describe}: {type(error).__name__}: {str(error)[:300]}"
+            with self._lock:
+                if failure:
+                    self.unwritten.append(failure)
+                    self._unreported += 1
+                self._writing = ""
+                self._lock.notify_all()
 
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._closing and not self._abandoned:
                     self._lock.wait()
-                if not self._queue:
+                if self._abandoned or not self._queue:  # abandoned: `action-scores upload` takes over
                     return
                 operation = self._queue[0]
             pause = 0.5
@@ -216,26 +288,50 @@ class Uploader:
                     first_try = pause == 0.5  # say so once per write, not at every retry
                     log.log(logging.WARNING if first_try else logging.DEBUG, "upload of %s failed (%s); retrying",
                             operation.file.name, self.last_error)
-                    time.sleep(pause)
+                    with self._lock:  # a pause that close() giving up cuts short
+                        self._lock.wait_for(lambda: self._abandoned, timeout=pause)
+                        if self._abandoned:
+                            return
                     pause = min(pause * 2, self._max_backoff)
-                    if self._abandoned:  # close() gave up: `action-scores upload` takes over from the files
-                        return
             with self._lock:
                 self._queue.pop(0)
                 self._lock.notify_all()
 
-    def close(self, timeout: float | None = None) -> list[Operation]:
-        """Wait up to `timeout` seconds (default `$ACTION_SCORES_UPLOAD_WAIT`, 300) for the queue
-        to drain, after the writer thread's tables; return the operations left undone (still on disk)."""
+    def close(self, end_status: str | None = None, timeout: float | None = None) -> list[Operation]:
+        """Wait up to `timeout` seconds in all (default `$ACTION_SCORES_UPLOAD_WAIT`, 300) for the writer
+        thread's tables, then for the queue to drain; return the operations left undone (still on disk).
+
+        `end_status`: queue the run's end after the last table, as FAILED instead when a table is missing
+        (not made, or not made in time: named in `unwritten`), so that a run with a gap never ends FINISHED.
+        `end_status` then says what was queued. Both threads stop at once when the time is up."""
         deadline = time.monotonic() + (self._wait if timeout is None else timeout)
-        self.wait_for_writes()  # local disk: its tables join the queue before the wait starts
+        written = self.wait_for_writes(deadline)  # local disk: its tables join the queue before the end
+        with self._lock:
+            if not written:
+                self.unwritten += [f"{describe}: not written within the wait ({WAIT_ENV})"
+                                   for describe in [self._writing, *(table[2] for table in self._tables)]]
+                self._abandoned = True  # the writer stops before its next table
+        if end_status is not None:
+            self.end_status = "FAILED" if self.unwritten else end_status
+            self.submit("end", status=self.end_status)
         with self._lock:
             self._closing = True
             self._lock.notify_all()
             while self._queue and time.monotonic() < deadline:
                 self._lock.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-            self._abandoned = bool(self._queue)
-            return list(self._queue)
+            self._abandoned = True  # done or given up: either way neither thread performs anything more
+            self._lock.notify_all()
+            left = list(self._queue)
+        for thread in (self._thread, self._writer):  # a write already in flight ends with its own timeout
+            thread.join(timeout=max(0.0, deadline - time.monotonic()) + 0.1)
+        return left
+
+
+def unwritten_error(run_id: str, unwritten: list[str]) -> ActionScoresError:
+    """What `finish` raises for a run that ended FAILED because tables handed to it are missing."""
+    return ActionScoresError(f"run {run_id} ended FAILED: {len(unwritten)} table(s) could not be written "
+                             f"({'; '.join(unwritten[:3])}{' ...' if len(unwritten) > 3 else ''}); record those "
+                             "epochs again (resume the run with the same id)")
 
 
 def left_behind_message(spool: Path, operations: list[Operation], last_error: str, tracking_uri: str,

@@ -35,7 +35,7 @@ from typing import Any
 
 from tracking import contract
 from tracking.backends.base import Tracker
-from tracking.backends.uploads import Operation
+from tracking.backends.uploads import Operation, unwritten_error
 from tracking.errors import ActionScoresError
 
 STATUS_PREFIX = "action_scores."
@@ -213,11 +213,16 @@ class WandbTracker(Tracker):
         return self._live
 
     def finish(self, failed: bool = False) -> None:
+        """End the run after the tables handed to `log_table` (bounded wait); exit code 1 (a failed run)
+        when one could not be written, which is then raised unless `failed` already says so."""
+        unwritten = self._close_table_uploads()
         if self._live is not None:
-            self._live.finish(exit_code=1 if failed else 0)
+            self._live.finish(exit_code=1 if failed or unwritten else 0)
             self._live = None
             if self._offline is not None:  # re-read, so that what was written back is visible
                 self._offline = OfflineRun(self._offline.folders[0])
+        if unwritten and not failed:
+            raise unwritten_error(self.run_id, unwritten)
 
     def log_params(self, params: Mapping[str, object]) -> None:
         self._writer().config.update({key: value for key, value in params.items()}, allow_val_change=True)
