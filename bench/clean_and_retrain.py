@@ -49,7 +49,7 @@ from label_noise import Data, cifar_subset, digits, flip, local_store  # noqa: E
 from tracking.analyze import analyze_run  # noqa: E402
 from tracking.backends import MLflowTracker  # noqa: E402
 from tracking.record.indexed import IndexedDataset  # noqa: E402
-from tracking.select import select_run  # noqa: E402
+from tracking.selection import select_run  # noqa: E402
 
 RANDOM = "random"
 EXPERIMENT = "clean-and-retrain"

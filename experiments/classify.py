@@ -34,7 +34,7 @@ from experiments.datasets import DATASETS, SPLITS, load_split, select_samples
 from tracking.errors import ActionScoresError
 from tracking.record import classification_columns
 from tracking.backends import Tracker, make_tracker
-from tracking.select import SOURCE_FILE_TAG, SOURCE_RUN_TAG, SUGGESTED_LABEL, latest_selection
+from tracking.selection import SOURCE_FILE_TAG, SOURCE_RUN_TAG, SUGGESTED_LABEL, latest_selection
 
 
 def classification_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:

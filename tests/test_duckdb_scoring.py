@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tracking import contract
-from tracking.analyze import analyze_run, download_all
+from tracking.analyze import analyze_run
 from tracking.scoring.engines import score_split
 from tracking.scoring.tables import epoch_files
 from tracking.scoring.duckdb_engine import score_folder_duckdb
@@ -46,7 +46,7 @@ def test_duckdb_scores_equal_the_default_engine_on_a_recorded_run(
     tracker.finish()
 
     by_split = epoch_files(tracker.list_files(contract.LOSSES_DIR))
-    local = download_all(tracker, by_split["val"], tmp_path / "in")
+    local = {path: tracker.download(path, tmp_path / "in") for path in by_split["val"]}
     expected = score_split("val", [(path, local[path]) for path in by_split["val"]])
     scores = score_folder_duckdb(local[by_split["val"][0]].parent, "val")
 

@@ -19,9 +19,10 @@ import pytest
 import requests
 
 from tracking import contract
-from tracking.analyze import RunFiles, analyze_run
+from tracking.analyze import analyze_run
 from tracking.backends import MLflowTracker
-from tracking.scoring.engines import Fetched, table_source
+from tracking.fetch import Fetched, RunFiles, open_table
+from tracking.scoring.engines import score_split
 
 SPLIT = "train"
 
@@ -51,23 +52,47 @@ def test_a_served_table_is_fetched_into_memory_byte_for_byte_and_read_once(
     assert [tracker.fetch(path) for path in paths] == [path.read_bytes() for path in written]
 
     with RunFiles(tracker, tmp_path / "in", progress=False) as files:
-        fetched = files.stream(paths)[0].result(timeout=60)
-        assert isinstance(fetched, Fetched)
-        table = pq.read_table(table_source(fetched))
+        arrival = files.stream(paths)[0]
+        assert isinstance(arrival.result(timeout=60), Fetched)
+        table = pq.read_table(open_table(arrival))
         np.testing.assert_array_equal(table.sort_by("sample_id")["loss"].to_numpy(), losses[0])
         with pytest.raises(RuntimeError, match="read once"):  # its bytes were handed over, not kept
-            fetched.take()
+            open_table(arrival)
     assert not (tmp_path / "in").exists()
+
+
+def test_an_engine_scores_the_readers_of_tables_still_arriving_in_epoch_order(
+        client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path) -> None:
+    """`RunFiles.tables`: (artifact path, reader) pairs in the order asked, each reader waiting for its table;
+    the engine sums them without knowing how they arrive, and releases each once read."""
+    losses = np.random.default_rng(4).exponential(1.0, (5, 30)).astype(np.float32)
+    run_id = client.create_run(experiment_id).info.run_id
+    written = _log_epochs(client, run_id, losses, tmp_path / "written")
+    tracker.attach(run_id)
+    paths = [f"{contract.losses_dir(SPLIT)}/{path.name}" for path in written]
+    released = []
+    with RunFiles(tracker, tmp_path / "in", ahead=2, progress=False) as files:
+        tables = files.tables(paths)
+        assert [name for name, _ in tables] == paths
+
+        def done(epoch: int) -> None:
+            released.append(epoch)
+            files.release(paths[epoch])
+
+        scores = score_split(SPLIT, tables, done=done, progress=False).set_index("sample_id").sort_index()
+    assert sorted(released) == list(range(5))
+    np.testing.assert_allclose(scores["action"].to_numpy(), losses.astype(np.float64).sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(scores["mean_loss"].to_numpy(), losses.astype(np.float64).mean(axis=0), rtol=1e-12)
 
 
 def test_the_job_on_a_served_store_scores_the_numpy_sum_of_its_tables(
         client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """More epochs than the window (FETCH_AHEAD 2) and than the fetch threads (DOWNLOAD_THREADS 3)."""
-    import tracking.analyze
+    import tracking.fetch
 
-    monkeypatch.setattr(tracking.analyze, "FETCH_AHEAD", 2)
-    monkeypatch.setattr(tracking.analyze, "DOWNLOAD_THREADS", 3)
+    monkeypatch.setattr(tracking.fetch, "FETCH_AHEAD", 2)
+    monkeypatch.setattr(tracking.fetch, "DOWNLOAD_THREADS", 3)
     losses = np.random.default_rng(2).exponential(1.0, (9, 300)).astype(np.float32)
     run_id = client.create_run(experiment_id).info.run_id
     _log_epochs(client, run_id, losses, tmp_path / "written")
@@ -107,13 +132,13 @@ def test_a_missing_table_is_the_server_s_404_and_a_local_store_is_not_fetched(
 def test_past_the_memory_budget_the_window_s_tables_go_to_disk_and_each_copy_is_deleted_once_read(
         client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import tracking.analyze
+    import tracking.fetch
 
     run_id = client.create_run(experiment_id).info.run_id
     written = _log_epochs(client, run_id, np.ones((5, 10), np.float32), tmp_path / "written")
     paths = [f"{contract.losses_dir(SPLIT)}/{path.name}" for path in written]
     tracker.attach(run_id)
-    monkeypatch.setattr(tracking.analyze, "FETCH_MEMORY", min(path.stat().st_size for path in written))
+    monkeypatch.setattr(tracking.fetch, "FETCH_MEMORY", min(path.stat().st_size for path in written))
     dst = tmp_path / "in"
     with RunFiles(tracker, dst, ahead=2, progress=False) as files:
         futures = files.stream(paths)

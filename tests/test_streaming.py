@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from tracking import contract
-from tracking.analyze import RunFiles, analyze_run
+from tracking.analyze import analyze_run
 from tracking.backends import MLflowTracker
 from tracking.cli import main
 from tracking.errors import ActionScoresError
-from tracking.scoring.engines import ENGINES, Fetched
+from tracking.fetch import Fetched, RunFiles
+from tracking.scoring.engines import ENGINES
 
 SPLIT = "test"
 
@@ -95,9 +96,9 @@ def test_the_job_streams_a_run_and_sums_each_epoch_once(
         client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """More epochs than the window (FETCH_AHEAD 3): every table still summed once, in epoch order."""
-    import tracking.analyze
+    import tracking.fetch
 
-    monkeypatch.setattr(tracking.analyze, "FETCH_AHEAD", 3)
+    monkeypatch.setattr(tracking.fetch, "FETCH_AHEAD", 3)
     losses = _losses(2, 40, 11)
     run_id = client.create_run(experiment_id).info.run_id
     _log_tables(client, run_id, _tables(losses), tmp_path)

@@ -171,7 +171,7 @@ def _number_or_none(value: str) -> float | None:
 
 
 def _select_parser(commands: argparse._SubParsersAction) -> None:
-    """`select`'s options; the scores are named without importing the job (pandas), as `tracking.select.choices`."""
+    """`select`'s options; the scores are named without importing the job (pandas), as `tracking.selection.choices`."""
     select = commands.add_parser(
         "select",
         help="choose the hardest samples of an analysed run by a score and log the selection to the run",
@@ -199,7 +199,7 @@ def _select_parser(commands: argparse._SubParsersAction) -> None:
 def _select(args: argparse.Namespace) -> int:
     from tracking.backends import MLflowTracker, WandbTracker
     from tracking.backends.wandb_backend import is_offline_run_folder
-    from tracking.select import describe, select_run
+    from tracking.selection import describe, select_run
 
     name = args.tracker or (WandbTracker.name if is_offline_run_folder(args.run_id) else MLflowTracker.name)
     tracker = _tracker(args, name, offline=_offline([args.run_id]) if name == WandbTracker.name else None)

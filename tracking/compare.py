@@ -94,8 +94,8 @@ def _read_scores(tracker: Tracker, run_ids: list[str], split: str, score: str, w
 
 
 def spearman(scores: pd.DataFrame) -> pd.DataFrame:
-    """Spearman rank correlation of every pair of columns (Pearson on average ranks, ties averaged)."""
-    return scores.rank().corr(method="pearson")
+    """Spearman rank correlation of every pair of columns (ties get their average rank)."""
+    return scores.corr(method="spearman")
 
 
 def top_k_overlap(scores: pd.DataFrame, k: int, higher_is_harder: bool = True) -> pd.DataFrame:

@@ -1,9 +1,8 @@
 """Scoring engines: one split's epoch tables in, the scores table of the contract out.
 
 - `arrow` (default): one table at a time through `ActionAccumulator`, every registered
-  score, memory O(samples); it streams: each table is scored as soon as it is here (a file, a
-  table fetched into memory, or a `Future` of either still downloading), the next ones decoded
-  while one is summed.
+  score, memory O(samples); it streams: each table is scored as soon as it is here (a file, or a
+  reader that waits for a table still arriving), the next ones decoded while one is summed.
 - `duckdb`: one SQL query over all files, the loss sums only, spilling to disk when a
   run's sums outgrow memory; it needs every file of the split before it starts.
 
@@ -15,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,30 +30,15 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD = 2  # epoch tables decoded in parallel while the previous one is summed
 
-class Fetched:
-    """A table fetched straight into memory (`tracking.analyze.RunFiles`), read once: `take` hands its bytes
-    over and forgets them, so the list of a split's tables, which the job holds until the split is scored,
-    never holds more than the window of tables not yet read."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data: bytes | None = data
-
-    def take(self) -> bytes:
-        data, self._data = self._data, None
-        if data is None:
-            raise RuntimeError("a fetched table is read once")
-        return data
+TableSource = Path | pa.NativeFile  # what pyarrow reads: a file, or a reader over bytes in memory
+Tables = Sequence[tuple[str, TableSource | Callable[[], TableSource]]]
+"""(artifact path for messages, the table's source or a function that waits for it and returns it), in
+epoch order: the job's tables still arriving (`tracking.fetch.RunFiles.tables`) or files at hand."""
 
 
-LocalFile = Path | Fetched | Future  # a file on disk, a table in memory, or the Future of either still being fetched
-Tables = Sequence[tuple[str, LocalFile]]  # (artifact path for messages, local file), in epoch order
-
-
-def table_source(file: LocalFile) -> Path | pa.BufferReader:
-    """What pyarrow reads the table from: the file's path, or a reader over its bytes in memory; waits for a
-    file still being fetched (a fetch error is raised here)."""
-    found = file.result() if isinstance(file, Future) else file
-    return pa.BufferReader(found.take()) if isinstance(found, Fetched) else Path(found)
+def table_source(table: TableSource | Callable[[], TableSource]) -> TableSource:
+    """The source of one entry of `Tables`, waiting for it where it is still arriving."""
+    return table() if callable(table) else table
 
 
 def default_el2n_epoch(epochs: int) -> int:
@@ -68,7 +52,7 @@ def score_split(split: str, tables: Tables, el2n_epoch: int | None = None,
                 done: Callable[[int], None] | None = None, progress: bool = True) -> pd.DataFrame:
     """Scores of one split from its (artifact path, local file) pairs, in epoch order.
 
-    A local file may be a `Future` still downloading: each table is read as soon as it is there, in
+    A table may still be arriving (a function that waits for it): each is read as soon as it is there, in
     epoch order, and `done(epoch)` is called once it is read (its file may then go).
     `el2n_epoch` (zero-based) picks the table `el2n` comes from; None: `default_el2n_epoch`.
     Scores the tables lack columns for are left out, with a warning that says why (none for tables of a
@@ -119,7 +103,7 @@ def score_split_duckdb(split: str, tables: Tables, el2n_epoch: int | None = None
     from tracking.scoring.duckdb_engine import score_tables_duckdb
 
     paths = [table_source(file) for _, file in tables]
-    if not all(isinstance(path, Path) for path in paths):  # RunFiles keeps a non-streaming engine's tables on disk
+    if not all(isinstance(path, Path) for path in paths):  # the job keeps a non-streaming engine's tables on disk
         raise TypeError("the duckdb engine reads files on disk, not tables in memory")
     scores = score_tables_duckdb(paths, split)
     columns = pq.read_schema(paths[0]).names  # checked readable by the query's first step

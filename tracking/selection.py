@@ -40,6 +40,7 @@ LABEL = "label"
 # exclude or relabel. `.samples` beside them: how many ids were left out, or labels replaced.
 SOURCE_RUN_TAG = "action_scores.selection.{use}.run"
 SOURCE_FILE_TAG = "action_scores.selection.{use}.file"
+SELECTION_PREFIX = "selection_"
 LATEST_TAG = "action_scores.selection.latest.{split}"  # on the selected run: its newest selection file
 
 
@@ -196,24 +197,35 @@ def select_run(tracker: Tracker, run_id: str, *, by: str, split: str | None = No
             "(record with tracking.record.classification_columns)")
         folder = selections_dir(chosen_split)
         with tracker.job_lock():
-            taken = [int(Path(p).stem.rsplit("_", 1)[1]) for p in tracker.list_files(folder)
-                     if Path(p).stem.startswith("selection_") and Path(p).stem.rsplit("_", 1)[1].isdigit()]
-            name = f"selection_{max(taken, default=0) + 1:04d}.parquet"
-            local = Path(work) / "out" / name
-            local.parent.mkdir(parents=True)
-            table.to_parquet(local, index=False)
-            tracker.log_dataset(local, folder, name=f"{chosen_split}-{by}-{Path(name).stem}", context=CONTEXT)
-            tracker.set_tags({LATEST_TAG.format(split=chosen_split): f"{folder}/{name}"})
-        tracker.finish()  # flushes a resumed W&B run; a no-op for an attached MLflow run
+            try:
+                name = f"{SELECTION_PREFIX}{next_number(tracker.list_files(folder)):04d}.parquet"
+                local = Path(work) / "out" / name
+                local.parent.mkdir(parents=True)
+                table.to_parquet(local, index=False)
+                tracker.log_dataset(local, folder, name=f"{chosen_split}-{by}-{Path(name).stem}", context=CONTEXT)
+                tracker.set_tags({LATEST_TAG.format(split=chosen_split): f"{folder}/{name}"})
+            finally:
+                tracker.finish()  # whatever happens: closes a resumed W&B run; a no-op for an attached MLflow run
     return Selection(run_id, chosen_split, by, _higher_is_harder(by), f"{folder}/{name}", table, len(scores), message)
+
+
+def selection_number(path: str) -> int | None:
+    """The number of a `selection_NNNN.parquet` path (any count of digits), None for another file."""
+    stem, suffix = Path(path).stem, Path(path).suffix
+    number = stem[len(SELECTION_PREFIX):]
+    return int(number) if stem.startswith(SELECTION_PREFIX) and suffix == ".parquet" and number.isdigit() else None
+
+
+def next_number(paths: list[str]) -> int:
+    """The number after the highest selection among `paths`: by value, so 10000 comes after 9999."""
+    return max((n for n in map(selection_number, paths) if n is not None), default=0) + 1
 
 
 def latest_selection(tracker: Tracker, run_id: str, split: str) -> tuple[str, pd.DataFrame]:
     """(artifact path, table) of the newest selection of `split` in run `run_id`."""
     tracker.attach(run_id)
     folder = selections_dir(split)
-    found = sorted(p for p in tracker.list_files(folder) if Path(p).name.startswith("selection_")
-                   and p.endswith(".parquet"))
+    found = sorted((p for p in tracker.list_files(folder) if selection_number(p) is not None), key=selection_number)
     if not found:
         others = sorted({p.split("/")[1] for p in tracker.list_files(contract.SCORES_DIR) if f"/{SELECTIONS}/" in p})
         raise ActionScoresError(

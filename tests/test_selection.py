@@ -21,7 +21,8 @@ import pytest
 from tests.conftest import BIN, in_process_training, run_command
 from tracking.errors import ActionScoresError
 from tracking.scoring.registry import SCORES
-from tracking.select import choices, choose, most_frequent_prediction, suggested_labels
+from tracking.selection import (choices, choose, most_frequent_prediction, next_number, selection_number,
+                                suggested_labels)
 
 EPOCHS = 2
 N = 40
@@ -216,7 +217,7 @@ def test_select_exclude_and_relabel_on_mlflow(tracking_env: dict[str, str], mlfl
 
 def test_select_on_a_wandb_offline_run(wandb_env: dict[str, str], tmp_path: Path) -> None:
     from tracking.backends import WandbTracker
-    from tracking.select import latest_selection
+    from tracking.selection import latest_selection
 
     result = run_command([sys.executable, "-m", "experiments.classify", "--epochs", "1", "--track", "train",
                           "--tracker", "wandb", "--batch-size", "128"], wandb_env)
@@ -234,3 +235,12 @@ def test_select_on_a_wandb_offline_run(wandb_env: dict[str, str], tmp_path: Path
     assert table["sample_id"].tolist() == _numpy_order(scores, "confidence", False)[:14]
     manifests = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert any(b"train-confidence-selection_0001" in m.read_bytes() for m in manifests)  # the dataset artifact
+
+
+def test_selections_are_numbered_and_ordered_by_value_not_by_text() -> None:
+    paths = ["a/selections/selection_9999.parquet", "a/selections/selection_10000.parquet",
+             "a/selections/selection_0002.parquet", "a/selections/selection_x.parquet", "a/selections/notes.txt"]
+    assert [selection_number(p) for p in paths] == [9999, 10000, 2, None, None]
+    assert next_number(paths) == 10001  # text order would take 9999 as the highest and reuse 10000
+    assert sorted((p for p in paths if selection_number(p) is not None), key=selection_number)[-1].endswith("10000.parquet")
+    assert next_number([]) == 1
