@@ -25,7 +25,7 @@ from tracking import contract
 from tracking.backends.base import Tracker
 from tracking.errors import ActionScoresError
 from tracking.report.plots import class_distribution, data_map
-from tracking.report.views import VIEWS, SplitView, choose_view, load_picture_function
+from tracking.report.views import TASKS, SplitView, choose_view, load_picture_function
 from tracking.scoring.engines import ENGINES, Fetched, LocalFile
 from tracking.scoring.regions import REGION
 from tracking.scoring.tables import epoch_files
@@ -302,8 +302,8 @@ def _analyze(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, p
     params = tracker.params()
     dataset = params.get(contract.DATASET_PARAM)
     task = params.get(contract.TASK_PARAM, "classification")
-    if task not in VIEWS:
-        raise ActionScoresError(f"run {run_id}: unknown {contract.TASK_PARAM} {task!r}; known: {sorted(VIEWS)}")
+    if task not in TASKS:
+        raise ActionScoresError(f"run {run_id}: unknown {contract.TASK_PARAM} {task!r}; known: {sorted(TASKS)}")
     data_root = data_root or params.get(contract.DATA_ROOT_PARAM) or None
     result = AnalysisResult(run_id, "done")
     media = media_files(tracker, list(by_split)) if panels else {}
@@ -333,11 +333,12 @@ def _analyze(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, p
                                      task=task, dataset=dataset, data_root=data_root, pictures=pictures)
                          if panels else (None, ""))
             if view is not None:
-                written, split_samples = render_split(scores, view, top_k, split_out)
+                shown = view.frame(scores)  # the view's columns beside the scores, never saved
+                written, split_samples = render_split(shown, view, top_k, split_out)
                 written += write_text_tables(split_samples, view, split_out)
                 if view.groups:
                     written.append(class_distribution(
-                        scores, "action", view.groups, split_out / contract.LOSS / CLASS_DISTRIBUTION,
+                        shown, "action", view.groups, split_out / contract.LOSS / CLASS_DISTRIBUTION,
                         f"{split}: action per class ({len(scores)} samples, {scores['epochs'].iloc[0]} epochs)"))
                 result.panels += [f"{contract.scores_dir(split)}/{p.relative_to(split_out).as_posix()}" for p in written
                                   if p.suffix == ".png"]
