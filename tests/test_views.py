@@ -20,7 +20,8 @@ from tracking.analyze import analyze_run
 from tracking.backends import MLflowTracker, WandbTracker
 from tracking.errors import ActionScoresError
 from tracking.record import LossRecorder
-from tracking.report.panels import CARD_SIZE, grid_shape, read_panel_rows, text_card, wrap_to_width
+from tracking.report.panels import grid_shape, read_panel_rows
+from tracking.report.pictures import CARD_SIZE, text_card, wrap_to_width
 
 N, EPOCHS, TOP_K = 12, 3, 4
 

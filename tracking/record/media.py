@@ -202,7 +202,7 @@ def _scaled_boxes(checked: list[tuple[np.ndarray, list[str | None]]], pictures: 
         height, width = pixels.shape[:2]
         if max(height, width) > THUMBNAIL_SIDE:
             with Image.open(io.BytesIO(png)) as stored:
-                corners = corners * [stored.width / width, stored.height / height] * 2
+                corners = corners * np.tile([stored.width / width, stored.height / height], 2)
         rows.append([{**dict(zip(contract.BOX_CORNERS, map(float, box))), contract.BOX_LABEL: name}
                      for box, name in zip(corners, names)])
     return rows
