@@ -206,9 +206,8 @@ def test_a_view_an_installed_package_registers_for_the_dataset_draws_old_runs(
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0\n")
     (info / "entry_points.txt").write_text(f"[action_scores.views]\n{dataset} = {package}:view\n")
     run_id, action = _train(job, tmp_path, None, params={contract.DATASET_PARAM: dataset})
-    assert analyze_run(job, run_id, top_k=TOP_K).message.startswith("no panels for split 'test'")
-    assert f"no view registered for its classification dataset {dataset!r}" in analyze_run(
-        job, run_id, top_k=TOP_K, force=True).message
+    assert (f"no panels for split 'test': the run records no media (per_sample_media/test/media.parquet), no view "
+            f"registered for its classification dataset {dataset!r}") in analyze_run(job, run_id, top_k=TOP_K).message
     monkeypatch.syspath_prepend(str(tmp_path))  # the package is installed: its entry point is found
     result = analyze_run(job, run_id, top_k=TOP_K, force=True)
     assert result.views == {"test": f"the {dataset!r} data"}

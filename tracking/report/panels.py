@@ -23,7 +23,7 @@ from tracking.report.pictures import font, upscale, upscale_factor, wrap_to_widt
 from tracking.scoring.rank import Picked
 
 if TYPE_CHECKING:
-    from PIL.Image import Image
+    from PIL import Image
     from PIL.ImageFont import FreeTypeFont
 
 ROWS_KEY = "action_scores.rows"
