@@ -23,7 +23,12 @@ Cases (`--cases`, comma separated):
 - `wandb`: a W&B offline run of `--wandb-samples` x `--epochs` written by the project's writer
   (`analyze --wandb-dir`); the floor is the read alone;
 - `experiment`: `--experiment-runs` small runs (`--experiment-samples` x `--experiment-epochs`) in one
-  experiment, `analyze --experiment` with each of `--workers` (default 1 and 4; runs per minute).
+  experiment, `analyze --experiment` with each of `--workers` (default 1 and 4; runs per minute);
+- `panels`: a digits-sized run (`--panel-samples` x `--panel-epochs`, default 1,437 x 20, with the media
+  training records: scikit-learn's 8x8 digits and their label names), the job with panels against the
+  same job with `--no-panels` (target <= 1.5x);
+- `experiment-panels`: as `experiment`, each run with its digits media, analyzed with panels
+  (target >= 100 runs a minute, peak RSS < 400 MB).
 The job's result is checked: exit 0, "done", and its `action_mean` metric against the files' own sum.
 Figures also go to `bench/results/bench_job/<samples>x<epochs>.md` with `--out`.
 """
@@ -88,10 +93,23 @@ def write_epochs(folder: Path, samples: int, epochs: int, writer: str, seed: int
         yield epoch, path
 
 
+def digits_media(work: Path, samples: int) -> Path:
+    """The split's media table as a training script records it: `samples` 8x8 digit pictures and label names."""
+    from sklearn.datasets import load_digits
+
+    from tracking.record import record_media
+
+    digits = load_digits()
+    chosen = np.arange(samples) % len(digits.target)
+    pictures = np.round(digits.images[chosen] * (255 / 16)).astype(np.uint8)
+    return record_media(None, SPLIT, np.arange(samples), labels=[str(label) for label in digits.target[chosen]],
+                        images=pictures, local_dir=work / "media").path
+
+
 def build_mlflow_run(uri: str, work: Path, samples: int, epochs: int, writer: str, experiment: str,
-                     artifact_location: Path | None = None) -> str:
-    """One finished MLflow run with a split's epoch tables; returns its id. `artifact_location`: a local
-    folder for a new experiment's artifacts (a sqlite URI), instead of the server's."""
+                     artifact_location: Path | None = None, media: bool = False) -> str:
+    """One finished MLflow run with a split's epoch tables (and its digits media, if `media`); returns its id.
+    `artifact_location`: a local folder for a new experiment's artifacts (a sqlite URI), instead of the server's."""
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "View run" line per run
@@ -102,6 +120,8 @@ def build_mlflow_run(uri: str, work: Path, samples: int, epochs: int, writer: st
     for _, path in write_epochs(work, samples, epochs, writer):
         client.log_artifact(run.info.run_id, str(path), contract.losses_dir(SPLIT))
         path.unlink()
+    if media:
+        client.log_artifact(run.info.run_id, str(digits_media(work, samples)), contract.media_dir(SPLIT))
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
@@ -257,20 +277,34 @@ def wandb_case(folder: str, code: Path, samples: int, epochs: int) -> str:
     return report_line("wandb (offline folder)", job, "", None, read_s, size, samples, epochs)
 
 
-def experiment_case(uri: str, experiment: str, runs: int, code: Path, workers: list[int]) -> list[str]:
-    """`analyze --experiment` over every run, with each of `workers` (if the checkout has `--workers`)."""
+def panels_case(uri: str, run_id: str, code: Path, samples: int, epochs: int) -> str:
+    """The job on a run with media, with panels and with `--no-panels`: what drawing costs."""
+    drawn = run_job(["analyze", "--run-id", run_id, "--force", "--tracking-uri", uri], code)
+    bare = run_job(["analyze", "--run-id", run_id, "--no-panels", "--force", "--tracking-uri", uri], code)
+    checked(drawn, run_id)
+    checked(bare, run_id)
+    return (f"| digits-sized run, media recorded | {samples:,} x {epochs} | {drawn.seconds:.2f} s | {bare.seconds:.2f} s | "
+            f"{drawn.seconds / bare.seconds:.2f}x | {drawn.peak_mb:.0f} MB | {bare.peak_mb:.0f} MB |")
+
+
+def experiment_case(uri: str, experiment: str, runs: int, code: Path, workers: list[int],
+                    panels: bool = False) -> list[str]:
+    """`analyze --experiment` over every run, with each of `workers` (if the checkout has `--workers`), with
+    panels or without."""
     helped = subprocess.run([str(BIN / "action-scores"), "analyze", "--help"], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=str(code))).stdout
     counts = workers if "--workers" in helped else [None]
     lines = []
     for count in counts:
         extra = ["--workers", str(count)] if count else []
-        job = run_job(["analyze", "--experiment", experiment, "--no-panels", "--force", "--tracking-uri", uri, *extra],
+        drawing = [] if panels else ["--no-panels"]
+        job = run_job(["analyze", "--experiment", experiment, *drawing, "--force", "--tracking-uri", uri, *extra],
                       code)
         done = job.stdout.count(": done")
         if done != runs:
             raise RuntimeError(f"experiment: {done} of {runs} runs done:\n{job.stdout[-3000:]}")
-        lines.append(f"| analyze --experiment, {count or 'serial (no --workers)'} worker(s) | {runs} runs | "
+        lines.append(f"| analyze --experiment{'' if panels else ' --no-panels'}, "
+                     f"{count or 'serial (no --workers)'} worker(s) | {runs} runs | "
                      f"{job.seconds:.1f} s | {runs / job.seconds * 60:.0f} runs/min | {job.peak_mb:.0f} MB |")
         print(lines[-1], flush=True)
     return lines
@@ -282,7 +316,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--wandb-samples", type=int, default=100_000)
     parser.add_argument("--cases", default="pyarrow,recorder,sqlite,wandb",
-                        help="comma separated: pyarrow, recorder, sqlite, wandb, experiment")
+                        help="comma separated: pyarrow, recorder, sqlite, wandb, experiment, panels, experiment-panels")
+    parser.add_argument("--panel-samples", type=int, default=1437)
+    parser.add_argument("--panel-epochs", type=int, default=20)
     parser.add_argument("--experiment-runs", type=int, default=200)
     parser.add_argument("--experiment-samples", type=int, default=1000)
     parser.add_argument("--experiment-epochs", type=int, default=10)
@@ -316,12 +352,16 @@ def main() -> None:
             elif case == "wandb" and f"wandb/{args.wandb_samples}x{args.epochs}" not in manifest:
                 manifest[f"wandb/{args.wandb_samples}x{args.epochs}"] = build_wandb_run(
                     root / "wandb", work, args.wandb_samples, args.epochs)
-            elif case == "experiment":
-                key = f"experiment/{args.experiment_runs}x{args.experiment_samples}x{args.experiment_epochs}"
+            elif case == "panels" and f"panels/{args.panel_samples}x{args.panel_epochs}" not in manifest:
+                manifest[f"panels/{args.panel_samples}x{args.panel_epochs}"] = build_mlflow_run(
+                    uri, work, args.panel_samples, args.panel_epochs, "pyarrow", "bench-job-panels", media=True)
+            elif case in ("experiment", "experiment-panels"):
+                key = f"{case}/{args.experiment_runs}x{args.experiment_samples}x{args.experiment_epochs}"
                 if key not in manifest:
                     name = f"bench-job-{args.experiment_runs}-runs-{time.time_ns()}"
                     for index in range(args.experiment_runs):
-                        build_mlflow_run(uri, work, args.experiment_samples, args.experiment_epochs, "pyarrow", name)
+                        build_mlflow_run(uri, work, args.experiment_samples, args.experiment_epochs, "pyarrow", name,
+                                         media=case == "experiment-panels")
                     manifest[key] = name
             else:
                 continue
@@ -344,13 +384,22 @@ def main() -> None:
             else:
                 continue
             print(lines[-1], flush=True)
-        if "experiment" in cases:
-            key = f"experiment/{args.experiment_runs}x{args.experiment_samples}x{args.experiment_epochs}"
+        if "panels" in cases:
+            lines += ["", "| case | samples x epochs | job with panels | with --no-panels | ratio | peak RSS with | "
+                      "peak RSS without |", "| --- | --- | --- | --- | --- | --- | --- |",
+                      panels_case(uri, manifest[f"panels/{args.panel_samples}x{args.panel_epochs}"], args.code,
+                                  args.panel_samples, args.panel_epochs)]
+            print(lines[-1], flush=True)
+        for case in ("experiment", "experiment-panels"):
+            if case not in cases:
+                continue
+            key = f"{case}/{args.experiment_runs}x{args.experiment_samples}x{args.experiment_epochs}"
             lines += ["", f"{args.experiment_runs} runs of {args.experiment_samples:,} samples x "
-                      f"{args.experiment_epochs} epochs:", "", "| job | runs | wall | throughput | peak RSS |",
-                      "| --- | --- | --- | --- | --- |"]
+                      f"{args.experiment_epochs} epochs{', media recorded' if case != 'experiment' else ''}:", "",
+                      "| job | runs | wall | throughput | peak RSS |", "| --- | --- | --- | --- | --- |"]
             lines += experiment_case(uri, manifest[key], args.experiment_runs, args.code,
-                                     [int(count) for count in args.workers.split(",")])
+                                     [int(count) for count in args.workers.split(",")],
+                                     panels=case == "experiment-panels")
         load = os.getloadavg()
         lines.append(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")
         print("\n".join(lines))

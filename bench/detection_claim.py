@@ -10,7 +10,7 @@ centred object. Prints, and writes to `--out` as `claim.md`:
 - the run: model, images per split, epochs, wall time, the last val mAP@0.5;
 - the Spearman rank correlation of `action_loc`, `action_pos`, `action_neg` and `action`
   with the number of objects and with the median object size per image (sqrt(box area) /
-  sqrt(image area), from the annotations: scores.parquet's `num_objects`, `median_box_size`);
+  sqrt(image area), from the annotations: the detection view's `num_objects`, `median_box_size`);
 - among the 10 hardest and the 10 easiest per part: mean object count, median size, the
   share with a single object, and how far the largest object's centre lies from the image
   centre (0 = centred, 1 = in a corner), read from the annotations of the run's dataset;
@@ -37,12 +37,12 @@ import pandas as pd
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from experiments.detection_data import load_detection_split
+from experiments.detection_data import load_detection_split, split_view
 from tracking import contract
 from tracking.backends import MLflowTracker
 from tracking.report.panels import ranked_panels
 from tracking.report.plots import agg_figure
-from tracking.report.views import VIEWS
+from tracking.report.views import SplitView
 from tracking.scoring.rank import pick
 
 OBJECTIVES = {"action_loc": "loc", "action_pos": "pos", "action_neg": "neg", "action": "loss"}  # column: panel dir
@@ -178,11 +178,9 @@ def claim_table(scores: pd.DataFrame, top_k: int) -> list[str]:
     return lines
 
 
-def draw_panels(scores: pd.DataFrame, dataset: str, split: str, data_root: str | None, top_k: int,
-                work: Path) -> dict[str, Path]:
+def draw_panels(scores: pd.DataFrame, view: SplitView, top_k: int, work: Path) -> dict[str, Path]:
     """`<part>-hardest.png` and `<part>-easiest.png` of `scores`' images, ranked and drawn by the job's own
     code (`pick`, `ranked_panels`: boxes and class names, captioned with the action and the object count)."""
-    view = VIEWS["detection"](scores.copy(), dataset, split, data_root)
     panels = {}
     for column, part in OBJECTIVES.items():
         written, _ = ranked_panels(pick(scores, column, top_k, higher_is_harder=True), work / part, view.picture,
@@ -206,9 +204,10 @@ def main() -> None:
     params = run.data.params
     with tempfile.TemporaryDirectory() as tmp:
         scores = pd.read_parquet(tracker.download(f"action_scores/{args.split}/scores.parquet", Path(tmp)))
-        split = load_detection_split(params[contract.DATASET_PARAM], args.split,
-                                     args.data_root or params[contract.DATA_ROOT_PARAM] or None)
-        scores = scores.merge(largest_object_geometry(split.dataset, scores["sample_id"]), on="sample_id")
+        data_root = args.data_root or params[contract.DATA_ROOT_PARAM] or None
+        split = load_detection_split(params[contract.DATASET_PARAM], args.split, data_root)
+        view = split_view(params[contract.DATASET_PARAM], args.split, scores["sample_id"].to_numpy(), data_root)
+        scores = view.frame(scores).merge(largest_object_geometry(split.dataset, scores["sample_id"]), on="sample_id")
         without_objects = int((scores["num_objects"] == 0).sum())
         scores = scores[scores["num_objects"] > 0].reset_index(drop=True)
         wall = timedelta(seconds=round((run.info.end_time - run.info.start_time) / 1000))
@@ -241,8 +240,7 @@ def main() -> None:
             plot_rho_by_epoch(by_epoch, map_by_epoch, args.split, out / "rho_by_epoch.png",
                               f"{params['dataset']}, {params.get('detector', params.get('model'))}: Spearman of "
                               f"each epoch's {args.split} loss with the annotations")
-            panels = draw_panels(scores, params[contract.DATASET_PARAM], args.split,
-                                 args.data_root or params[contract.DATA_ROOT_PARAM] or None, args.top_k, Path(tmp))
+            panels = draw_panels(scores, view, args.top_k, Path(tmp))
             for name, path in panels.items():
                 compact_copy(path, out / name)
             print(f"wrote {out / 'claim.md'}, rho_by_epoch.csv/png and {len(panels)} panels")

@@ -4,8 +4,8 @@
     python -m experiments.classify --dataset imagefolder --data-root /tmp/data/cifar10 --epochs 15
 
 Writes to the run: per_sample_losses/<split>/epoch_EEEE.parquet every epoch (columns
-sample_id, loss, target, correct, p_true, margin, el2n, prediction), per-epoch metrics, and the params the
-post-hoc job needs to rebuild images (action_scores.dataset, action_scores.data_root). Then run
+sample_id, loss, target, correct, p_true, margin, el2n, prediction), per-epoch metrics, each tracked split's pictures and label names once
+(per_sample_media/<split>/media.parquet, what the panels show), and the dataset's params. Then run
 `action-scores analyze --run-id <id>` (or `mlflow run . -e analyze -P run_id=<id>`).
 
 After `action-scores select --run-id <id>`: `--exclude <id>` trains without that run's latest selection
@@ -30,7 +30,7 @@ from experiments.loop import StepOutput, add_experiment_arguments, parse_track, 
 from experiments.models import KerasCifarCNN
 from tracking import contract
 from tracking.record import distributed
-from experiments.datasets import DATASETS, SPLITS, load_split, select_samples
+from experiments.datasets import DATASETS, SPLITS, load_split, record_split_media, select_samples
 from tracking.errors import ActionScoresError
 from tracking.record import classification_columns
 from tracking.backends import Tracker, make_tracker
@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         datasets=datasets, tracked_passes=tracked_passes,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device,
         num_workers=args.num_workers, save_model=args.save_model, sample_ids=sample_ids, tags=taken.tags,
+        media={split: partial(record_split_media, split=splits[split]) for split in tracked_passes},
     )
 
 

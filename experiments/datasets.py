@@ -1,7 +1,9 @@
-"""Classification datasets by name: what experiments train on and what the job rebuilds images from.
+"""Classification datasets by name: what experiments train on, and their media for the panels.
 
-A sample's id is its position in the split's canonical order, so the post-hoc job can
-show sample 123 of a run long after training. Each loader returns a `SplitData`.
+A sample's id is its position in the split's canonical order. Training records each tracked split's
+pictures and label names (`record_split_media`), so the post-hoc job draws panels without the data;
+for runs recorded before that, `split_view` rebuilds them (the entry points `action_scores.views`).
+Each loader returns a `SplitData`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from tracking.errors import ActionScoresError
+from tracking.record import LossRecorder, MediaSummary
+from tracking.report.views import SplitView, classification_view
 
 SPLITS = ("train", "test")
 DIGITS_TEST_SIZE = 360  # of scikit-learn's 1797 digits; the rest is train
@@ -199,3 +203,16 @@ def select_samples(dataset: Dataset, classes: int, exclude: Sequence[int] = (),
     if kept.size == 0:
         raise ActionScoresError("the selection leaves out every sample of the split: nothing to train on")
     return _Selected(dataset, kept, new_labels), kept
+
+
+def record_split_media(recorder: LossRecorder, sample_ids: np.ndarray, split: SplitData) -> MediaSummary:
+    """Record the pictures and label names of `sample_ids` (the data's own labels) with the split's recorder."""
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    return recorder.record_media(ids, labels=[split.class_names[int(label)] for label in split.labels[ids]],
+                                 images=[split.image(int(i)) for i in ids])
+
+
+def split_view(dataset: str, split: str, sample_ids: np.ndarray, data_root: str | None) -> SplitView:
+    """The panels' view of a run recorded without media: the split rebuilt, its pictures captioned by class."""
+    data = load_split(dataset, split, data_root)
+    return classification_view(sample_ids, data.image, data.labels, data.class_names, dataset, split)

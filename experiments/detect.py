@@ -6,7 +6,8 @@
 
 Writes to the run: per_sample_losses/<split>/epoch_EEEE.parquet every epoch with
 `loss` (= loss_loc + loss_pos + loss_neg, the objective the optimiser minimises, per
-image) and `num_objects`, and the metric `val_map_50` (mAP at IoU 0.5 of the tracked val
+image) and `num_objects`, each tracked split's thumbnails with their boxes and class names once
+(per_sample_media/<split>/media.parquet), and the metric `val_map_50` (mAP at IoU 0.5 of the tracked val
 eval pass's detections, COCO-style via torchmetrics and pycocotools); then
 `action-scores analyze --run-id <id>` gives an action per part and box-drawn panels.
 Parts are normalised per image (see experiments/ssd_loss.py).
@@ -28,7 +29,8 @@ from experiments.loop import StepOutput, add_experiment_arguments, parse_track, 
 from experiments.models import DETECTORS, detector
 from tracking import contract
 from tracking.record import distributed
-from experiments.detection_data import DETECTION_DATASETS, detection_collate, load_detection_split
+from experiments.detection_data import (DETECTION_DATASETS, detection_collate, load_detection_split,
+                                        record_detection_media)
 from tracking.errors import ActionScoresError
 from experiments.ssd_loss import per_image_parts, ssd_detections, ssd_forward
 from tracking.backends import make_tracker
@@ -136,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=device,
         collate_fn=detection_collate, num_workers=args.num_workers, save_model=args.save_model,
         epoch_metrics=step.epoch_metrics,
+        media={split: partial(record_detection_media, split=splits[split]) for split in tracked_passes},
     )
 
 

@@ -6,6 +6,8 @@
 - `voc2007`: PASCAL VOC 2007 through torchvision's `VOCDetection` from a local root.
 
 Labels are 1-based (0 is the background class of SSD); `class_names[0]` is "background".
+Training records each tracked split's thumbnails with their boxes and class names
+(`record_detection_media`); `split_view` rebuilds the scenes for runs recorded before that.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 from torch.utils.data import Dataset
 
 from tracking.errors import ActionScoresError
+from tracking.record import LossRecorder, MediaSummary
+from tracking.report.views import SplitView, detection_view
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -162,3 +166,18 @@ def detection_collate(items: list[dict]) -> dict:
         "input": [item["input"] for item in items],
         "target": [item["target"] for item in items],
     }
+
+
+def record_detection_media(recorder: LossRecorder, sample_ids: np.ndarray, split: DetectionSplit) -> MediaSummary:
+    """Record the images of `sample_ids` with their boxes and class names, with the split's recorder."""
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    scenes = [split.dataset.scene(int(i)) for i in ids]
+    return recorder.record_media(ids, images=[image for image, _, _ in scenes], boxes=[boxes for _, boxes, _ in scenes],
+                                 box_labels=[[split.class_names[int(label)] for label in labels]
+                                             for _, _, labels in scenes])
+
+
+def split_view(dataset: str, split: str, sample_ids: np.ndarray, data_root: str | None) -> SplitView:
+    """The panels' view of a run recorded without media: the scenes rebuilt, their boxes drawn."""
+    data = load_detection_split(dataset, split, data_root)
+    return detection_view(sample_ids, data.dataset.scene, data.class_names, len(data.dataset), dataset, split)

@@ -260,6 +260,7 @@ def train_and_record(
     epoch_metrics: Callable[[], Mapping[str, float]] | None = None,
     sample_ids: Mapping[str, np.ndarray] | None = None,
     tags: Mapping[str, str] | None = None,
+    media: Mapping[str, Callable[[LossRecorder, np.ndarray], object]] | None = None,
 ) -> dict[str, float]:
     """Open a run, log `params`, train with every tracked split recorded each epoch, close the run.
 
@@ -272,6 +273,8 @@ def train_and_record(
     never touch the tracking store. `sample_ids`: per split, the sorted original id of each item of
     a dataset that is a selection of its split (`experiments.datasets.select_samples`), so ids keep
     their meaning and left-out ids are absent from the tables. `tags`: set on the run at its start.
+    `media`: per tracked split, a function of its recorder and its sample ids that records what the
+    panels show of them (`LossRecorder.record_media`), called once before training.
     """
     sample_ids = sample_ids or {}
     joined = distributed.init_from_env(device)
@@ -305,6 +308,9 @@ def train_and_record(
                                     scored_by)
                 for split, scored_by in tracked_passes.items()
             }
+            for split, record in (media or {}).items():
+                ids = sample_ids.get(split)
+                record(tracked[split].recorder, np.arange(len(datasets[split])) if ids is None else ids)
             metrics = fit(model, step, optimizer, loader(train_split, shuffle=True), tracked, epochs, run_tracker,
                           device, epoch_metrics)
             if save_model and main:

@@ -149,3 +149,22 @@ def test_cifar10_without_internet_says_how_to_use_a_local_copy(tmp_path: Path, m
     message = str(error.value)
     assert str(tmp_path / "cifar-10-batches-py") in message
     assert "--dataset imagefolder --data-root" in message
+
+
+def test_every_built_in_dataset_registers_the_view_the_job_finds() -> None:
+    import importlib.metadata
+    import tomllib
+
+    from experiments.detection_data import DETECTION_DATASETS
+
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "project"]["entry-points"]["action_scores.views"]
+    assert sorted(declared) == sorted([*data.DATASETS, *DETECTION_DATASETS])
+    for name, value in declared.items():
+        view = importlib.metadata.EntryPoint(name, value, "action_scores.views").load()
+        assert view is (data.split_view if name in data.DATASETS else __import__(
+            "experiments.detection_data", fromlist=["split_view"]).split_view)
+    shown = data.split_view("digits", "test", np.array([3, 0]), None)
+    digits = load_split("digits", "test")
+    assert shown.columns["label_name"].tolist() == [str(digits.labels[3]), str(digits.labels[0])]
+    np.testing.assert_array_equal(shown.picture(3), digits.image(3))

@@ -224,3 +224,34 @@ def test_tiny_pictures_are_stored_uncompressed_and_larger_ones_deflated(tmp_path
     for pixels, level in ((tiny, 0), (larger, 6)):
         summary = record_media(None, "test", np.arange(5), images=pixels, local_dir=tmp_path / str(level))
         assert _rows(summary.path)["image_png"] == encode_pngs(pixels, level=level)
+
+
+def test_boxes_are_stored_in_the_pixels_of_the_thumbnail_with_their_names(tmp_path: Path) -> None:
+    scene = np.zeros((96, 128, 3), np.uint8)  # thumbnailed to 64 x 48: every coordinate halves
+    small = np.zeros((32, 32, 3), np.uint8)  # stored as it is: coordinates unchanged
+    summary = record_media(None, "val", [4, 2], images=[scene, small],
+                           boxes=[np.array([[8.0, 16.0, 40.0, 96.0], [0.0, 0.0, 128.0, 2.0]]), np.zeros((0, 4))],
+                           box_labels=[["cat", "dog"], []], local_dir=tmp_path)
+    rows = _rows(summary.path)
+    assert rows["sample_id"] == [2, 4]
+    assert rows["boxes"] == [[], [{"x1": 4.0, "y1": 8.0, "x2": 20.0, "y2": 48.0, "label_name": "cat"},
+                                  {"x1": 0.0, "y1": 0.0, "x2": 64.0, "y2": 1.0, "label_name": "dog"}]]
+    assert _pixels(rows["image_png"][1]).shape == (48, 64, 3)
+    unnamed = record_media(None, "val", [0], images=[small], boxes=[[[1, 2, 3, 4]]], local_dir=tmp_path / "b")
+    assert _rows(unnamed.path)["boxes"] == [[{"x1": 1.0, "y1": 2.0, "x2": 3.0, "y2": 4.0, "label_name": None}]]
+    assert "boxes" not in _rows(record_media(None, "val", [0], images=[small], local_dir=tmp_path / "c").path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(texts=["a", "b"], boxes=[[], []]), "boxes belong to images; pass images= with boxes="),
+    (dict(images=GREY, box_labels=[[], []]), "box_labels without boxes; pass boxes= too"),
+    (dict(images=GREY, boxes=[[]]), r"boxes must be a list of 2 arrays"),
+    (dict(images=GREY, boxes=[[[1, 1, 0, 2]], []]), r"boxes 0 must be an \(n, 4\) array of finite x1y1x2y2 with x1 < x2"),
+    (dict(images=GREY, boxes=[[[0, 0, 1]], []]), r"boxes 0 must be an \(n, 4\) array"),
+    (dict(images=GREY, boxes=[[], [[0, 0, 1, 1]]], box_labels=[[], []]), r"box_labels 1 must hold 1 strings"),
+    (dict(images=GREY, boxes=[[], []], box_labels=[[]]), r"box_labels must be a list of 2 lists"),
+])
+def test_bad_boxes_are_refused_naming_the_fix(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ActionScoresError, match=message):
+        record_media(None, "test", [0, 1], local_dir=tmp_path, **kwargs)
+    assert not any(tmp_path.iterdir())

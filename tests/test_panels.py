@@ -12,7 +12,8 @@ from PIL import Image
 from tracking.report.views import classification_view
 from experiments.datasets import SplitData, load_split
 from tracking.errors import ActionScoresError
-from tracking.report.panels import PanelItem, draw_boxes, ranked_panels, read_panel_rows, render_panel, safe_file_names, upscale
+from tracking.report.panels import PanelItem, ranked_panels, read_panel_rows, render_panel, safe_file_names
+from tracking.report.pictures import draw_boxes, upscale
 from tracking.scoring.rank import pick
 
 
@@ -30,11 +31,16 @@ def _scores(digits: SplitData) -> pd.DataFrame:
 
 
 def classification_panels(scores: pd.DataFrame, split: SplitData, column: str, k: int, out: Path,
-                          higher_is_harder: bool | None = None) -> list[Path]:
-    """What the post-hoc job draws for a classification split: rank once, then render."""
-    view = classification_view(scores, split, "digits", "test")
-    picked = pick(scores, column, k, view.groups, higher_is_harder)
-    return ranked_panels(picked, out, view.picture, view.label, split_size=view.size)[0]
+                          higher_is_harder: bool | None = None, labels: np.ndarray | None = None) -> list[Path]:
+    """What the post-hoc job draws for a classification split: rank once, then render; `labels`, the
+    data's labels (default: the split's own). The scores are left as they are."""
+    columns = list(scores.columns)
+    view = classification_view(scores["sample_id"].to_numpy(), split.image,
+                               split.labels if labels is None else labels, split.class_names, "digits", "test")
+    picked = pick(view.frame(scores), column, k, view.groups, higher_is_harder)
+    written = ranked_panels(picked, out, view.picture, view.label, split_size=view.size)[0]
+    assert list(scores.columns) == columns  # the view never adds columns to what the job saves
+    return written
 
 
 def _ranked(records: list[tuple[int, float]], k: int, hardest_first: bool) -> list[int]:
@@ -118,7 +124,7 @@ def test_bad_scores_are_refused(tmp_path: Path, digits: SplitData) -> None:
         classification_panels(scores.assign(sample_id=scores["sample_id"].replace(0, 360)), digits, "action", 3,
                               tmp_path)
     with pytest.raises(ActionScoresError, match=r"labels \[10\] have no class name"):
-        classification_panels(scores.assign(label=scores["label"].replace(0, 10)), digits, "action", 3, tmp_path)
+        classification_panels(scores, digits, "action", 3, tmp_path, labels=np.where(digits.labels == 0, 10, digits.labels))
     with pytest.raises(ActionScoresError, match="k must be at least 1"):
         classification_panels(scores, digits, "action", 0, tmp_path)
     with pytest.raises(ActionScoresError, match="the table is empty"):

@@ -20,7 +20,8 @@ from tracking.analyze import analyze_run
 from tracking.backends import MLflowTracker, WandbTracker
 from tracking.errors import ActionScoresError
 from tracking.record import LossRecorder
-from tracking.report.panels import CARD_SIZE, grid_shape, read_panel_rows, text_card, wrap_to_width
+from tracking.report.panels import grid_shape, read_panel_rows
+from tracking.report.pictures import CARD_SIZE, text_card, wrap_to_width
 
 N, EPOCHS, TOP_K = 12, 3, 4
 
@@ -188,3 +189,45 @@ def test_grids_are_balanced_and_text_wraps_by_width_cutting_long_words() -> None
     card = text_card("word " * 500)
     assert card.shape == (CARD_SIZE[1], CARD_SIZE[0], 3) and card.dtype == np.uint8
     assert (card < 128).any() and (card[-8:] > 200).all()  # text drawn, cut before the bottom margin
+
+
+def test_a_view_an_installed_package_registers_for_the_dataset_draws_old_runs(
+        job: MLflowTracker, client: mlflow.MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset, package = f"tiny-{uuid.uuid4().hex[:6]}", f"tinyviews_{uuid.uuid4().hex[:6]}"
+    (tmp_path / f"{package}.py").write_text(
+        "import numpy as np\n"
+        "from tracking.report.views import classification_view\n"
+        "def view(dataset, split, sample_ids, data_root):\n"
+        "    labels = np.arange(12) % 2\n"
+        "    return classification_view(sample_ids, lambda i: np.full((8, 8), i * 20, np.uint8), labels,\n"
+        "                               ['even', 'odd'], dataset, split)\n")
+    info = tmp_path / f"{package}-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(f"[action_scores.views]\n{dataset} = {package}:view\n")
+    run_id, action = _train(job, tmp_path, None, params={contract.DATASET_PARAM: dataset})
+    assert (f"no panels for split 'test': the run records no media (per_sample_media/test/media.parquet), no view "
+            f"registered for its classification dataset {dataset!r}") in analyze_run(job, run_id, top_k=TOP_K).message
+    monkeypatch.syspath_prepend(str(tmp_path))  # the package is installed: its entry point is found
+    result = analyze_run(job, run_id, top_k=TOP_K, force=True)
+    assert result.views == {"test": f"the {dataset!r} data"}
+    rows = read_panel_rows(_download(client, run_id, "action_scores/test/loss/hardest.png", tmp_path / "out"))
+    assert rows[0]["sample_ids"] == _hardest(action)
+    assert [caption.split("\n")[1] for caption in rows[0]["captions"]] == [["even", "odd"][i % 2] for i in _hardest(action)]
+    odd = read_panel_rows(_download(client, run_id, "action_scores/test/loss/by_class/odd.png", tmp_path / "out"))
+    assert all(i % 2 for i in odd[0]["sample_ids"])
+
+
+def test_scores_parquet_is_the_same_with_and_without_panels(
+        job: MLflowTracker, client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    names = ["cat" if i % 3 else "dog" for i in range(N)]
+    images = [np.full((8, 8), i, np.uint8) for i in range(N)]
+    run_id, _ = _train(job, tmp_path, dict(images=images, labels=names))
+    saved = {}
+    for panels in (False, True):
+        result = analyze_run(job, run_id, top_k=TOP_K, panels=panels, force=True)
+        assert bool(result.panels) == panels
+        saved[panels] = pd.read_parquet(_download(client, run_id, "action_scores/test/scores.parquet",
+                                                  tmp_path / f"out-{panels}"))
+    pd.testing.assert_frame_equal(saved[True], saved[False])
+    assert contract.LABEL_NAME not in saved[True]

@@ -51,6 +51,14 @@ IMAGE_PNG = "image_png"  # binary: PNG of the picture (original pixels if small,
 TEXT = "text"  # string: the sample's text (truncated); null otherwise
 URI = "uri"  # string: where the sample lives (a path or URL), whenever the recorder was given one; else null
 MEDIA_KINDS = ("image", "text", "uri")
+# Optional column, for detection: the ground-truth boxes of an image, in the pixels of its stored picture
+# (`image_png`, the thumbnail when one was made), as a list of structs {x1, y1, x2, y2: float32, label_name:
+# string (null: none given)}; x1 < x2 and y1 < y2, the origin at the top left. Null for a sample without
+# boxes recorded; an empty list for an image with no objects. The job draws them and captions the image
+# with its number of objects.
+BOXES = "boxes"
+BOX_CORNERS = ("x1", "y1", "x2", "y2")
+BOX_LABEL = "label_name"
 
 _EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.parquet$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -21,7 +21,7 @@ from tracking.backends.base import Tracker
 from tracking.errors import ActionScoresError
 from tracking.fetch import RunFiles
 from tracking.report.plots import class_distribution, data_map
-from tracking.report.views import VIEWS, SplitView, choose_view, load_picture_function
+from tracking.report.views import TASKS, SplitView, choose_view, load_picture_function
 from tracking.scoring.engines import ENGINES
 from tracking.scoring.regions import REGION
 from tracking.scoring.tables import epoch_files
@@ -132,8 +132,8 @@ def plan(tracker: Tracker, run_id: str, options: JobOptions) -> RunPlan:
             "record them during training with tracking.LossRecorder"
         )
     found = RunPlan(run_id, by_split, media_files(tracker, list(by_split)) if options.panels else {}, tracker.params())
-    if found.task not in VIEWS:
-        raise ActionScoresError(f"run {run_id}: unknown {contract.TASK_PARAM} {found.task!r}; known: {sorted(VIEWS)}")
+    if found.task not in TASKS:
+        raise ActionScoresError(f"run {run_id}: unknown {contract.TASK_PARAM} {found.task!r}; known: {sorted(TASKS)}")
     return found
 
 
@@ -223,12 +223,13 @@ def report_split(scores: pd.DataFrame, split: str, run: RunPlan, media: Path | N
                                 pictures=options.picture_function)
     report = SplitReport(why_not=why_not)
     if view is not None:
-        report.written, report.samples = render_split(scores, view, options.top_k, split_out)
+        shown = view.frame(scores)  # the view's columns (label names, object counts) beside the scores, never saved
+        report.written, report.samples = render_split(shown, view, options.top_k, split_out)
         report.written += write_text_tables(report.samples, view, split_out)
         report.source = view.source
         if view.groups:
             report.written.append(class_distribution(
-                scores, "action", view.groups, split_out / contract.LOSS / CLASS_DISTRIBUTION,
+                shown, "action", view.groups, split_out / contract.LOSS / CLASS_DISTRIBUTION,
                 f"{split}: action per class ({len(scores)} samples, {scores['epochs'].iloc[0]} epochs)"))
     if REGION in scores:
         how = {"train": " of the training pass", "eval": " of an evaluation pass"}.get(

@@ -13,6 +13,9 @@ the tracking server, even after the training data is gone.
   `STORED_PICTURE_BYTES`: the table's zstd does better across pictures); larger ones as a PNG
   thumbnail of that size.
 - `texts`: strings, stored up to `MAX_TEXT_CHARS` characters.
+- `boxes` (with `images`, for detection): each image's ground-truth boxes, an (n, 4) array of
+  x1y1x2y2 in its pixels, with `box_labels` (n names each) if given; stored scaled to the stored
+  picture (`contract.BOXES`), so the panels draw them on the thumbnail.
 - `uris`: paths or URLs, for data too large to copy. Given beside `images` or `texts` they
   are stored too, and are what is kept when the media would exceed `max_bytes`.
 
@@ -159,6 +162,52 @@ def encode_png(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
     return buffer.getvalue()
 
 
+BOX_TYPE = pa.list_(pa.struct([*((corner, pa.float32()) for corner in contract.BOX_CORNERS),
+                               (contract.BOX_LABEL, pa.string())]))
+
+
+def _checked_boxes(boxes: Any, box_labels: Any, size: int) -> list[tuple[np.ndarray, list[str | None]]]:
+    """Each sample's (n, 4) float boxes, x1 < x2 and y1 < y2, with its n names (None when not given)."""
+    if isinstance(boxes, (str, bytes)) or not hasattr(boxes, "__len__") or len(boxes) != size:
+        raise ActionScoresError(f"record_media: boxes must be a list of {size} arrays, one (n, 4) x1y1x2y2 "
+                                "array per sample id")
+    if box_labels is not None and (isinstance(box_labels, (str, bytes)) or not hasattr(box_labels, "__len__")
+                                   or len(box_labels) != size):
+        raise ActionScoresError(f"record_media: box_labels must be a list of {size} lists, the names of each "
+                                "sample's boxes")
+    checked = []
+    for position, drawn in enumerate(boxes):
+        corners = _host_array(drawn).astype(np.float64)
+        if corners.size == 0:
+            corners = corners.reshape(0, 4)
+        if corners.ndim != 2 or corners.shape[1] != 4 or not np.isfinite(corners).all() \
+                or (corners[:, 2] <= corners[:, 0]).any() or (corners[:, 3] <= corners[:, 1]).any():
+            raise ActionScoresError(f"record_media: boxes {position} must be an (n, 4) array of finite x1y1x2y2 "
+                                    f"with x1 < x2 and y1 < y2, got {preview(corners.tolist())}")
+        names = [None] * len(corners) if box_labels is None else list(box_labels[position])
+        if len(names) != len(corners) or not all(isinstance(name, str) for name in names if name is not None):
+            raise ActionScoresError(f"record_media: box_labels {position} must hold {len(corners)} strings, "
+                                    f"one per box, got {preview(names)}")
+        checked.append((corners, names))
+    return checked
+
+
+def _scaled_boxes(checked: list[tuple[np.ndarray, list[str | None]]], pictures: np.ndarray | list[np.ndarray],
+                  pngs: list[bytes]) -> list[list[dict]]:
+    """The boxes in the pixels of the stored pictures: thumbnails scale them as they scaled the image."""
+    from PIL import Image
+
+    rows = []
+    for (corners, names), pixels, png in zip(checked, pictures, pngs):
+        height, width = pixels.shape[:2]
+        if max(height, width) > THUMBNAIL_SIDE:
+            with Image.open(io.BytesIO(png)) as stored:
+                corners = corners * np.tile([stored.width / width, stored.height / height], 2)
+        rows.append([{**dict(zip(contract.BOX_CORNERS, map(float, box))), contract.BOX_LABEL: name}
+                     for box, name in zip(corners, names)])
+    return rows
+
+
 def _encode_all(pictures: np.ndarray | list[np.ndarray]) -> list[bytes]:
     """PNGs of the checked pictures: same-size small ones together (`tracking.record.png`), others one by one."""
     shapes = {pictures.shape[1:]} if isinstance(pictures, np.ndarray) else {picture.shape for picture in pictures}
@@ -181,7 +230,8 @@ def _write(table: pa.Table, folder: Path) -> Path:
 
 def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, labels: Sequence[str] | None = None,
                  images: np.ndarray | Sequence[np.ndarray] | None = None, texts: Sequence[str] | None = None,
-                 uris: Sequence[str] | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                 uris: Sequence[str] | None = None, boxes: Sequence[Any] | None = None,
+                 box_labels: Sequence[Sequence[str]] | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                  local_dir: Path | None = None) -> MediaSummary:
     """Record what the panels of `split` show of each sample: a picture, a text or a URI, with its label name.
 
@@ -195,6 +245,10 @@ def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, label
         raise ActionScoresError("record_media: got both images and texts; a split's media is one kind: pass one")
     if images is None and texts is None and uris is None:
         raise ActionScoresError("record_media: no media; pass images=, texts= or uris=")
+    if (boxes is not None or box_labels is not None) and images is None:
+        raise ActionScoresError("record_media: boxes belong to images; pass images= with boxes=")
+    if box_labels is not None and boxes is None:
+        raise ActionScoresError("record_media: box_labels without boxes; pass boxes= too")
     if max_bytes <= 0:
         raise ActionScoresError(f"record_media: max_bytes must be positive, got {max_bytes}")
     ids = _checked_ids(sample_ids)
@@ -202,11 +256,16 @@ def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, label
     label_names = (_checked_strings("labels", labels, size, "pass label names, e.g. [class_names[y] for y in targets]")
                    if labels is not None else [None] * size)
     uri_list = _checked_strings("uris", uris, size, "pass paths or URLs as strings") if uris is not None else None
+    checked_boxes = _checked_boxes(boxes, box_labels, size) if boxes is not None else None
     pngs: list[bytes | None] = [None] * size
     text_list: list[str | None] = [None] * size
+    box_rows: list[list[dict] | None] = [None] * size
     if images is not None:
         kind = "image"
-        pngs = _encode_all(_split_images(images, size))
+        pictures = _split_images(images, size)
+        pngs = _encode_all(pictures)
+        if checked_boxes is not None:
+            box_rows = _scaled_boxes(checked_boxes, pictures, pngs)
         payload = sum(len(png) for png in pngs)
     elif texts is not None:
         kind = "text"
@@ -221,21 +280,26 @@ def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, label
         uri_bytes = sum(len(uri.encode()) for uri in uri_list) if uri_list is not None else None
         if kind != "uri" and uri_bytes is not None and uri_bytes <= max_bytes:
             reason += "; recorded the URIs instead"
-            kind, pngs, text_list = "uri", [None] * size, [None] * size
+            kind, pngs, text_list, box_rows = "uri", [None] * size, [None] * size, [None] * size
             warnings.warn(f"action-scores: {reason}", stacklevel=2)
         else:
             reason += "; recorded nothing: pass uris= (paths or URLs) to record those instead, or raise max_bytes"
             warnings.warn(f"action-scores: {reason}", stacklevel=2)
             return MediaSummary(split, "none", 0, 0, reason=reason)
     order = np.argsort(ids, kind="stable")
-    table = pa.table({
+    columns = {
         contract.SAMPLE_ID: pa.array(ids[order], pa.int64()),
         contract.LABEL_NAME: pa.array([label_names[i] for i in order], pa.string()),
         contract.MEDIA_KIND: pa.array([kind] * size, pa.string()),
         contract.IMAGE_PNG: pa.array([pngs[i] for i in order], pa.binary()),
         contract.TEXT: pa.array([text_list[i] for i in order], pa.string()),
         contract.URI: pa.array([uri_list[i] for i in order] if uri_list is not None else [None] * size, pa.string()),
-    }, schema=SCHEMA)
+    }
+    schema = SCHEMA
+    if checked_boxes is not None and kind == "image":  # the optional column: only where boxes were given
+        columns[contract.BOXES] = pa.array([box_rows[i] for i in order], BOX_TYPE)
+        schema = SCHEMA.append(pa.field(contract.BOXES, BOX_TYPE))
+    table = pa.table(columns, schema=schema)
     if local_dir is None:
         local_dir = writer.spool_dir if writer is not None else Path(tempfile.mkdtemp(prefix="action-scores-"))
     path = _write(table, Path(local_dir) / contract.media_dir(split))

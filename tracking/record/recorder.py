@@ -224,7 +224,9 @@ class LossRecorder:
     def record_media(self, sample_ids: torch.Tensor | np.ndarray | Sequence[int], *,
                      labels: Sequence[str] | None = None,
                      images: np.ndarray | Sequence[np.ndarray] | None = None, texts: Sequence[str] | None = None,
-                     uris: Sequence[str] | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> MediaSummary:
+                     uris: Sequence[str] | None = None, boxes: Sequence[np.ndarray] | None = None,
+                     box_labels: Sequence[Sequence[str]] | None = None,
+                     max_bytes: int = DEFAULT_MAX_BYTES) -> MediaSummary:
         """`tracking.record.media.record_media` for this recorder's split and tracker, into its local folder.
 
         Ids must lie in ``[0, num_samples)``. Under torchrun only rank 0 records (the other
@@ -240,7 +242,8 @@ class LossRecorder:
                     f"split {self.split!r}: media sample ids out of range [0, {self.num_samples}): {preview(outside)}"
                 )
         return record_media(self.tracker, self.split, ids.numpy(), labels=labels, images=images, texts=texts,
-                            uris=uris, max_bytes=max_bytes, local_dir=self.local_dir)
+                            uris=uris, boxes=boxes, box_labels=box_labels, max_bytes=max_bytes,
+                            local_dir=self.local_dir)
 
     @staticmethod
     def _checked(name: str, values: torch.Tensor, size: int, is_loss: bool) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Plots of whole score columns (not pictures of samples): per-class distributions, run-vs-run matrices,
 the data map.
 
-Drawn on a bare Agg canvas, as the panels are, so plotting never changes the caller's backend.
+Drawn on a bare Agg canvas, so plotting never changes the caller's backend.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from tracking.errors import ActionScoresError
+from tracking.report.panels import CAPTION_POINTS, DPI, PANEL_WIDTH
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -82,7 +83,6 @@ def data_map(scores: pd.DataFrame, path: Path, title: str, max_points: int = DAT
     the scores table's own; the scatter shows at most `max_points` samples, drawn without replacement
     with a fixed seed, so the same table gives the same picture; the title says how many. What the map
     shows is in the PNG's `action_scores.data_map` text chunk (JSON: samples, shown, cut, region counts)."""
-    from tracking.report.panels import CAPTION_POINTS, DPI, PANEL_WIDTH
     from tracking.scoring import regions
 
     lacking = [c for c in (*regions.NEEDS, regions.REGION) if c not in scores.columns]

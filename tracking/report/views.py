@@ -2,39 +2,70 @@
 
 The job takes the first view it can build, in this order (`choose_view`):
 1. `media_view`: the media the run recorded (`per_sample_media/<split>/media.parquet`,
-   `tracking.record.media`): pictures, text cards or URIs, needing no data at all;
-2. the built-in datasets, rebuilt from `experiments` by the name the run recorded
-   (`action_scores.dataset`) and chosen by its task (`action_scores.task`):
-   classification images captioned with their class, or detection scenes with their boxes;
+   `tracking.record.media`): pictures (with their boxes, for detection), text cards or URIs,
+   needing no data at all; the project's own training scripts record theirs;
+2. a view registered for the dataset the run names (`action_scores.dataset`): an entry point of
+   the group `action_scores.views` whose name is the dataset's and whose value is a function
+   `(dataset, split, sample_ids, data_root) -> SplitView` (the built-in datasets register theirs, for runs
+   recorded before media existed); `classification_view` and `detection_view` build one;
 3. `function_view`: a picture function the user names (`--pictures module:function`);
 4. none: scores only, and the reason.
+
+A view never changes the scores table: what its captions and groups need (label names, object
+counts) it carries in `SplitView.columns`, joined onto a copy by `SplitView.frame`.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import io
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
+from tracking.report.pictures import draw_boxes, local_picture, text_card
 
-if TYPE_CHECKING:
-    from experiments.datasets import SplitData
+VIEW_GROUP = "action_scores.views"  # entry points: dataset name -> (dataset, split, sample_ids, data_root) -> SplitView
+TASKS = ("classification", "detection")  # the values of the run param action_scores.task
+NUM_OBJECTS = "num_objects"  # view columns of detection views: boxes per image,
+MEDIAN_BOX_SIZE = "median_box_size"  # and the median sqrt(box area) / sqrt(image area)
 
 
-def _check_ids_fit(scores: pd.DataFrame, size: int, dataset: str, split: str) -> None:
-    """Refuse tables whose ids do not exist in the rebuilt data (the data changed or moved)."""
-    ids = scores[contract.SAMPLE_ID]
+@dataclass
+class SplitView:
+    """How to show a split's samples: their pictures, a caption line, an optional grouping column,
+    and the split's size (named in panel titles when the scores cover only part of it).
+
+    `columns` (indexed by sample id) holds what the captions and groups read besides the scores;
+    `label` and `groups` read rows of `frame(scores)`."""
+
+    picture: Callable[[int], np.ndarray]
+    label: Callable[[pd.Series], str]
+    groups: str | None = None
+    size: int | None = None
+    text: Callable[[int], str] | None = None  # a sample's text, for the table beside text panels
+    source: str = ""  # where the pictures come from, for the job's message
+    columns: pd.DataFrame | None = None
+
+    def frame(self, scores: pd.DataFrame) -> pd.DataFrame:
+        """A new frame: the scores with this view's columns beside them, to rank by group and caption from.
+        The scores themselves, which the job saves, stay as they are."""
+        if self.columns is None:
+            return scores
+        return scores.join(self.columns, on=contract.SAMPLE_ID)
+
+
+def check_ids_fit(sample_ids: np.ndarray, size: int, dataset: str, split: str) -> None:
+    """Refuse ids that do not exist in the rebuilt data (the data changed or moved)."""
+    ids = np.asarray(sample_ids)
     outside = ids[(ids < 0) | (ids >= size)]
     if len(outside):
         raise ActionScoresError(
@@ -43,79 +74,65 @@ def _check_ids_fit(scores: pd.DataFrame, size: int, dataset: str, split: str) ->
         )
 
 
-@dataclass
-class SplitView:
-    """How to show a split's samples: their pictures, a caption line, an optional grouping column,
-    and the split's size (named in panel titles when the scores cover only part of it)."""
-
-    picture: Callable[[int], np.ndarray]
-    label: Callable[[pd.Series], str]
-    groups: str | None = None
-    size: int | None = None
-    text: Callable[[int], str] | None = None  # a sample's text, for the table beside text panels
-    source: str = ""  # where the pictures come from, for the job's message
-
-
-def classification_view(scores: pd.DataFrame, split_data: SplitData, dataset: str, split: str) -> SplitView:
-    """Images captioned with their true label name, grouped by class.
-
-    Adds `label` (from the data when the tables lack it) and `label_name` to `scores`;
-    refuses ids or labels that the data does not have.
-    """
-    _check_ids_fit(scores, len(split_data.labels), dataset, split)
-    if "label" not in scores:
-        scores["label"] = split_data.labels[scores[contract.SAMPLE_ID].to_numpy()]
-    labels = scores["label"].to_numpy()
-    unknown = labels[(labels < 0) | (labels >= len(split_data.class_names))]
+def classification_view(sample_ids: np.ndarray, picture: Callable[[int], np.ndarray], labels: np.ndarray,
+                        class_names: Sequence[str], dataset: str, split: str) -> SplitView:
+    """Images captioned with their true label name, grouped by class; `labels` is the data's label of every
+    sample id. Refuses ids or labels that the data does not have."""
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    check_ids_fit(ids, len(labels), dataset, split)
+    shown = np.asarray(labels)[ids]
+    unknown = shown[(shown < 0) | (shown >= len(class_names))]
     if len(unknown):
         raise ActionScoresError(
             f"split {split!r}: labels {preview(np.unique(unknown))} have no class name (the {dataset!r} data has "
-            f"{len(split_data.class_names)} classes): are these tables from another dataset?"
+            f"{len(class_names)} classes): are these tables from another dataset?"
         )
-    scores["label_name"] = [split_data.class_names[int(label)] for label in labels]
-    return SplitView(split_data.image, lambda row: str(row["label_name"]), groups="label_name",
-                     size=len(split_data.labels))
+    columns = pd.DataFrame({contract.LABEL_NAME: [class_names[int(label)] for label in shown]},
+                           index=pd.Index(ids, name=contract.SAMPLE_ID))
+    return SplitView(lambda sample_id: picture(int(sample_id)), _label(contract.LABEL_NAME),
+                     groups=contract.LABEL_NAME, size=len(labels), columns=columns)
 
 
-def _classification_view(scores: pd.DataFrame, dataset: str, split: str, data_root: str | None) -> SplitView:
-    from experiments.datasets import load_split
+def box_columns(sample_ids: np.ndarray, sides: Sequence[tuple[int, int]], boxes: Sequence[np.ndarray]
+                ) -> pd.DataFrame:
+    """`num_objects` and `median_box_size` (median sqrt(box area) / sqrt(image area), NaN without boxes) of
+    each sample, from its image's (height, width) and its x1y1x2y2 boxes, indexed by sample id."""
+    sizes = []
+    for (height, width), drawn in zip(sides, boxes):
+        drawn = np.asarray(drawn, np.float64).reshape(-1, 4)
+        areas = (drawn[:, 2] - drawn[:, 0]) * (drawn[:, 3] - drawn[:, 1])
+        sizes.append(float(np.median(np.sqrt(areas)) / (height * width) ** 0.5) if len(drawn) else float("nan"))
+    return pd.DataFrame({NUM_OBJECTS: np.asarray([len(np.reshape(b, (-1, 4))) for b in boxes], np.int64),
+                         MEDIAN_BOX_SIZE: sizes}, index=pd.Index(np.asarray(sample_ids, np.int64),
+                                                                 name=contract.SAMPLE_ID))
 
-    return classification_view(scores, load_split(dataset, split, data_root), dataset, split)
 
-
-def _detection_view(scores: pd.DataFrame, dataset: str, split: str, data_root: str | None) -> SplitView:
-    """Images with their ground-truth boxes drawn; adds `num_objects` and `median_box_size`
-    (median sqrt(box area) / sqrt(image area)) to `scores`."""
-    from experiments.detection_data import load_detection_split
-    from tracking.report.panels import draw_boxes
-
-    split_data = load_detection_split(dataset, split, data_root)
-    _check_ids_fit(scores, len(split_data.dataset), dataset, split)
-    counts, sizes = [], []
-    for sample_id in tqdm(scores[contract.SAMPLE_ID], desc=f"boxes {split}", unit="image"):
-        image, boxes, _ = split_data.dataset.scene(int(sample_id))
-        side = (image.shape[0] * image.shape[1]) ** 0.5
-        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        counts.append(len(boxes))
-        sizes.append(float(np.median(np.sqrt(areas)) / side) if len(boxes) else float("nan"))
-    scores["num_objects"] = np.asarray(counts, dtype=np.int64)
-    scores["median_box_size"] = sizes
+def detection_view(sample_ids: np.ndarray, scene: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]],
+                   class_names: Sequence[str], size: int, dataset: str, split: str) -> SplitView:
+    """Images with their ground-truth boxes drawn, captioned with their number of objects; `scene(i)` is
+    (uint8 image, x1y1x2y2 boxes, label indices into `class_names`)."""
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    check_ids_fit(ids, size, dataset, split)
+    scenes = [scene(int(i)) for i in ids]
+    columns = box_columns(ids, [image.shape[:2] for image, _, _ in scenes], [boxes for _, boxes, _ in scenes])
 
     def picture(sample_id: int) -> np.ndarray:
-        image, boxes, labels = split_data.dataset.scene(sample_id)
-        return draw_boxes(image, boxes, [split_data.class_names[int(label)] for label in labels])
+        image, boxes, labels = scene(int(sample_id))
+        return draw_boxes(image, boxes, [class_names[int(label)] for label in labels])
 
-    def objects(row: pd.Series) -> str:
-        count = int(row["num_objects"])
-        return f"{count} object" + ("" if count == 1 else "s")
-
-    return SplitView(picture, objects, size=len(split_data.dataset))
+    return SplitView(picture, _objects, size=size, columns=columns)
 
 
-VIEWS: dict[str, Callable[[pd.DataFrame, str, str, str | None], SplitView]] = {
-    "classification": _classification_view,
-    "detection": _detection_view,
-}
+def _objects(row: pd.Series) -> str:
+    """`3 objects`, `1 object`: the caption of a detection picture."""
+    count = int(row[NUM_OBJECTS])
+    return f"{count} object" + ("" if count == 1 else "s")
+
+
+def registered_view(dataset: str) -> Callable[[str, str, np.ndarray, str | None], SplitView] | None:
+    """The view an installed package registers for `dataset` (entry point group `action_scores.views`), or None."""
+    found = list(importlib.metadata.entry_points(group=VIEW_GROUP, name=dataset))
+    return found[0].load() if found else None
 
 
 def read_media(path: Path, split: str) -> pd.DataFrame:
@@ -146,14 +163,22 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.asarray(picture if picture.mode in ("L", "RGB") else picture.convert("RGB"))
 
 
-def media_view(scores: pd.DataFrame, media: pd.DataFrame) -> SplitView:
-    """Panels from the media the run recorded: pictures as they are, texts as cards, URIs as the
-    picture they point to when it is a readable local image file, else as a card of the URI.
+def _png_sides(data: bytes) -> tuple[int, int]:
+    """(height, width) of a PNG from its header, without decoding its pixels."""
+    from PIL import Image
 
-    Adds `label_name` to `scores` when the media name labels, and groups panels by it; a
-    sample without media gets a card that says so.
-    """
-    from tracking.report.panels import local_picture, text_card
+    with Image.open(io.BytesIO(data)) as picture:
+        return picture.height, picture.width
+
+
+def media_view(scores: pd.DataFrame, media: pd.DataFrame) -> SplitView:
+    """Panels from the media the run recorded: pictures as they are (their boxes drawn, when recorded),
+    texts as cards, URIs as the picture they point to when it is a readable local image file, else as a
+    card of the URI.
+
+    Groups panels by label name when the media name labels; a sample without media gets a card that
+    says so. Pictures with boxes are captioned with their number of objects."""
+    with_boxes = contract.BOXES in media and media[contract.BOXES].notna().any()
 
     def picture(sample_id: int) -> np.ndarray:
         if sample_id not in media.index:
@@ -161,7 +186,12 @@ def media_view(scores: pd.DataFrame, media: pd.DataFrame) -> SplitView:
         row = media.loc[sample_id]
         kind = row[contract.MEDIA_KIND]
         if kind == "image":
-            return decode_png(row[contract.IMAGE_PNG])
+            image = decode_png(row[contract.IMAGE_PNG])
+            if not with_boxes:
+                return image
+            recorded = row[contract.BOXES]
+            return draw_boxes(image, _boxes(recorded), [box[contract.BOX_LABEL] or "" for box in recorded]
+                              if recorded is not None else [])
         if kind == "text":
             return text_card(row[contract.TEXT])
         found = local_picture(row[contract.URI])
@@ -173,22 +203,37 @@ def media_view(scores: pd.DataFrame, media: pd.DataFrame) -> SplitView:
         row = media.loc[sample_id]
         return str(row[contract.TEXT] if row[contract.MEDIA_KIND] == "text" else row[contract.URI] or "")
 
-    names = media[contract.LABEL_NAME]
-    groups = None
-    if names.notna().any():
-        scores[contract.LABEL_NAME] = scores[contract.SAMPLE_ID].map(names).fillna("(no media)")
-        groups = contract.LABEL_NAME
+    ids = scores[contract.SAMPLE_ID].to_numpy()
     kinds = set(media[contract.MEDIA_KIND])
-    return SplitView(picture, _label(scores, groups), groups=groups,
-                     text=text if kinds & {"text", "uri"} else None,
-                     source=f"recorded media ({', '.join(sorted(kinds))})")
+    source = f"recorded media ({', '.join(sorted(kinds))}{', boxes' if with_boxes else ''})"
+    text_of = text if kinds & {"text", "uri"} else None
+    if with_boxes:
+        known = media.reindex(ids)
+        sides = [_png_sides(png) if isinstance(png, bytes) else (1, 1) for png in known[contract.IMAGE_PNG]]
+        columns = box_columns(ids, sides, [_boxes(boxes) for boxes in known[contract.BOXES]])
+        return SplitView(picture, _objects, text=text_of, source=source, columns=columns)
+    names = media[contract.LABEL_NAME]
+    if names.notna().any():
+        columns = pd.DataFrame({contract.LABEL_NAME: pd.Series(ids).map(names).fillna("(no media)").to_numpy()},
+                               index=pd.Index(ids, name=contract.SAMPLE_ID))
+        return SplitView(picture, _label(contract.LABEL_NAME), groups=contract.LABEL_NAME, text=text_of,
+                         source=source, columns=columns)
+    return SplitView(picture, _label(None, scores), text=text_of, source=source)
 
 
-def _label(scores: pd.DataFrame, groups: str | None) -> Callable[[pd.Series], str]:
-    """Captions: the label name when known, else the recorded target class, else nothing."""
-    if groups is not None:
-        return lambda row: str(row[groups])
-    if contract.TARGET in scores:
+def _boxes(recorded: object) -> np.ndarray:
+    """The (n, 4) x1y1x2y2 boxes of a media row's `boxes` cell (none when null)."""
+    if recorded is None or (isinstance(recorded, float) and np.isnan(recorded)):
+        return np.zeros((0, 4))
+    return np.asarray([[box[corner] for corner in contract.BOX_CORNERS] for box in recorded],
+                      np.float64).reshape(-1, 4)
+
+
+def _label(column: str | None, scores: pd.DataFrame | None = None) -> Callable[[pd.Series], str]:
+    """Captions: the view's label column when it has one, else the recorded target class, else nothing."""
+    if column is not None:
+        return lambda row: str(row[column])
+    if scores is not None and contract.TARGET in scores:
         return lambda row: f"class {int(row[contract.TARGET])}"
     return lambda row: ""
 
@@ -231,7 +276,9 @@ def function_view(scores: pd.DataFrame, function: Callable[[int], object], name:
             )
         return image
 
-    return SplitView(picture, _label(scores, None), source=f"--pictures {name}")
+    return SplitView(picture, _label(None, scores), source=f"--pictures {name}")
+
+
 
 
 def choose_view(scores: pd.DataFrame, split: str, *, media: Path | None, task: str, dataset: str | None,
@@ -240,12 +287,15 @@ def choose_view(scores: pd.DataFrame, split: str, *, media: Path | None, task: s
     """The first view that can be built (see the module docstring), or None and the reason."""
     if media is not None:
         return media_view(scores, read_media(media, split)), ""
-    if dataset:
-        view = VIEWS[task](scores, dataset, split, data_root)
+    registered = registered_view(dataset) if dataset else None
+    if registered is not None:
+        view = registered(dataset, split, scores[contract.SAMPLE_ID].to_numpy(), data_root)
         view.source = view.source or f"the {dataset!r} data"
         return view, ""
     if pictures is not None:
         return function_view(scores, pictures[1], pictures[0]), ""
+    named = (f"no view registered for its {task} dataset {dataset!r} (entry point group {VIEW_GROUP!r})"
+             if dataset else f"no {contract.DATASET_PARAM!r} param")
     return None, (f"no panels for split {split!r}: the run records no media ({contract.media_dir(split)}/"
-                  f"{contract.MEDIA_FILE}) and no {contract.DATASET_PARAM!r} param, and no --pictures was given; "
+                  f"{contract.MEDIA_FILE}), {named}, and no --pictures was given; "
                   "record media with LossRecorder.record_media, or pass --pictures module:function")
