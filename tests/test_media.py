@@ -126,10 +126,10 @@ def test_bad_media_is_refused_naming_the_fix_and_nothing_is_written(tmp_path: Pa
 
 
 @pytest.mark.parametrize("ids, message", [
-    ([0, 0], r"sample ids \[0\] appear more than once; pass each sample once"),
-    ([0, -1], r"must be >= 0, got \[-1\]"),
-    ([0.0, 1.0], "must be integers"),
-    ([], "sample_ids is empty"),
+    ([0, 0], r"^record_media: sample ids \[0\] appear more than once; pass each sample once$"),
+    ([0, -1], r"^record_media: sample ids must be >= 0, got \[-1\]$"),
+    ([0.0, 1.0], "^record_media: sample_ids must be integers, got dtype float64$"),
+    ([], "^record_media: sample_ids is empty; pass the ids of the samples$"),
 ])
 def test_bad_ids_are_refused(tmp_path: Path, ids: list, message: str) -> None:
     with pytest.raises(ActionScoresError, match=message):
@@ -139,12 +139,49 @@ def test_bad_ids_are_refused(tmp_path: Path, ids: list, message: str) -> None:
 
 def test_recorder_records_media_into_its_folder_and_refuses_ids_outside_its_split(tmp_path: Path) -> None:
     recorder = LossRecorder("val", num_samples=3, local_dir=tmp_path)
-    with pytest.raises(ActionScoresError, match=r"out of range \[0, 3\): \[3\]"):
+    with pytest.raises(ActionScoresError, match=r"^split 'val': media: sample ids out of range \[0, 3\): \[3\]$"):
         recorder.record_media([0, 3], texts=["a", "b"])
     assert not any(tmp_path.iterdir())
     summary = recorder.record_media(torch.arange(3), texts=["a", "b", "c"], labels=["x", "y", "x"])
     assert summary.path == tmp_path / "per_sample_media" / "val" / "media.parquet"
     assert _rows(summary.path)["label_name"] == ["x", "y", "x"]
+
+
+def test_recorder_media_reach_the_run_only_once_the_splits_first_table_has_passed_its_checks(
+        mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = f"media-after-table-{uuid.uuid4().hex[:8]}"
+    tracker = MLflowTracker(mlflow_server)
+    failed_run = tracker.start(experiment=experiment)
+    try:  # an own loop that fails at its first epoch
+        recorder = LossRecorder("val", num_samples=3, tracker=tracker)
+        summary = recorder.record_media(np.arange(3), texts=["a", "b", "c"])
+        assert summary.path.is_file()  # checked, encoded and written locally at once
+        recorder.update(torch.tensor([0, 1]), torch.ones(2))
+        with pytest.raises(ActionScoresError, match=r"^split 'val', epoch 0: 1 of 3 samples missing: \[2\]$"):
+            recorder.end_epoch(0)
+    finally:
+        tracker.finish(failed=True)
+    assert client.list_artifacts(failed_run) == []  # no media in a run without tables
+
+    tracker = MLflowTracker(mlflow_server)
+    run_id = tracker.start(experiment=experiment)
+    try:
+        val, train = LossRecorder("val", 3, tracker=tracker), LossRecorder("train", 2, tracker=tracker)
+        val.record_media(np.arange(3), texts=["a", "b", "c"])
+        val.update(torch.arange(3), torch.ones(3))
+        val.end_epoch(0)  # its table passed: the media follow it
+        train.update(torch.arange(2), torch.ones(2))
+        train.end_epoch(0)
+        train.record_media(np.arange(2), texts=["x", "y"])  # after the first table: handed over at once
+    finally:
+        tracker.finish()
+    for split, texts in (("val", ["a", "b", "c"]), ("train", ["x", "y"])):
+        assert [a.path for a in client.list_artifacts(run_id, f"per_sample_media/{split}")] == [
+            f"per_sample_media/{split}/media.parquet"]
+        local = client.download_artifacts(run_id, f"per_sample_media/{split}/media.parquet", str(tmp_path / split))
+        assert _rows(Path(local))["text"] == texts
 
 
 def test_update_classification_equals_cross_entropy_and_softmax_by_hand(tmp_path: Path) -> None:
@@ -181,7 +218,7 @@ def test_update_classification_refuses_bad_logits_and_targets(tmp_path: Path, lo
     recorder = LossRecorder("test", num_samples=4, local_dir=tmp_path)
     with pytest.raises(ActionScoresError, match=message):
         recorder.update_classification(torch.arange(4), logits, targets)
-    with pytest.raises(ActionScoresError, match="no batch was recorded"):
+    with pytest.raises(ActionScoresError, match="^split 'test': no batch was recorded this epoch"):
         recorder.end_epoch(0)
 
 
