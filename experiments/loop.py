@@ -238,6 +238,20 @@ def _recorder(split: str, size: int, ids: np.ndarray | None, tracker: Tracker | 
     return LossRecorder(split, int(ids[-1]) + 1, tracker, sample_ids=ids)
 
 
+def _open_run(make: Callable[[], Tracker], experiment: str | None, run_name: str, params: Mapping[str, object],
+              tags: Mapping[str, str]) -> Tracker:
+    """A started run with its params and tags; one that started but could not take them is marked failed."""
+    run_tracker = make()
+    run_tracker.start(experiment=experiment, run_name=run_name)
+    try:
+        run_tracker.log_params(params)
+        run_tracker.set_tags(tags)
+    except BaseException:
+        run_tracker.finish(failed=True)
+        raise
+    return run_tracker
+
+
 def train_and_record(
     *,
     tracker: Callable[[], Tracker],
@@ -293,15 +307,17 @@ def train_and_record(
         return DataLoader(indexed, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                           collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
 
-    run_tracker = tracker() if main else None
+    run_tracker: Tracker | None = None
     try:
-        if run_tracker is not None:
-            run_tracker.start(experiment=experiment, run_name=run_name)
+        opening_error = None
+        if main:
+            try:
+                run_tracker = _open_run(tracker, experiment, run_name, {
+                    **params, **{contract.SCORED_BY_PREFIX + s: p for s, p in tracked_passes.items()}}, tags or {})
+            except Exception as error:  # told to every rank: the others would wait for rank 0 in DDP's constructor
+                opening_error = error
+        distributed.agree(opening_error, "opening the run on rank 0")
         try:
-            if run_tracker is not None:
-                run_tracker.log_params(
-                    {**params, **{contract.SCORED_BY_PREFIX + s: p for s, p in tracked_passes.items()}})
-                run_tracker.set_tags(tags or {})
             tracked = {
                 split: TrackedSplit(loader(split, False, scored_by), _recorder(split, len(datasets[split]),
                                                                             sample_ids.get(split), run_tracker),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from experiments.loop import _EvalShard
 from experiments.detection_data import detection_collate, digit_scenes
 from experiments.models import KerasCifarCNN, tiny_ssd
 from experiments.ssd_loss import ssd_per_image_losses
-from tests.conftest import BIN, run_command
+from tests.conftest import BIN, ROOT, _free_port, run_command
 from tracking.analyze import analyze_run
 from experiments.datasets import load_split
 from tracking.record.recorder import LossRecorder
@@ -34,6 +36,7 @@ from tracking.backends import MLflowTracker
 from tracking.errors import ActionScoresError
 
 EPOCHS = 2
+TWO_RANKS = ROOT / "tests" / "two_ranks.py"
 SIZES = {"train": 1437, "test": 360}  # 1437 is odd: DistributedSampler pads rank 1 with a copy
 
 
@@ -86,6 +89,59 @@ def test_eval_shares_are_disjoint_and_unpadded_and_a_split_smaller_than_the_worl
     for r in ranks:
         assert r["refused"] == "split 'val' has 1 sample(s) for 2 processes: " \
                                "track a split with at least one sample per process"
+
+
+def _two_ranks(scenario: str, launcher: str, out_dir: Path, **env: str) -> tuple[list[str], list[float]]:
+    """Run `tests/two_ranks.py <scenario>` on two processes, started by torchrun or by hand (the variables a
+    launcher such as srun sets): each rank's report lines and each process's seconds from start to exit."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env, PYTHONPATH=str(ROOT))
+    started = time.monotonic()
+    if launcher == "torchrun":
+        result = run_command([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(TWO_RANKS), scenario,
+                              str(out_dir)], env, check=False)
+        assert result.returncode != 0, result.stdout
+        seconds = [time.monotonic() - started] * 2
+    else:
+        port = str(_free_port())
+        processes = [subprocess.Popen([str(BIN / "python"), str(TWO_RANKS), scenario, str(out_dir)], cwd=ROOT,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                               MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                     for rank in (0, 1)]
+        seconds = []
+        for process in processes:
+            assert process.wait(timeout=300) == 1
+            seconds.append(time.monotonic() - started)
+    return [(out_dir / f"rank{rank}.txt").read_text() for rank in (0, 1)], seconds
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "by hand"])
+@pytest.mark.parametrize("scenario, message", [
+    ("bad-id", "ActionScoresError: end_epoch(1) of split 'test' failed on rank 0 of 2: split 'test', epoch 1: "
+               "sample ids out of range [0, 4): [99]"),
+    ("no-batch", "ActionScoresError: end_epoch(0) of split 'test' failed on rank 1 of 2: split 'test': no batch "
+                 "was recorded this epoch; call update() with the epoch's batches before end_epoch()"),
+])
+def test_a_mistake_on_one_rank_raises_the_same_error_on_every_rank_at_once(
+        tmp_path: Path, launcher: str, scenario: str, message: str) -> None:
+    """Rank 0 records an id out of range in epoch 1, or rank 1 records no batch: both ranks raise the same
+    `ActionScoresError`, instead of a gloo "Connection closed by peer" on one and a wait in the gather on the other."""
+    reports, seconds = _two_ranks(scenario, launcher, tmp_path)
+    for report in reports:
+        outcome, stopped = report.splitlines()
+        assert outcome == message
+        assert float(re.fullmatch(r"stopped after ([\d.]+) s", stopped).group(1)) < 15  # the mistake's epoch alone
+    assert max(seconds) < 240  # the whole launch, imports included; a hang would last gloo's 30 minutes
+
+
+def test_a_run_that_rank_0_cannot_start_stops_every_rank_instead_of_leaving_them_in_ddps_constructor(
+        mlflow_server: str, tmp_path: Path) -> None:
+    missing = uuid.uuid4().hex
+    reports, _ = _two_ranks("tracker-fails", "by hand", tmp_path, MLFLOW_TRACKING_URI=mlflow_server,
+                            MLFLOW_RUN_ID=missing)
+    assert [report.splitlines()[0] for report in reports] == [
+        "ActionScoresError: opening the run on rank 0 failed on rank 0 of 2: RestException: RESOURCE_DOES_NOT_EXIST: "
+        f"Run with id={missing} not found"] * 2
 
 
 @pytest.fixture(scope="module")

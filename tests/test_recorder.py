@@ -74,7 +74,7 @@ def test_missing_samples_raise_at_end_epoch_naming_them_and_write_nothing(tmp_pa
     recorder = LossRecorder("test", num_samples=10, local_dir=tmp_path)
     present = [i for i in range(10) if i not in (4, 7)]
     recorder.update(torch.tensor(present), torch.ones(len(present)))  # no error yet
-    with pytest.raises(ActionScoresError, match=r"split 'test': 2 of 10 samples missing from this epoch: \[4, 7\]"):
+    with pytest.raises(ActionScoresError, match=r"^split 'test', epoch 0: 2 of 10 samples missing: \[4, 7\]$"):
         recorder.end_epoch(0)
     assert not list(tmp_path.rglob("*.parquet"))
 
@@ -83,7 +83,7 @@ def test_out_of_range_ids_raise_at_end_epoch_naming_them(tmp_path: Path) -> None
     recorder = LossRecorder("test", num_samples=10, local_dir=tmp_path)
     recorder.update(torch.arange(10), torch.ones(10))
     recorder.update(torch.tensor([10, -1, 12]), torch.ones(3))
-    with pytest.raises(ActionScoresError, match=r"sample ids out of range \[0, 10\): \[-1, 10, 12\]"):
+    with pytest.raises(ActionScoresError, match=r"^split 'test', epoch 0: sample ids out of range \[0, 10\): \[-1, 10, 12\]$"):
         recorder.end_epoch(0)
     assert not list(tmp_path.rglob("*.parquet"))
 
@@ -193,11 +193,9 @@ def test_end_epoch_resets_so_the_next_epoch_is_independent(tmp_path: Path) -> No
     recorder = LossRecorder("test", num_samples=3, local_dir=tmp_path)
     recorder.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0]))
     first = recorder.end_epoch(0)
-    with pytest.raises(ActionScoresError, match=r"split 'test': no batch was recorded this epoch"):
-        recorder.end_epoch(1)
     # Epoch 0's ids are forgotten: a partial epoch 1 is missing samples.
     recorder.update(torch.tensor([2]), torch.tensor([30.0]))
-    with pytest.raises(ActionScoresError, match=r"2 of 3 samples missing from this epoch: \[0, 1\]"):
+    with pytest.raises(ActionScoresError, match=r"^split 'test', epoch 1: 2 of 3 samples missing: \[0, 1\]$"):
         recorder.end_epoch(1)
 
     recorder = LossRecorder("test", num_samples=3, local_dir=tmp_path)
@@ -253,3 +251,44 @@ def test_tables_are_logged_into_the_mlflow_run(mlflow_server: str, tmp_path: Pat
     for epoch in range(2):
         local = client.download_artifacts(run_id, names[epoch], str(tmp_path / "down"))
         assert _read(Path(local)) == {"sample_id": [0, 1, 2, 3], "loss": [0.0, 1.0 * (epoch + 1), 2.0 * (epoch + 1), 3.0 * (epoch + 1)]}
+
+
+def test_epochs_go_up_by_one_from_the_first_a_recorder_ends_and_a_skip_or_repeat_names_the_expected_one(
+        tmp_path: Path) -> None:
+    recorder = LossRecorder("test", num_samples=2, local_dir=tmp_path)
+    recorder.update(torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    assert recorder.end_epoch(5).name == "epoch_0005.parquet"  # a resumed process may start at any epoch
+    recorder.update(torch.tensor([0, 1]), torch.tensor([3.0, 4.0]))
+    skipped = (r"^split 'test': end_epoch\(7\) after epoch 5; expected end_epoch\(6\): a recorder ends each epoch "
+               r"once, in order \(a resumed process makes a new recorder, whose first end_epoch may be any epoch\)$")
+    with pytest.raises(ActionScoresError, match=skipped):
+        recorder.end_epoch(7)
+    with pytest.raises(ActionScoresError, match=r"^split 'test': end_epoch\(5\) after epoch 5; expected end_epoch\(6\)"):
+        recorder.end_epoch(5)  # the same epoch again, with new data: would replace its table
+    assert _read(tmp_path / "per_sample_losses/test/epoch_0005.parquet")["loss"] == [1.0, 2.0]
+    assert _read(recorder.end_epoch(6))["loss"] == [3.0, 4.0]  # the refused calls kept the batches
+    assert sorted(p.name for p in tmp_path.rglob("*.parquet")) == ["epoch_0005.parquet", "epoch_0006.parquet"]
+
+
+def test_a_second_end_epoch_without_a_new_batch_says_the_epoch_was_already_ended(tmp_path: Path) -> None:
+    recorder = LossRecorder("test", num_samples=2, local_dir=tmp_path)
+    with pytest.raises(ActionScoresError, match=r"^split 'test': no batch was recorded this epoch; call update\(\) "
+                                                r"with the epoch's batches before end_epoch\(\)$"):
+        recorder.end_epoch(0)
+    recorder.update(torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    recorder.end_epoch(0)
+    already = (r"^split 'test': epoch 0 was already ended and no batch was recorded since; record the next epoch's "
+               r"batches, then call end_epoch\(1\)$")
+    for epoch in (0, 1):
+        with pytest.raises(ActionScoresError, match=already):
+            recorder.end_epoch(epoch)
+
+
+def test_a_refused_epoch_keeps_its_batches_so_the_missing_ones_can_be_added(tmp_path: Path) -> None:
+    recorder = LossRecorder("test", num_samples=3, local_dir=tmp_path)
+    recorder.update(torch.tensor([0, 2]), torch.tensor([0.0, 2.0]))
+    with pytest.raises(ActionScoresError, match=r"^split 'test', epoch 0: 1 of 3 samples missing: \[1\]$"):
+        recorder.end_epoch(0)
+    recorder.update(torch.tensor([1]), torch.tensor([1.0]))
+    assert _read(recorder.end_epoch(0)) == {"sample_id": [0, 1, 2], "loss": [0.0, 1.0, 2.0]}
+

@@ -249,6 +249,3 @@ def _set_environ(values: Mapping[str, str | None]) -> None:
 def redact(uri: str) -> str:
     """A URI without its `user:password@` part, safe to print in errors."""
     return re.sub(r"//[^/]*@", "//***@", uri)  # up to the last '@' of the authority, as urllib does
-
-
-RunWriter.write_later = RunWriter.log_table  # TEMP: removed at merge

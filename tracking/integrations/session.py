@@ -18,7 +18,8 @@ import numpy as np
 
 from tracking import contract
 from tracking.backends import MLflowTracker, RunWriter, WandbTracker, make_tracker
-from tracking.errors import ActionScoresError, preview
+from tracking.errors import ActionScoresError
+from tracking.record.ids import checked_sample_ids
 from tracking.record.media import MediaSummary, record_media
 from tracking.record.recorder import LossRecorder
 
@@ -92,18 +93,7 @@ def check_media(media: Mapping[str, Mapping[str, Any]] | None, splits: Iterable[
 
 def check_sample_ids(split: str, sample_ids: Sequence[int] | np.ndarray, num_samples: int) -> None:
     """A tracked dataset's ids must be 0..n-1, each once: the tables are keyed by them across epochs."""
-    ids = np.asarray(sample_ids)
-    if ids.shape != (num_samples,) or not np.issubdtype(ids.dtype, np.integer):
-        raise ActionScoresError(f"split {split!r}: expected {num_samples} integer sample ids, got shape {ids.shape} "
-                                f"of {ids.dtype}")
-    unique, counts = np.unique(ids, return_counts=True)
-    repeated = unique[counts > 1]
-    missing = np.setdiff1d(np.arange(num_samples), unique)
-    if repeated.size or missing.size:
-        raise ActionScoresError(
-            f"split {split!r}: sample ids must be 0..{num_samples - 1}, each once (the position in the dataset); "
-            f"repeated: {preview(repeated)}, missing: {preview(missing)}. Number the samples by position"
-        )
+    checked_sample_ids(sample_ids, f"split {split!r}", num_samples, each_once=True, complete=True)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
 """Runs launched with `torchrun`: one process per device, one tracker per run.
 
 Each rank records its own share of an epoch; at the end of the epoch the shares are
-gathered to rank 0, which alone writes the table and talks to the tracker. Without an
-initialised process group everything here is a no-op, so single-process code is unchanged.
+gathered to rank 0, which alone writes the table and talks to the tracker. A step that can
+fail on one rank is followed by `agree`, so that every rank stops with the same error
+instead of waiting in the next collective for a rank that has gone. Without an initialised
+process group everything here is a no-op, so single-process code is unchanged.
+
+`WORLD_SIZE`, `RANK`, `MASTER_ADDR` and `MASTER_PORT` describe the group: torchrun sets them,
+and a launcher such as `srun` or a hand-rolled one sets them the same way.
 """
 
 from __future__ import annotations
@@ -82,3 +87,25 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+def agree(error: BaseException | None, what: str) -> None:
+    """Every rank calls this after `what` with its own error, or None; if any rank failed, every rank raises
+    the same `ActionScoresError` naming the first failing rank and its message.
+
+    A collective (one small all-gather), so every rank must call it, failed or not. Without a process
+    group the error itself is raised, unchanged.
+    """
+    if not active():
+        if error is not None:
+            raise error
+        return
+    message = None if error is None else (str(error) if isinstance(error, ActionScoresError)
+                                          else f"{type(error).__name__}: {error}")
+    outcomes: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, message)
+    failed = [(position, text) for position, text in enumerate(outcomes) if text is not None]
+    if failed:
+        (first, text), others = failed[0], [position for position, _ in failed[1:]]
+        also = f" (and on rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))})" if others else ""
+        raise ActionScoresError(f"{what} failed on rank {first} of {len(outcomes)}{also}: {text}") from error

@@ -9,9 +9,9 @@ the tracking server, even after the training data is gone.
 - `images`: uint8 pixels, HxW (grey) or HxWx3 (RGB), channels last, as an NxHxW[x3] array or
   a list of arrays of any sizes. Floats are refused rather than guessed at (is it [0, 1] or
   [0, 255]?): convert with `(x * 255).round().astype(np.uint8)`. Pictures up to
-  `THUMBNAIL_SIDE` pixels a side are stored as they are (lossless PNG, uncompressed up to
-  `STORED_PICTURE_BYTES`: the table's zstd does better across pictures); larger ones as a PNG
-  thumbnail of that size.
+  `THUMBNAIL_SIDE` pixels a side are stored as they are (lossless PNG by PIL; same-size ones
+  up to `STORED_PICTURE_BYTES` uncompressed, all at once, by `tracking.record.png`: the
+  table's zstd does better across pictures); larger ones as a PNG thumbnail of that size.
 - `texts`: strings, stored up to `MAX_TEXT_CHARS` characters.
 - `boxes` (with `images`, for detection): each image's ground-truth boxes, an (n, 4) array of
   x1y1x2y2 in its pixels, with `box_labels` (n names each) if given; stored scaled to the stored
@@ -27,7 +27,6 @@ The job reads the table back in `tracking.report.views`.
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -41,7 +40,9 @@ import pyarrow.parquet as pq
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
-from tracking.record.png import encode_pngs
+from tracking.files import write_atomically
+from tracking.record.ids import checked_sample_ids, host_array
+from tracking.record.png import stored_pngs
 
 if TYPE_CHECKING:
     from tracking.backends.base import RunWriter
@@ -79,30 +80,6 @@ class MediaSummary:
         return self.bytes / self.rows if self.rows else 0.0
 
 
-def _host_array(values: Any) -> np.ndarray:
-    """A numpy array of a numpy array, a list, or a torch tensor on any device (without importing torch)."""
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values)
-
-
-def _checked_ids(sample_ids: Any) -> np.ndarray:
-    ids = _host_array(sample_ids).reshape(-1)
-    if ids.size == 0:
-        raise ActionScoresError("record_media: sample_ids is empty; pass the ids of the samples to show")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ActionScoresError(f"record_media: sample_ids must be integers, got dtype {ids.dtype}")
-    ids = ids.astype(np.int64)
-    if (negative := ids[ids < 0]).size:
-        raise ActionScoresError(f"record_media: sample ids must be >= 0, got {preview(negative)}")
-    unique, counts = np.unique(ids, return_counts=True)
-    if (repeated := unique[counts > 1]).size:
-        raise ActionScoresError(
-            f"record_media: sample ids {preview(repeated)} appear more than once; pass each sample once"
-        )
-    return ids
-
-
 def _checked_strings(name: str, values: Sequence[Any], size: int, hint: str) -> list[str]:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
         raise ActionScoresError(f"record_media: {name} must be a list of strings, one per sample id, "
@@ -120,7 +97,7 @@ def _checked_strings(name: str, values: Sequence[Any], size: int, hint: str) -> 
 
 def _checked_image(image: Any, position: int) -> np.ndarray:
     """A uint8 HxW or HxWx3 array; HxWx1 becomes HxW."""
-    pixels = _host_array(image)
+    pixels = host_array(image)
     if pixels.dtype != np.uint8:
         fix = ("convert with (x * 255).round().astype(np.uint8)" if np.issubdtype(pixels.dtype, np.floating)
                else "convert to uint8 pixels in [0, 255]")
@@ -144,7 +121,7 @@ def _split_images(images: Any, size: int) -> np.ndarray | list[np.ndarray]:
     if len(images) != size:
         raise ActionScoresError(f"record_media: {len(images)} images for {size} sample ids; pass one per sample id")
     if hasattr(images, "shape") and len(images.shape) >= 3:  # one array: every picture has the first one's form
-        stack = _host_array(images)
+        stack = host_array(images)
         first = _checked_image(stack[0], 0)
         return stack.reshape(size, *first.shape)
     return [_checked_image(image, position) for position, image in enumerate(images)]
@@ -209,23 +186,19 @@ def _scaled_boxes(checked: list[tuple[np.ndarray, list[str | None]]], pictures: 
 
 
 def _encode_all(pictures: np.ndarray | list[np.ndarray]) -> list[bytes]:
-    """PNGs of the checked pictures: same-size small ones together (`tracking.record.png`), others one by one."""
+    """PNGs of the checked pictures: same-size tiny ones stored all at once (`tracking.record.png`), others by PIL."""
     shapes = {pictures.shape[1:]} if isinstance(pictures, np.ndarray) else {picture.shape for picture in pictures}
-    if len(shapes) == 1 and max((shape := next(iter(shapes)))[:2]) <= THUMBNAIL_SIDE:
-        return encode_pngs(np.asarray(pictures), level=0 if int(np.prod(shape)) <= STORED_PICTURE_BYTES else 6)
+    if len(shapes) == 1 and (max((shape := next(iter(shapes)))[:2]) <= THUMBNAIL_SIDE
+                             and int(np.prod(shape)) <= STORED_PICTURE_BYTES):
+        return stored_pngs(np.asarray(pictures))
     return [encode_png(pixels) for pixels in pictures]
 
 
 def _write(table: pa.Table, folder: Path) -> Path:
     """Write atomically, so a re-recorded split never uploads half a table."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / contract.MEDIA_FILE
-    partial = path.with_name(path.name + ".partial")
-    pq.write_table(table, partial, compression="zstd",
-                   use_dictionary=[contract.LABEL_NAME, contract.MEDIA_KIND],
-                   column_encoding={contract.SAMPLE_ID: "DELTA_BINARY_PACKED"})
-    os.replace(partial, path)
-    return path
+    return write_atomically(folder / contract.MEDIA_FILE, lambda partial: pq.write_table(
+        table, partial, compression="zstd", use_dictionary=[contract.LABEL_NAME, contract.MEDIA_KIND],
+        column_encoding={contract.SAMPLE_ID: "DELTA_BINARY_PACKED"}))
 
 
 def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, labels: Sequence[str] | None = None,
@@ -251,7 +224,7 @@ def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, label
         raise ActionScoresError("record_media: box_labels without boxes; pass boxes= too")
     if max_bytes <= 0:
         raise ActionScoresError(f"record_media: max_bytes must be positive, got {max_bytes}")
-    ids = _checked_ids(sample_ids)
+    ids, _, _ = checked_sample_ids(sample_ids, "record_media", each_once=True)
     size = len(ids)
     label_names = (_checked_strings("labels", labels, size, "pass label names, e.g. [class_names[y] for y in targets]")
                    if labels is not None else [None] * size)

@@ -21,17 +21,20 @@ copies of the first samples): the first occurrence received is kept, later ones 
 dropped. A sample missing from the epoch or an id outside ``[0, num_samples)`` is an
 error at ``end_epoch`` that names the ids.
 
+Epochs: a recorder's first ``end_epoch`` may be any epoch (a resumed process starts where
+its predecessor stopped); after it, each ``end_epoch`` ends the next one, so a skipped or
+repeated number is refused, naming the expected one.
+
 Under `torchrun` every rank records its own share of the epoch; ``end_epoch`` gathers the
 shares to rank 0, which alone writes the table and hands it to the tracker (give the
 other ranks no tracker). "First occurrence" then means rank order: rank 0's batches in
-the order received, then rank 1's, and so on.
+the order received, then rank 1's, and so on. A mistake found on any rank (a rank without
+batches, a bad id) is raised on every rank, naming the rank (`distributed.agree`).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,10 +46,12 @@ import pyarrow.parquet as pq
 import torch
 
 from tracking import contract
+from tracking.errors import ActionScoresError
+from tracking.files import write_atomically
 from tracking.record import distributed
 from tracking.record.columns import classification_outputs
+from tracking.record.ids import checked_sample_ids
 from tracking.record.media import DEFAULT_MAX_BYTES, MediaSummary, record_media
-from tracking.errors import ActionScoresError, preview
 
 if TYPE_CHECKING:
     from tracking.backends.base import RunWriter
@@ -74,7 +79,8 @@ class LossRecorder:
     """Collects one split's unreduced per-sample losses over an epoch, then writes one table.
 
     Batches stay on their device until ``end_epoch``: ``update`` only keeps references,
-    so recording never forces a device-to-host copy per batch.
+    so recording never forces a device-to-host copy per batch. ``end_epoch`` copies the
+    epoch to the host once, checks it, and hands host arrays to the tracker's writer.
     """
 
     def __init__(
@@ -95,6 +101,8 @@ class LossRecorder:
         self.tracker = tracker
         self._local_dir = Path(local_dir) if local_dir is not None else None
         self._parts: list[str] | None = None
+        self._last_epoch: int | None = None  # the epoch the last successful `end_epoch` ended
+        self._pending_media: MediaSummary | None = None  # recorded, handed to the run after the first table
         self.reset()
 
     @property
@@ -112,6 +120,8 @@ class LossRecorder:
         self._columns: dict[str, list[torch.Tensor]] = {}
         self._pending_classification: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._pending_values = 0
+        self._unchecked_targets: list[torch.Tensor] = []  # classification targets on a device, checked at end_epoch
+        self._num_classes: int | None = None  # of this epoch's logits
 
     def update(self, sample_ids: torch.Tensor | np.ndarray, losses: Losses, **columns: torch.Tensor) -> None:
         """Add one batch: its sample ids and unreduced losses, plus optional per-sample columns.
@@ -158,8 +168,9 @@ class LossRecorder:
         One call, as the `aum` package's ``update(logits, targets, sample_ids)``; for any other
         loss use ``update``. ``logits``: (N, C) floats; ``targets``: (N,) class indices.
         The batch is only checked and kept here; its columns are computed with the others'
-        (at ``end_epoch``, or past `PENDING_LOGITS_LIMIT` values), and targets on an accelerator
-        are range-checked then, so that no batch waits for the device.
+        (at ``end_epoch``, or past `PENDING_LOGITS_LIMIT` values). Targets on the host are
+        range-checked here; on an accelerator once, at ``end_epoch``, so that nothing waits for
+        the device before then.
         """
         ids = self._checked_ids(sample_ids)
         logits = torch.as_tensor(logits).detach()
@@ -177,11 +188,14 @@ class LossRecorder:
         if ids.shape[0] != logits.shape[0]:
             raise ActionScoresError(f"{ids.shape[0]} sample ids for {logits.shape[0]} rows of logits; "
                                     "pass one id per sample")
-        if self._pending_classification and logits.shape[1] != self._pending_classification[0][1].shape[1]:
+        if self._num_classes is not None and logits.shape[1] != self._num_classes:
             raise ActionScoresError(f"logits have {logits.shape[1]} classes; earlier batches of this epoch had "
-                                    f"{self._pending_classification[0][1].shape[1]}")
+                                    f"{self._num_classes}")
+        self._num_classes = logits.shape[1]
         if targets.device.type == "cpu":  # free on the host; on a device it would wait for the batch
             self._check_targets(targets, logits.shape[1])
+        else:
+            self._unchecked_targets.append(targets)
         self._pending_classification.append((ids, logits, targets))
         self._pending_values += logits.numel()
         if self._pending_values >= PENDING_LOGITS_LIMIT:
@@ -193,10 +207,11 @@ class LossRecorder:
             return
         batches, self._pending_classification, self._pending_values = self._pending_classification, [], 0
         ids, logits, targets = (torch.cat(parts) for parts in zip(*batches))
-        if targets.device.type != "cpu":
-            self._check_targets(targets, logits.shape[1])
         self._refuse_logits_after_parts()
-        losses, columns = classification_outputs(logits, targets)
+        # Targets on a device are range-checked at end_epoch, without a sync now; clamped here so that a bad
+        # one cannot trip a device-side assert in the gather before that check names it.
+        in_range = targets if targets.device.type == "cpu" else targets.clamp(0, logits.shape[1] - 1)
+        losses, columns = classification_outputs(logits, in_range)
         self._parts = []
         # Made here from checked logits: one float32 value per id already, no need for `update`'s checks.
         self._keep(ids, {contract.LOSS: losses, contract.TARGET: targets, **columns})
@@ -208,11 +223,13 @@ class LossRecorder:
 
     @staticmethod
     def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-            raise ActionScoresError(
-                f"targets must be class indices in [0, {num_classes}), got values from "
-                f"{int(targets.min())} to {int(targets.max())}"
-            )
+        """Class indices in ``[0, num_classes)``: one `aminmax` and one read of its two values."""
+        if not targets.numel():
+            return
+        low, high = torch.stack(torch.aminmax(targets)).tolist()
+        if low < 0 or high >= num_classes:
+            raise ActionScoresError(f"targets must be class indices in [0, {num_classes}), got values from "
+                                    f"{low} to {high}")
 
     @staticmethod
     def _checked_ids(sample_ids: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -227,23 +244,30 @@ class LossRecorder:
                      uris: Sequence[str] | None = None, boxes: Sequence[np.ndarray] | None = None,
                      box_labels: Sequence[Sequence[str]] | None = None,
                      max_bytes: int = DEFAULT_MAX_BYTES) -> MediaSummary:
-        """`tracking.record.media.record_media` for this recorder's split and tracker, into its local folder.
+        """`tracking.record.media.record_media` for this recorder's split, into its local folder.
 
-        Ids must lie in ``[0, num_samples)``. Under torchrun only rank 0 records (the other
-        ranks get a summary of nothing): give it the media of the whole split.
+        Ids must lie in ``[0, num_samples)``. The table is checked, encoded and written now, and handed to
+        the run once the split's first table has passed its checks (at once if one has), so that a loop
+        failing at its first epoch leaves no media in the run without tables. Under torchrun only rank 0
+        records (the other ranks get a summary of nothing): give it the media of the whole split.
         """
         if not distributed.is_main():
             return MediaSummary(self.split, "none", 0, 0, reason=f"rank {distributed.rank()} records no media")
-        ids = torch.as_tensor(sample_ids).detach().reshape(-1).cpu()
-        if not ids.dtype.is_floating_point and ids.numel():
-            outside = ids[(ids < 0) | (ids >= self.num_samples)].numpy()
-            if outside.size:
-                raise ActionScoresError(
-                    f"split {self.split!r}: media sample ids out of range [0, {self.num_samples}): {preview(outside)}"
-                )
-        return record_media(self.tracker, self.split, ids.numpy(), labels=labels, images=images, texts=texts,
-                            uris=uris, boxes=boxes, box_labels=box_labels, max_bytes=max_bytes,
-                            local_dir=self.local_dir)
+        ids, _, _ = checked_sample_ids(sample_ids, f"split {self.split!r}: media", self.num_samples)
+        summary = record_media(None, self.split, ids, labels=labels, images=images, texts=texts, uris=uris,
+                               boxes=boxes, box_labels=box_labels, max_bytes=max_bytes, local_dir=self.local_dir)
+        self._pending_media = summary
+        self._hand_over_media()
+        return summary
+
+    def _hand_over_media(self) -> None:
+        """Upload the recorded media once a table of the split has passed its checks."""
+        media, tracker = self._pending_media, self.tracker
+        if media is None or tracker is None or self._last_epoch is None:
+            return
+        self._pending_media = None
+        if media.path is not None:
+            tracker.upload_later(media.path, contract.media_dir(self.split))
 
     @staticmethod
     def _checked(name: str, values: torch.Tensor, size: int, is_loss: bool) -> torch.Tensor:
@@ -261,11 +285,31 @@ class LossRecorder:
             values = values.float()  # on the device: still no host copy
         return values
 
+    def _check_can_end(self, epoch: int) -> None:
+        """Raise if `epoch` cannot be ended now: no batch since the last one, or not the next epoch."""
+        contract.epoch_file_name(epoch)  # a number >= 0
+        last = self._last_epoch
+        if not self._ids and not self._pending_classification:
+            if last is not None:
+                raise ActionScoresError(
+                    f"split {self.split!r}: epoch {last} was already ended and no batch was recorded since; "
+                    f"record the next epoch's batches, then call end_epoch({last + 1})"
+                )
+            raise ActionScoresError(f"split {self.split!r}: no batch was recorded this epoch; "
+                                    "call update() with the epoch's batches before end_epoch()")
+        if last is not None and epoch != last + 1:
+            raise ActionScoresError(
+                f"split {self.split!r}: end_epoch({epoch}) after epoch {last}; expected end_epoch({last + 1}): "
+                "a recorder ends each epoch once, in order (a resumed process makes a new recorder, "
+                "whose first end_epoch may be any epoch)"
+            )
+
     def _local_share(self) -> distributed.Share:
-        """This process's ids and columns of the epoch, copied to the host in one go."""
+        """This process's ids and columns of the epoch, copied to the host in one go (after the one range check
+        of targets on a device)."""
+        if self._unchecked_targets:
+            self._check_targets(torch.cat(self._unchecked_targets), self._num_classes or 0)
         self._reduce_pending_classification()
-        if not self._ids:
-            raise ActionScoresError(f"split {self.split!r}: no batch was recorded this epoch")
         ids = torch.cat(self._ids).cpu().numpy().astype(np.int64)
         return ids, {name: torch.cat(chunks).cpu().numpy() for name, chunks in self._columns.items()}
 
@@ -280,50 +324,12 @@ class LossRecorder:
         ids = np.concatenate([share_ids for share_ids, _ in shares])
         return ids, {name: np.concatenate([columns[name] for _, columns in shares]) for name in names}
 
-    def _validated_ids(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's ids, each once and sorted, with where each first came; raises if one is out of range or
+    def _table_arrays(self, shares: list[distributed.Share], epoch: int) -> dict[str, np.ndarray]:
+        """The epoch's columns, one row per sample sorted by ``sample_id``; raises if an id is out of range or
         missing (or, for a selection, not among its ids)."""
-        unique_ids, first = np.unique(ids, return_index=True)
-        out_of_range = unique_ids[(unique_ids < 0) | (unique_ids >= self.num_samples)]
-        if out_of_range.size:
-            raise ActionScoresError(
-                f"split {self.split!r}: sample ids out of range [0, {self.num_samples}): "
-                f"{preview(out_of_range)}"
-            )
-        # Unique and in range: all of [0, num_samples) are there exactly when the count is right.
-        complete = (unique_ids.size == self.num_samples if self.sample_ids is None
-                    else np.array_equal(unique_ids, self.sample_ids))
-        if not complete:
-            expected = np.arange(self.num_samples) if self.sample_ids is None else self.sample_ids
-            missing, unexpected = np.setdiff1d(expected, unique_ids), np.setdiff1d(unique_ids, expected)
-            raise ActionScoresError(
-                f"split {self.split!r}: {missing.size} of {expected.size} samples missing "
-                f"from this epoch: {preview(missing)}" + (f"; not among its ids: {preview(unexpected)}"
-                                                          if unexpected.size else "")
-            )
-        return unique_ids, first
-
-    def _check_epoch(self) -> None:
-        """Raise now every error `compute` would raise for this epoch (one process, targets on the host): its
-        ids, a missing batch, loss parts against logits. The columns are computed later, elsewhere."""
-        if not self._ids and not self._pending_classification:
-            raise ActionScoresError(f"split {self.split!r}: no batch was recorded this epoch")
-        if self._pending_classification:
-            self._refuse_logits_after_parts()
-        ids = [*self._ids, *(batch_ids for batch_ids, _, _ in self._pending_classification)]
-        self._validated_ids(torch.cat(ids).cpu().numpy())
-
-    def compute(self) -> pa.Table | None:
-        """The epoch's table: one row per sample, sorted by ``sample_id``, validated.
-
-        Under torchrun the ranks' shares are gathered first: rank 0 gets the whole
-        table, the other ranks None.
-        """
-        shares = distributed.gather_shares(self._local_share())
-        if shares is None:
-            return None
         ids, values = self._merged(shares)
-        unique_ids, first = self._validated_ids(ids)
+        _, unique_ids, first = checked_sample_ids(ids, f"split {self.split!r}, epoch {epoch}", self.num_samples,
+                                                  complete=True, expected=self.sample_ids)
         arrays: dict[str, np.ndarray] = {contract.SAMPLE_ID: unique_ids}
         values = {name: column[first] for name, column in values.items()}
         loss_names = [contract.part_column(p) for p in self._parts or []]
@@ -333,43 +339,50 @@ class LossRecorder:
             arrays[name] = column
         for name in [contract.LOSS, *loss_names]:
             arrays[name] = arrays[name].astype(np.float32)
-        return pa.table(arrays)
+        return arrays
 
     def end_epoch(self, epoch: int) -> Path | None:
         """Check the epoch's table and hand it to the tracker, which writes and uploads it in the
-        background (`RunWriter.write_later`); start a new epoch.
+        background (`RunWriter.log_table`); start a new epoch.
 
-        Returns the local parquet file, kept on disk after upload: written when this returns
-        without a tracker, and by the tracker's `finish` with one. The file is replaced
+        Here, in the caller: the one host copy of the epoch and every check (the epoch's number, its ids,
+        targets on a device); the writer gets host arrays only. A refused epoch keeps its batches (add the
+        missing ones and end it again). Returns the local parquet file, kept on disk after upload: written
+        when this returns without a tracker, and by the tracker's `finish` with one. The file is replaced
         atomically, so a re-recorded epoch (resumed training) never uploads half a table.
-        Under torchrun only rank 0 writes, and the other ranks get None.
+        Under torchrun every rank calls this; only rank 0 writes, the other ranks get None, and a mistake
+        on any rank raises the same error on every rank.
         """
-        folder = contract.losses_dir(self.split)
-        if self.tracker is not None and not distributed.active() and all(
-                targets.device.type == "cpu" for _, _, targets in self._pending_classification):
-            # Every check now, in the caller's thread; the columns, the table and the file on the writer thread,
-            # from this epoch's batches, which move to a copy of the recorder (`reset` gives this one new lists).
-            self._check_epoch()
-            epoch_batches = copy.copy(self)
-            self.reset()
-            path = self.local_dir / folder / contract.epoch_file_name(epoch)
-            self.tracker.write_later(path, lambda: _write_atomically(epoch_batches.compute(), path), folder)
-            return path
-        table = self.compute()  # under torchrun every rank gathers here; on a device, targets are checked here
+        what = f"end_epoch({epoch}) of split {self.split!r}"
+        share, error = None, None
+        try:
+            self._check_can_end(epoch)
+            share = self._local_share()
+        except Exception as local_error:  # every rank learns it, before the gather would wait for this one
+            error = local_error
+        distributed.agree(error, what)
+        shares = distributed.gather_shares(share)
+        arrays = None
+        try:
+            arrays = None if shares is None else self._table_arrays(shares, epoch)
+        except Exception as merge_error:
+            error = merge_error
+        distributed.agree(error, what)
         self.reset()
-        if table is None:
+        self._last_epoch = epoch
+        if arrays is None:
             return None
+        folder = contract.losses_dir(self.split)
         path = self.local_dir / folder / contract.epoch_file_name(epoch)
+        write = functools.partial(_write_arrays, arrays, path)
         if self.tracker is None:
-            _write_atomically(table, path)
+            write()
         else:
-            self.tracker.write_later(path, functools.partial(_write_atomically, table, path), folder)
+            self.tracker.log_table(path, write, folder)
+        self._hand_over_media()
         return path
 
 
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    """`write_table` to a partial file, then renamed: readers see the old table or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    write_table(table, partial)
-    os.replace(partial, path)
+def _write_arrays(arrays: Mapping[str, np.ndarray], path: Path) -> None:
+    """The table of `arrays` written atomically to `path` (on the tracker's writer thread when there is one)."""
+    write_atomically(path, functools.partial(write_table, pa.table(dict(arrays))))
