@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from tracking import contract
 from tracking.backends.base import Tracker
 from tracking.errors import ActionScoresError
+from tracking.report.browse import BROWSE_FILE, write_browse_page
 from tracking.report.plots import class_distribution, data_map
 from tracking.report.views import VIEWS, SplitView, choose_view, load_picture_function
 from tracking.scoring.engines import ENGINES, Fetched, LocalFile
@@ -335,6 +336,7 @@ def _analyze(tracker: Tracker, run_id: str, top_k: int, data_root: str | None, p
             if view is not None:
                 written, split_samples = render_split(scores, view, top_k, split_out)
                 written += write_text_tables(split_samples, view, split_out)
+                written.append(write_browse_page(scores, view, split_out / BROWSE_FILE, f"{split}: browse the samples"))
                 if view.groups:
                     written.append(class_distribution(
                         scores, "action", view.groups, split_out / contract.LOSS / CLASS_DISTRIBUTION,
