@@ -10,3 +10,8 @@ fi
 spec="."
 [ -n "$extra" ] && spec=".[$extra]"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec"
+# The browse-page test drives Debian's chromium (no browser download); installed only when missing.
+if [ "$extra" = "test" ] && ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null \
+    || { apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null; }
+fi

@@ -21,6 +21,7 @@ from tracking.backends.base import Tracker
 from tracking.errors import ActionScoresError
 from tracking.fetch import RunFiles
 from tracking.report.plots import class_distribution, data_map
+from tracking.report.browse import BROWSE_FILE, write_browse_page
 from tracking.report.views import TASKS, SplitView, choose_view, load_picture_function
 from tracking.scoring.engines import ENGINES
 from tracking.scoring.regions import REGION
@@ -226,6 +227,7 @@ def report_split(scores: pd.DataFrame, split: str, run: RunPlan, media: Path | N
         shown = view.frame(scores)  # the view's columns (label names, object counts) beside the scores, never saved
         report.written, report.samples = render_split(shown, view, options.top_k, split_out)
         report.written += write_text_tables(report.samples, view, split_out)
+        report.written.append(write_browse_page(shown, view, split_out / BROWSE_FILE, f"{split}: browse the samples"))
         report.source = view.source
         if view.groups:
             report.written.append(class_distribution(
