@@ -24,6 +24,7 @@ cross-entropy of the model's `logits` against `labels` (`LossRecorder.update_cla
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tracking import contract
+from tracking.backends import RunWriter
 from tracking.errors import ActionScoresError
 from tracking.integrations.session import (RecordedRun, RecordingSession, check_media, check_sample_ids,
                                            join_mlflow, join_wandb, open_run)
@@ -70,19 +72,41 @@ def split_of(metric_key_prefix: str) -> str:
     return metric_key_prefix.removeprefix("eval_") or "eval"
 
 
+def _skipped(eval_delay: float, interval: float) -> int:
+    """How many scheduled evaluations `eval_delay` skips (the Trainer evaluates once `eval_delay <= epoch or step`)."""
+    return max(0, math.ceil(eval_delay / interval) - 1) if eval_delay > 0 else 0
+
+
+def evaluation_number(args: TrainingArguments, state: TrainerState) -> int:
+    """Which evaluation of the training this one is, 0 first, from the Trainer's own state: its epoch
+    (`state.epoch` counts the epochs done) with `eval_strategy="epoch"`, its interval of `eval_steps`
+    with `"steps"`, less the evaluations `eval_delay` skipped. A resumed Trainer restores that state,
+    so its tables go on from the last one; an evaluation at a step between two scheduled ones (the
+    last step of training) takes the next number."""
+    delay = float(args.eval_delay or 0)
+    if args.eval_strategy == "steps":
+        interval = state.eval_steps or args.eval_steps
+        return math.ceil(state.global_step / interval) - 1 - _skipped(delay, interval)
+    return math.ceil(round(state.epoch or 0, 6)) - 1 - _skipped(delay, 1)
+
+
 class ActionScoresCallback(TrainerCallback):
     """Writes a table per tracked split at every evaluation during training, into the Trainer's run.
 
     `splits`: names of the eval datasets to track (None: all). `per_sample_loss`: see the
     module docstring. `media`: split -> keywords of `record_media`; by default each tracked
     split's texts (its `text_field`, else its `input_ids` decoded by the Trainer's
-    tokenizer) with the label names of `model.config.id2label`. `tracker`, `experiment`: the
-    run to open when `report_to` has neither mlflow nor wandb.
+    tokenizer) with the label names of `model.config.id2label`. `tracker`: a configured
+    `Tracker` (used whatever `report_to` says), or the backend name of the run to open when
+    `report_to` has neither mlflow nor wandb, into `experiment`.
+
+    Each evaluation's table is numbered from the Trainer's state (`evaluation_number`), so a
+    resumed Trainer goes on where it stopped instead of writing `epoch_0000` again.
     """
 
     def __init__(self, splits: Sequence[str] | None = None, *, per_sample_loss: PerSampleLoss | None = None,
                  media: Mapping[str, Mapping[str, Any]] | None = None, text_field: str = "text",
-                 tracker: str = "mlflow", experiment: str | None = None) -> None:
+                 tracker: str | RunWriter = "mlflow", experiment: str | None = None) -> None:
         self.splits = None if splits is None else [contract.check_name("split", s) for s in splits]
         if self.splits is not None and not self.splits:
             raise ActionScoresError("splits is empty: name at least one eval dataset, or pass None for all")
@@ -95,7 +119,6 @@ class ActionScoresCallback(TrainerCallback):
         self.session: RecordingSession | None = None
         self.run: RecordedRun | None = None  # set on rank 0 when training starts: where the tables go
         self.active: tuple[str, LossRecorder] | None = None  # the split being evaluated during training
-        self.evaluations: dict[str, int] = {}
 
     # --- set up by ActionScoresTrainer ------------------------------------------------------------
     def track(self, split: str, dataset: Any, tokenizer: Any, id2label: Mapping[int, str] | None) -> None:
@@ -156,8 +179,8 @@ class ActionScoresCallback(TrainerCallback):
             raise ActionScoresError(f"no eval dataset for tracked splits {missing or '(any)'}: give the "
                                     "ActionScoresTrainer eval_dataset={name: add_sample_ids(dataset)}")
         check_media(self.media, self.sizes)  # media named for a split that has no eval dataset
-        self.session = RecordingSession(self._writer(args) if state.is_world_process_zero else None,
-                                        {split: "eval" for split in self.sizes}, self.media)
+        writer, finish_writer = self._writer(args) if state.is_world_process_zero else (None, True)
+        self.session = RecordingSession(writer, {split: "eval" for split in self.sizes}, self.media, finish_writer)
         self.run = self.session.run
         for split, size in self.sizes.items():  # media checked and encoded now, before the first epoch
             self.session.recorder(split, size)
@@ -168,9 +191,7 @@ class ActionScoresCallback(TrainerCallback):
             return
         split, _ = self.active
         self.active = None
-        epoch = self.evaluations.get(split, 0)
-        self.session.end_epoch(split, epoch)
-        self.evaluations[split] = epoch + 1
+        self.session.end_epoch(split, evaluation_number(args, state))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -178,9 +199,11 @@ class ActionScoresCallback(TrainerCallback):
             self.session.close()
             self.session = None
 
-    def _writer(self, args: TrainingArguments) -> Any:
+    def _writer(self, args: TrainingArguments) -> tuple[RunWriter, bool]:
         """The run the Trainer's mlflow or wandb integration opened (it starts in its own on_train_begin,
         which runs before this one), else a new run."""
+        if isinstance(self.tracker, RunWriter):
+            return open_run(self.tracker, self.experiment)
         report_to = args.report_to or []
         if "mlflow" in report_to:
             import mlflow
@@ -189,13 +212,13 @@ class ActionScoresCallback(TrainerCallback):
             if run is None:
                 raise ActionScoresError("report_to has mlflow but no MLflow run is active: is "
                                         "DISABLE_MLFLOW_INTEGRATION set?")
-            return join_mlflow(mlflow.get_tracking_uri(), run.info.run_id)
+            return join_mlflow(mlflow.get_tracking_uri(), run.info.run_id), True
         if "wandb" in report_to:
             import wandb
 
             if wandb.run is None:
                 raise ActionScoresError("report_to has wandb but no W&B run is active")
-            return join_wandb(wandb.run)
+            return join_wandb(wandb.run), True
         return open_run(self.tracker, self.experiment)
 
 

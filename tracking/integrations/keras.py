@@ -24,6 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from tracking.backends import RunWriter
 from tracking.errors import ActionScoresError
 from tracking.integrations.session import RecordedRun, RecordingSession, check_media, open_run
 from tracking.record.columns import classification_columns
@@ -49,12 +50,14 @@ class ActionScoresCallback(keras.callbacks.Callback):
     unreduced losses (default: the compiled loss). `from_logits`: whether the outputs are
     logits, for the dynamics columns (None: as the compiled loss says). `media`: split -> keywords of
     `record_media` (`images=`, `texts=` or `uris=`, `labels=`). `batch_size`: of `predict`.
+    `tracker`: a backend name (the script's active run of that backend, else a new run) or a
+    configured `Tracker` (`tracking.integrations.session.open_run` says who finishes it).
     """
 
     def __init__(self, tracked: Mapping[str, tuple[Any, Any]], *, per_sample_loss: PerSampleLoss | None = None,
                  from_logits: bool | None = None, batch_size: int = 256,
                  media: Mapping[str, Mapping[str, Any]] | None = None,
-                 tracker: str = "mlflow", experiment: str | None = None) -> None:
+                 tracker: str | RunWriter = "mlflow", experiment: str | None = None) -> None:
         super().__init__()
         if not tracked:
             raise ActionScoresError("nothing to record: give tracked={'test': (x_test, y_test)}")
@@ -80,8 +83,8 @@ class ActionScoresCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._loss()  # fail before any run is opened
-        self.session = RecordingSession(open_run(self.tracker, self.experiment), {s: "eval" for s in self.tracked},
-                                        self.media)
+        writer, finish_writer = open_run(self.tracker, self.experiment)
+        self.session = RecordingSession(writer, {s: "eval" for s in self.tracked}, self.media, finish_writer)
         self.run = self.session.run
         for split, (x, _) in self.tracked.items():  # media checked and encoded now, before the first epoch
             self.session.recorder(split, len(x))

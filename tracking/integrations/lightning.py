@@ -1,9 +1,15 @@
-"""PyTorch Lightning: record each sample's loss every epoch, with no change to the `LightningModule`.
+"""Lightning: record each sample's loss every epoch, with no change to the `LightningModule`.
 
+    import lightning as L
+    from lightning.pytorch.loggers import MLFlowLogger
     from tracking.integrations.lightning import ActionScoresCallback
-    trainer = pl.Trainer(max_epochs=20, logger=MLFlowLogger(...),
-                         callbacks=[ActionScoresCallback({"test": test_set})])
+    trainer = L.Trainer(max_epochs=20, logger=MLFlowLogger(...),
+                        callbacks=[ActionScoresCallback({"test": test_set})])
     trainer.fit(model, train_loader)
+
+One callback for both packages: `lightning.pytorch` (`pip install lightning`) and the older
+`pytorch_lightning`. Each Trainer accepts only callbacks of its own package's `Callback`, so
+the class derives from the `Callback` of every package installed.
 
 Two ways to score a split (`tracking.record.recorder` explains both):
 - evaluation pass (default, the paper's): after every training epoch the callback runs each
@@ -17,27 +23,49 @@ Two ways to score a split (`tracking.record.recorder` explains both):
   `"sample_id"` (the batch's ids, e.g. from `tracking.IndexedDataset`), plus either
   `"losses"` (the unreduced per-sample losses) or `"logits"` and `"target"` (cross-entropy).
 
-The tables go into the run of the trainer's `MLFlowLogger` or `WandbLogger`, beside
-Lightning's own metrics; without such a logger the callback opens a run of `tracker`
-(and ends it when fitting ends). Under DDP every rank scores its share of each dataset
+The tables go into the run of the trainer's `MLFlowLogger` or `WandbLogger` (of either
+package), beside Lightning's own metrics. `tracker=` names the run otherwise: a backend
+name (a run opened and ended here) or a configured `Tracker`. A trainer whose loggers are
+all of other kinds (CSV, TensorBoard) and no `tracker=` is an error: the callback never
+records into a run nobody asked for. Under DDP every rank scores its share of each dataset
 (a `DistributedSampler`) and rank 0 writes each epoch's table, whole, once.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from tracking import contract
+from tracking.backends import RunWriter
 from tracking.errors import ActionScoresError
-from tracking.integrations.session import RecordedRun, RecordingSession, check_media, join_mlflow, join_wandb, open_run
+from tracking.integrations.session import (RecordedRun, RecordingSession, TrackerChoice, check_media, join_mlflow,
+                                           join_wandb, open_run)
+from tracking.record import distributed
 from tracking.record.recorder import Losses
 
-PerSampleLoss = Callable[[pl.LightningModule, Any], Losses]
+PACKAGES = ("lightning.pytorch", "pytorch_lightning")  # the modern namespace first
+
+
+def _installed() -> list[Any]:
+    """The Lightning packages this environment has, modern first."""
+    found = []
+    for name in PACKAGES:
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    if not found:
+        raise ActionScoresError("no Lightning installed: pip install 'action-scores[lightning]' (or lightning)")
+    return found
+
+
+LIGHTNING = _installed()
+PerSampleLoss = Callable[[Any, Any], Losses]  # (module, batch) -> unreduced losses
 # Keys of what `training_step` returns, for the training pass.
 IDS_KEY, LOSSES_KEY, LOGITS_KEY, TARGET_KEY = contract.SAMPLE_ID, "losses", "logits", "target"
 
@@ -55,13 +83,13 @@ class _Positions(Dataset):
         return index, self.dataset[index]
 
 
-def _classification_loss(module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _classification_loss(module: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Default evaluation: `(input, target)` batches, logits from the module's forward."""
     inputs, targets = batch
     return module(inputs), targets
 
 
-class ActionScoresCallback(pl.Callback):
+class ActionScoresCallback(*(package.Callback for package in LIGHTNING)):  # type: ignore[misc]
     """Records per-sample losses of the tracked splits every epoch into the trainer's run.
 
     `eval_sets`: split name -> dataset, scored by an evaluation pass after each training
@@ -70,7 +98,10 @@ class ActionScoresCallback(pl.Callback):
     samples (default: `len` of the training dataloader's dataset). `per_sample_loss`: see
     the module docstring. `media`: split -> keywords of `LossRecorder.record_media`
     (`images=`, `texts=` or `uris=`, `labels=`), recorded once so that panels need no data.
-    `tracker`, `experiment`: the run to open when the trainer has no MLflow or W&B logger.
+    `tracker`: where the tables go when the trainer has no MLflow or W&B logger: a backend name
+    (`mlflow`, `wandb`, `both`: a run of `experiment` opened here and ended when fitting ends)
+    or a configured `Tracker` (started here if it has no run yet; one already started is
+    written into and left to its owner). A `Tracker` is used even beside such a logger.
     """
 
     def __init__(
@@ -83,7 +114,7 @@ class ActionScoresCallback(pl.Callback):
         batch_size: int = 256,
         collate_fn: Callable[[list[Any]], Any] = default_collate,
         media: Mapping[str, Mapping[str, Any]] | None = None,
-        tracker: str = "mlflow",
+        tracker: TrackerChoice = None,
         experiment: str | None = None,
     ) -> None:
         self.eval_sets = dict(eval_sets or {})
@@ -114,21 +145,27 @@ class ActionScoresCallback(pl.Callback):
         self.run: RecordedRun | None = None  # set on rank 0 when training starts: where the tables go
 
     # --- when ---------------------------------------------------------------------------------
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         scored_by = {**{split: "eval" for split in self.eval_sets},
                      **({self.train_split: "train"} if self.train_split else {})}
-        self.session = RecordingSession(self._writer(trainer) if trainer.is_global_zero else None, scored_by,
-                                        self.media)
+        writer, finish_writer, failure = None, True, None
+        if trainer.is_global_zero:
+            try:
+                writer, finish_writer = self._writer(trainer)
+            except Exception as error:  # every rank learns it, instead of waiting in the DDP constructor
+                failure = error
+        distributed.agree(failure, "starting the tracker on rank 0")
+        self.session = RecordingSession(writer, scored_by, self.media, finish_writer)
         self.run = self.session.run
         for split, dataset in self.eval_sets.items():  # media checked now, before the first epoch
             self.session.recorder(split, len(dataset))  # type: ignore[arg-type]
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.train_split is not None:
             self._record_training_step(trainer, outputs)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         session = self._session()
         if self.train_split in session.recorders:  # the training pass recorded this epoch's batches
             session.end_epoch(self.train_split, trainer.current_epoch)
@@ -136,10 +173,10 @@ class ActionScoresCallback(pl.Callback):
             self._evaluate(trainer, pl_module, split, dataset)
             session.end_epoch(split, trainer.current_epoch)
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._session().close()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.session is not None:
             self.session.close(failed=True)
 
@@ -149,24 +186,28 @@ class ActionScoresCallback(pl.Callback):
             raise ActionScoresError("ActionScoresCallback used outside trainer.fit()")
         return self.session
 
-    @staticmethod
-    def _framework_logger(trainer: pl.Trainer) -> Any:
-        """The trainer's first MLflow or W&B logger, whose run receives the tables; None if it has neither."""
-        from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
+    def _writer(self, trainer: Any) -> tuple[RunWriter, bool]:
+        """The run the tables go to: a given `Tracker`, else the trainer's MLflow or W&B logger's run (either
+        package's), else a run of the named backend; a trainer with only other loggers and no tracker is refused."""
+        mlflow_loggers = tuple(package.loggers.MLFlowLogger for package in LIGHTNING)
+        wandb_loggers = tuple(package.loggers.WandbLogger for package in LIGHTNING)
+        if not isinstance(self.tracker, RunWriter):
+            logger = next((lg for lg in trainer.loggers if isinstance(lg, mlflow_loggers + wandb_loggers)), None)
+            if isinstance(logger, mlflow_loggers):
+                return join_mlflow(logger.experiment.tracking_uri, logger.run_id), True
+            if logger is not None:
+                return join_wandb(logger.experiment), True
+            if self.tracker is None:
+                kinds = sorted(type(lg).__name__ for lg in trainer.loggers)
+                raise ActionScoresError(
+                    f"the trainer logs to {kinds or 'no logger'}, and action-scores writes only into an MLflow or "
+                    "W&B run: add an MLFlowLogger or WandbLogger to the Trainer, or pass "
+                    "ActionScoresCallback(..., tracker='mlflow') (a run of its own) or tracker=<a configured "
+                    "tracking.backends Tracker>"
+                )
+        return open_run(self.tracker, self.experiment)
 
-        return next((lg for lg in trainer.loggers if isinstance(lg, (MLFlowLogger, WandbLogger))), None)
-
-    def _writer(self, trainer: pl.Trainer) -> Any:
-        from pytorch_lightning.loggers import MLFlowLogger
-
-        logger = self._framework_logger(trainer)
-        if logger is None:
-            return open_run(self.tracker, self.experiment)
-        if isinstance(logger, MLFlowLogger):
-            return join_mlflow(logger.experiment.tracking_uri, logger.run_id)
-        return join_wandb(logger.experiment)
-
-    def _record_training_step(self, trainer: pl.Trainer, outputs: Any) -> None:
+    def _record_training_step(self, trainer: Any, outputs: Any) -> None:
         """Translate what `training_step` returned into one `update` of the training pass."""
         assert self.train_split is not None
         if not isinstance(outputs, Mapping) or IDS_KEY not in outputs:
@@ -188,7 +229,7 @@ class ActionScoresCallback(pl.Callback):
                 f"add {LOSSES_KEY!r} (per-sample losses, reduction='none') or {LOGITS_KEY!r} and {TARGET_KEY!r}"
             )
 
-    def _loader(self, trainer: pl.Trainer, dataset: Dataset) -> DataLoader:
+    def _loader(self, trainer: Any, dataset: Dataset) -> DataLoader:
         """Positions and items in order; under DDP each rank gets its share (padded: the recorder keeps firsts)."""
         positions = _Positions(dataset)
         sampler = (DistributedSampler(positions, num_replicas=trainer.world_size, rank=trainer.global_rank,
@@ -197,7 +238,7 @@ class ActionScoresCallback(pl.Callback):
                           collate_fn=lambda pairs: (torch.tensor([i for i, _ in pairs]),
                                                     self.collate_fn([item for _, item in pairs])))
 
-    def _evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, split: str, dataset: Dataset) -> None:
+    def _evaluate(self, trainer: Any, module: Any, split: str, dataset: Dataset) -> None:
         """One evaluation pass over a tracked dataset, in eval mode without gradients, every batch recorded."""
         recorder = self._session().recorder(split, len(dataset))  # type: ignore[arg-type]
         was_training = module.training
