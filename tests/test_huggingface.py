@@ -164,3 +164,37 @@ def test_bad_datasets_and_settings_are_errors_that_write_nothing(mlflow_server: 
         assert not any(key.startswith("action_scores") for key in client.get_run(active.info.run_id).data.params)
     with pytest.raises(ActionScoresError, match="unknown keys"):
         ActionScoresCallback(["test"], media={"test": {"pictures": []}})
+
+
+@pytest.mark.parametrize("strategy", ["epoch", "steps"])
+def test_a_resumed_trainer_goes_on_numbering_its_evaluations(
+        strategy: str, mlflow_server: str, client: mlflow.MlflowClient, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """96 samples in batches of 16: 6 steps an epoch. By epoch: evaluations after epochs 1 and 2, then the
+    resumed Trainer's third. By steps (every 4, the first skipped by eval_delay=5):
+    evaluations at steps 8 and 12, then the resumed Trainer's at 16 and 18 (its last step, between two)."""
+    schedule = ({"eval_strategy": "epoch", "save_strategy": "epoch"} if strategy == "epoch" else
+                {"eval_strategy": "steps", "eval_steps": 4, "eval_delay": 5, "save_strategy": "steps",
+                 "save_steps": 12})
+    test = add_sample_ids(items(tokenizer(), TEST_TEXTS, TEST_LABELS))
+    experiment = client.create_experiment(f"hf-resume-{uuid.uuid4().hex[:8]}")
+    output_dir = str(tmp_path / "out")
+    with in_process_training(mlflow_server):
+        mlflow.set_tracking_uri(mlflow_server)
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)
+        first = trainer("mlflow", {"test": test}, output_dir, epochs=2, **schedule)
+        first.train()
+        run_id = first.action_scores.run.run_id
+        mlflow.end_run()
+        expected = ["epoch_0000.parquet", "epoch_0001.parquet"]
+        assert [Path(f.path).name for f in client.list_artifacts(run_id, "per_sample_losses/test")] == expected
+        written = {f.path: f.file_size for f in client.list_artifacts(run_id, "per_sample_losses/test")}
+        monkeypatch.setenv("MLFLOW_RUN_ID", run_id)  # the Trainer's MLflow integration resumes the run
+        again = trainer("mlflow", {"test": test}, output_dir, epochs=3, **schedule)
+        again.train(resume_from_checkpoint=True)
+        mlflow.end_run()
+    assert again.action_scores.run.run_id == run_id
+    names = [Path(f.path).name for f in client.list_artifacts(run_id, "per_sample_losses/test")]
+    assert names == [f"epoch_{e:04d}.parquet" for e in range(3 if strategy == "epoch" else 4)]
+    for path, size in written.items():  # the first Trainer's tables, untouched
+        assert [f.file_size for f in client.list_artifacts(run_id, "per_sample_losses/test") if f.path == path] == [size]
