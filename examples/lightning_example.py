@@ -1,4 +1,4 @@
-"""Lightning (`import lightning as L`) on scikit-learn's digits: record every test sample's loss each epoch, then analyse.
+"""Lightning (`import lightning as L`) on scikit-learn's digits: every test sample's loss each epoch, then analyse.
 
     export MLFLOW_TRACKING_URI=http://127.0.0.1:5000        # or sqlite:///mlflow.db
     python examples/lightning_example.py --experiment lightning-digits

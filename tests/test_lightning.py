@@ -226,7 +226,8 @@ def test_each_packages_trainer_and_mlflow_logger_get_the_tables(
     assert isinstance(callback, package.Callback)  # each Trainer checks its own package's Callback
     logger = _fit(mlflow_server, tiny(package), callback, epochs=2, package=package)
     assert callback.run.run_id == logger.run_id
-    assert [t["sample_id"].tolist() for t in _tables(client, logger.run_id, "test", tmp_path)] == [list(range(TEST))] * 2
+    tables = _tables(client, logger.run_id, "test", tmp_path)
+    assert [t["sample_id"].tolist() for t in tables] == [list(range(TEST))] * 2
 
 
 def test_each_packages_wandb_logger_is_recognised(package: ModuleType, wandb_env: dict[str, str]) -> None:
@@ -293,3 +294,36 @@ def test_ddp_with_pytorch_lightning_writes_each_epoch_once(
     assert f"run {runs[0].info.run_id}" in out.stdout
     tables = _tables(client, runs[0].info.run_id, "test", tmp_path / "tables")
     assert [t["sample_id"].tolist() for t in tables] == [list(range(TEST))] * 2
+
+
+def test_loss_fn_takes_outputs_and_targets_and_old_spellings_warn(
+        mlflow_server: str, client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    _, test, _, _ = _digits()
+    halved = ActionScoresCallback({"test": test}, loss_fn=lambda outputs, targets: F.cross_entropy(
+        outputs, targets, reduction="none") / 2)
+    module = tiny(pl)
+    logger = _fit(mlflow_server, module, halved, epochs=1)
+    module.eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(module(test.tensors[0]), test.tensors[1], reduction="none").numpy() / 2
+    table = _tables(client, logger.run_id, "test", tmp_path)[0]
+    np.testing.assert_allclose(table["loss"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+
+    with pytest.warns(DeprecationWarning) as warned:
+        old = ActionScoresCallback(eval_sets={"test": test},
+                                   per_sample_loss=lambda module, batch: F.cross_entropy(module(batch[0]), batch[1],
+                                                                                         reduction="none"))
+    assert [str(w.message) for w in warned] == [
+        "action-scores: ActionScoresCallback(eval_sets=...) is deprecated and will be removed in the next release; "
+        "use ActionScoresCallback({'test': dataset}) (splits=)",
+        "action-scores: per_sample_loss(module, batch) is deprecated and will be removed in the next release; "
+        "use loss_fn(outputs, targets)"]
+    logger = _fit(mlflow_server, tiny(pl), old, epochs=1)
+    assert _tables(client, logger.run_id, "test", tmp_path / "old")[0]["sample_id"].tolist() == list(range(TEST))
+
+
+def test_an_eval_batch_of_another_shape_names_the_fix(mlflow_server: str) -> None:
+    _, test, _, _ = _digits()
+    callback = ActionScoresCallback({"test": test}, collate_fn=lambda items: [item[0] for item in items])
+    with pytest.raises(ActionScoresError, match=r"an eval batch is a list; the eval pass takes \(input, target\)"):
+        _fit(mlflow_server, tiny(pl), callback, epochs=1)

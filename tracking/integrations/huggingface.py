@@ -18,14 +18,18 @@ Two pieces, each small:
 
 Sample ids are the positions in each eval dataset (`add_sample_ids`). The default loss is the
 cross-entropy of the model's `logits` against `labels` (`LossRecorder.update_classification`);
-`per_sample_loss(outputs, labels) -> unreduced losses` for any other.
+`loss_fn(outputs, labels) -> unreduced losses` for any other (`tracking.integrations.session.LossFn`).
+
+The callback's first argument names what is scored, as in the other frameworks' callbacks:
+`ActionScoresCallback({"test": add_sample_ids(test_set)})` given to `ActionScoresTrainer(callbacks=[...])`
+has the Trainer evaluate that dataset; without it, every eval dataset of the Trainer is tracked.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,14 +40,13 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from tracking import contract
 from tracking.backends import RunWriter
 from tracking.errors import ActionScoresError
-from tracking.integrations.session import (RecordedRun, RecordingSession, check_media, check_sample_ids,
-                                           join_mlflow, join_wandb, open_run)
-from tracking.record.recorder import LossRecorder, Losses
+from tracking.integrations.session import (LossFn, RecordedRun, RecordingSession, check_media, check_sample_ids,
+                                           deprecated, join_mlflow, join_wandb, open_run)
+from tracking.record.recorder import LossRecorder
 
 log = logging.getLogger(__name__)
 SAMPLE_ID = contract.SAMPLE_ID
 LABELS = "labels"
-PerSampleLoss = Callable[[Any, torch.Tensor], Losses]
 
 
 class _WithSampleIds(Dataset):
@@ -93,8 +96,10 @@ def evaluation_number(args: TrainingArguments, state: TrainerState) -> int:
 class ActionScoresCallback(TrainerCallback):
     """Writes a table per tracked split at every evaluation during training, into the Trainer's run.
 
-    `splits`: names of the eval datasets to track (None: all). `per_sample_loss`: see the
-    module docstring. `media`: split -> keywords of `record_media`; by default each tracked
+    `splits`: split name -> eval dataset (with `sample_id`: `add_sample_ids`), which the
+    `ActionScoresTrainer` evaluates (None: every eval dataset of the Trainer). `loss_fn`: see
+    the module docstring. Deprecated: `splits` as a list of names, `per_sample_loss=` (now
+    `loss_fn=`). `media`: split -> keywords of `record_media`; by default each tracked
     split's texts (its `text_field`, else its `input_ids` decoded by the Trainer's
     tokenizer) with the label names of `model.config.id2label`. `tracker`: a configured
     `Tracker` (used whatever `report_to` says), or the backend name of the run to open when
@@ -104,13 +109,25 @@ class ActionScoresCallback(TrainerCallback):
     resumed Trainer goes on where it stopped instead of writing `epoch_0000` again.
     """
 
-    def __init__(self, splits: Sequence[str] | None = None, *, per_sample_loss: PerSampleLoss | None = None,
+    def __init__(self, splits: Mapping[str, Any] | Sequence[str] | None = None, *, loss_fn: LossFn | None = None,
                  media: Mapping[str, Mapping[str, Any]] | None = None, text_field: str = "text",
-                 tracker: str | RunWriter = "mlflow", experiment: str | None = None) -> None:
-        self.splits = None if splits is None else [contract.check_name("split", s) for s in splits]
+                 tracker: str | RunWriter = "mlflow", experiment: str | None = None,
+                 per_sample_loss: LossFn | None = None) -> None:
+        if per_sample_loss is not None:
+            deprecated("per_sample_loss=", "loss_fn= (the same (outputs, labels) signature)")
+            loss_fn = per_sample_loss
+        self.datasets: dict[str, Any] = {}  # split -> eval dataset, handed to the ActionScoresTrainer
+        if splits is not None and not isinstance(splits, Mapping):
+            deprecated("ActionScoresCallback(['test']) (split names)",
+                       "ActionScoresCallback({'test': add_sample_ids(dataset)}), which the Trainer then evaluates")
+            names: list[str] | None = list(splits)
+        else:
+            self.datasets = dict(splits or {})
+            names = None if splits is None else list(self.datasets)
+        self.splits = None if names is None else [contract.check_name("split", s) for s in names]
         if self.splits is not None and not self.splits:
             raise ActionScoresError("splits is empty: name at least one eval dataset, or pass None for all")
-        self.per_sample_loss = per_sample_loss
+        self.loss_fn = loss_fn
         self.media = check_media(media, self.splits if self.splits is not None else list(media or {}))
         self.text_field = text_field
         self.tracker = tracker
@@ -121,6 +138,21 @@ class ActionScoresCallback(TrainerCallback):
         self.active: tuple[str, LossRecorder] | None = None  # the split being evaluated during training
 
     # --- set up by ActionScoresTrainer ------------------------------------------------------------
+    def eval_datasets(self, given: Any) -> Any:
+        """The Trainer's `eval_dataset` with this callback's datasets added, so that the Trainer evaluates them."""
+        if not self.datasets:
+            return given
+        if given is None:
+            return dict(self.datasets)
+        if not isinstance(given, Mapping):
+            raise ActionScoresError("the Trainer has one unnamed eval_dataset and the callback named its splits: "
+                                    "give eval_dataset={name: dataset}, or leave the eval datasets to the callback")
+        clash = sorted(name for name in self.datasets if name in given and given[name] is not self.datasets[name])
+        if clash:
+            raise ActionScoresError(f"eval_dataset and the callback give different datasets for {clash}: give "
+                                    "each split once, in the callback")
+        return {**given, **self.datasets}
+
     def track(self, split: str, dataset: Any, tokenizer: Any, id2label: Mapping[int, str] | None) -> None:
         """Check a tracked eval dataset's sample ids now, and prepare its default text media."""
         if self.splits is not None and split not in self.splits:
@@ -133,7 +165,7 @@ class ActionScoresCallback(TrainerCallback):
                 f"eval dataset {split!r} has no {SAMPLE_ID!r} column: pass add_sample_ids(dataset) as the eval dataset"
             )
         check_sample_ids(split, np.asarray([item[SAMPLE_ID] for item in items]), size)
-        if LABELS not in items[0] and self.per_sample_loss is None:
+        if LABELS not in items[0] and self.loss_fn is None:
             raise ActionScoresError(f"eval dataset {split!r} has no {LABELS!r}: the per-sample loss needs them")
         self.sizes[split] = size
         if split not in self.media:
@@ -163,8 +195,8 @@ class ActionScoresCallback(TrainerCallback):
 
     def update(self, recorder: LossRecorder, sample_ids: torch.Tensor, outputs: Any, labels: torch.Tensor) -> None:
         """Translate one eval batch: its ids, the model's outputs and the labels."""
-        if self.per_sample_loss is not None:
-            recorder.update(sample_ids, self.per_sample_loss(outputs, labels))
+        if self.loss_fn is not None:
+            recorder.update(sample_ids, self.loss_fn(outputs, labels))
         else:
             recorder.update_classification(sample_ids, outputs["logits"], labels)
 
@@ -226,6 +258,9 @@ class ActionScoresTrainer(Trainer):
     """A `Trainer` whose batches keep `sample_id` and whose evaluations feed its `ActionScoresCallback`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = next((cb for cb in kwargs.get("callbacks") or [] if isinstance(cb, ActionScoresCallback)), None)
+        if given is not None:  # before the Trainer checks that evaluations have a dataset
+            kwargs["eval_dataset"] = given.eval_datasets(kwargs.get("eval_dataset"))
         super().__init__(*args, **kwargs)
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, ActionScoresCallback)]
         if not found:

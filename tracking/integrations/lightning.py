@@ -14,10 +14,10 @@ the class derives from the `Callback` of every package installed.
 Two ways to score a split (`tracking.record.recorder` explains both):
 - evaluation pass (default, the paper's): after every training epoch the callback runs each
   tracked dataset through the module in eval mode, without gradients. Sample ids are the
-  positions in the dataset. By default an item is `(input, target)`, the module's forward
-  gives logits, and the loss is the cross-entropy (`LossRecorder.update_classification`);
-  any other loss: `per_sample_loss(module, batch) -> unreduced losses` (a tensor, or a dict
-  of parts).
+  positions in the dataset. An item is `(input, target)` (or a dict with `input` and
+  `target`); the module's forward gives the outputs, and the loss is their cross-entropy
+  (`LossRecorder.update_classification`), or `loss_fn(outputs, targets)` for any other
+  (`tracking.integrations.session.LossFn`, the same hook in every callback).
 - training pass (`train_split="train"`): what `training_step` already computed, for free.
   `training_step` returns a dict with `"loss"` (what Lightning optimises) and
   `"sample_id"` (the batch's ids, e.g. from `tracking.IndexedDataset`), plus either
@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from tracking import contract
 from tracking.backends import RunWriter
 from tracking.errors import ActionScoresError
-from tracking.integrations.session import (RecordedRun, RecordingSession, TrackerChoice, check_media, join_mlflow,
-                                           join_wandb, open_run)
+from tracking.integrations.session import (LossFn, RecordedRun, RecordingSession, TrackerChoice, check_media,
+                                           deprecated, join_mlflow, join_wandb, open_run)
 from tracking.record import distributed
 from tracking.record.recorder import Losses
 
@@ -65,9 +65,10 @@ def _installed() -> list[Any]:
 
 
 LIGHTNING = _installed()
-PerSampleLoss = Callable[[Any, Any], Losses]  # (module, batch) -> unreduced losses
+PerSampleLoss = Callable[[Any, Any], Losses]  # the deprecated (module, batch) -> unreduced losses
 # Keys of what `training_step` returns, for the training pass.
 IDS_KEY, LOSSES_KEY, LOGITS_KEY, TARGET_KEY = contract.SAMPLE_ID, "losses", "logits", "target"
+INPUT_KEY = "input"  # with TARGET_KEY: the keys of dict eval items, as `tracking.IndexedDataset` makes them
 
 
 class _Positions(Dataset):
@@ -83,20 +84,27 @@ class _Positions(Dataset):
         return index, self.dataset[index]
 
 
-def _classification_loss(module: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Default evaluation: `(input, target)` batches, logits from the module's forward."""
-    inputs, targets = batch
-    return module(inputs), targets
+def _inputs_and_targets(batch: Any) -> tuple[Any, Any]:
+    """An eval batch's inputs and targets: `(input, target)` items, or dicts with `input` and `target`."""
+    if isinstance(batch, Mapping) and INPUT_KEY in batch and TARGET_KEY in batch:
+        return batch[INPUT_KEY], batch[TARGET_KEY]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ActionScoresError(
+        f"an eval batch is a {type(batch).__name__}; the eval pass takes (input, target) items or dicts with "
+        f"{INPUT_KEY!r} and {TARGET_KEY!r}: give collate_fn= that makes one of those"
+    )
 
 
 class ActionScoresCallback(*(package.Callback for package in LIGHTNING)):  # type: ignore[misc]
     """Records per-sample losses of the tracked splits every epoch into the trainer's run.
 
-    `eval_sets`: split name -> dataset, scored by an evaluation pass after each training
+    `splits`: split name -> dataset, scored by an evaluation pass after each training
     epoch (`batch_size`, `collate_fn` build its loader). `train_split`: the name under
     which the training pass is recorded (None: not recorded); `train_size` its number of
-    samples (default: `len` of the training dataloader's dataset). `per_sample_loss`: see
-    the module docstring. `media`: split -> keywords of `LossRecorder.record_media`
+    samples (default: `len` of the training dataloader's dataset). `loss_fn`: see the
+    module docstring. Deprecated: `eval_sets=` (now `splits`), `per_sample_loss(module, batch)`
+    (now `loss_fn(outputs, targets)`). `media`: split -> keywords of `LossRecorder.record_media`
     (`images=`, `texts=` or `uris=`, `labels=`), recorded once so that panels need no data.
     `tracker`: where the tables go when the trainer has no MLflow or W&B logger: a backend name
     (`mlflow`, `wandb`, `both`: a run of `experiment` opened here and ended when fitting ends)
@@ -106,27 +114,34 @@ class ActionScoresCallback(*(package.Callback for package in LIGHTNING)):  # typ
 
     def __init__(
         self,
-        eval_sets: Mapping[str, Dataset] | None = None,
+        splits: Mapping[str, Dataset] | None = None,
         *,
         train_split: str | None = None,
         train_size: int | None = None,
-        per_sample_loss: PerSampleLoss | None = None,
+        loss_fn: LossFn | None = None,
         batch_size: int = 256,
         collate_fn: Callable[[list[Any]], Any] = default_collate,
         media: Mapping[str, Mapping[str, Any]] | None = None,
         tracker: TrackerChoice = None,
         experiment: str | None = None,
+        eval_sets: Mapping[str, Dataset] | None = None,
+        per_sample_loss: PerSampleLoss | None = None,
     ) -> None:
-        self.eval_sets = dict(eval_sets or {})
-        if not self.eval_sets and train_split is None:
-            raise ActionScoresError("nothing to record: give eval_sets={'test': dataset} and/or train_split='train'")
-        if train_split is not None and train_split in self.eval_sets:
+        if eval_sets is not None:
+            deprecated("ActionScoresCallback(eval_sets=...)", "ActionScoresCallback({'test': dataset}) (splits=)")
+            splits = eval_sets
+        if per_sample_loss is not None:
+            deprecated("per_sample_loss(module, batch)", "loss_fn(outputs, targets)")
+        self.splits = dict(splits or {})
+        if not self.splits and train_split is None:
+            raise ActionScoresError("nothing to record: give splits={'test': dataset} and/or train_split='train'")
+        if train_split is not None and train_split in self.splits:
             raise ActionScoresError(f"split {train_split!r} is both an eval set and the training pass; rename one")
-        for split, dataset in self.eval_sets.items():
+        for split, dataset in self.splits.items():
             contract.check_name("split", split)
             if isinstance(dataset, DataLoader) or not hasattr(dataset, "__len__"):
                 raise ActionScoresError(
-                    f"eval_sets[{split!r}] must be a map-style Dataset (with __len__), got {type(dataset).__name__}: "
+                    f"splits[{split!r}] must be a map-style Dataset (with __len__), got {type(dataset).__name__}: "
                     "pass the dataset itself, the callback builds the loader and numbers samples by position"
                 )
         if train_size is not None and train_size <= 0:
@@ -135,10 +150,11 @@ class ActionScoresCallback(*(package.Callback for package in LIGHTNING)):  # typ
             raise ActionScoresError(f"batch_size must be positive, got {batch_size}")
         self.train_split = contract.check_name("split", train_split) if train_split is not None else None
         self.train_size = train_size
+        self.loss_fn = loss_fn
         self.per_sample_loss = per_sample_loss
         self.batch_size = batch_size
         self.collate_fn = collate_fn
-        self.media = check_media(media, [*self.eval_sets, *([train_split] if train_split else [])])
+        self.media = check_media(media, [*self.splits, *([train_split] if train_split else [])])
         self.tracker = tracker
         self.experiment = experiment
         self.session: RecordingSession | None = None
@@ -146,7 +162,7 @@ class ActionScoresCallback(*(package.Callback for package in LIGHTNING)):  # typ
 
     # --- when ---------------------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        scored_by = {**{split: "eval" for split in self.eval_sets},
+        scored_by = {**{split: "eval" for split in self.splits},
                      **({self.train_split: "train"} if self.train_split else {})}
         writer, finish_writer, failure = None, True, None
         if trainer.is_global_zero:
@@ -157,7 +173,7 @@ class ActionScoresCallback(*(package.Callback for package in LIGHTNING)):  # typ
         distributed.agree(failure, "starting the tracker on rank 0")
         self.session = RecordingSession(writer, scored_by, self.media, finish_writer)
         self.run = self.session.run
-        for split, dataset in self.eval_sets.items():  # media checked now, before the first epoch
+        for split, dataset in self.splits.items():  # media checked now, before the first epoch
             self.session.recorder(split, len(dataset))  # type: ignore[arg-type]
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
@@ -169,7 +185,7 @@ class ActionScoresCallback(*(package.Callback for package in LIGHTNING)):  # typ
         session = self._session()
         if self.train_split in session.recorders:  # the training pass recorded this epoch's batches
             session.end_epoch(self.train_split, trainer.current_epoch)
-        for split, dataset in self.eval_sets.items():
+        for split, dataset in self.splits.items():
             self._evaluate(trainer, pl_module, split, dataset)
             session.end_epoch(split, trainer.current_epoch)
 
@@ -247,10 +263,13 @@ class ActionScoresCallback(*(package.Callback for package in LIGHTNING)):  # typ
             with torch.no_grad():
                 for sample_ids, batch in self._loader(trainer, dataset):
                     batch = trainer.strategy.batch_to_device(batch)
-                    if self.per_sample_loss is None:
-                        logits, targets = _classification_loss(module, batch)
-                        recorder.update_classification(sample_ids, logits, targets)
-                    else:
+                    if self.per_sample_loss is not None:  # deprecated
                         recorder.update(sample_ids, self.per_sample_loss(module, batch))
+                        continue
+                    inputs, targets = _inputs_and_targets(batch)
+                    if self.loss_fn is None:
+                        recorder.update_classification(sample_ids, module(inputs), targets)
+                    else:
+                        recorder.update(sample_ids, self.loss_fn(module(inputs), targets))
         finally:
             module.train(was_training)

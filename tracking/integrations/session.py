@@ -10,7 +10,8 @@ rank 0 has a writer; every rank records its share and `end_epoch` gathers the sh
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from tracking import contract
 from tracking.backends import MLflowTracker, RunWriter, WandbTracker, make_tracker
 from tracking.errors import ActionScoresError, preview
 from tracking.record.media import MediaSummary, record_media
-from tracking.record.recorder import LossRecorder
+from tracking.record.recorder import LossRecorder, Losses
 
 if TYPE_CHECKING:
     from tracking.analyze import AnalysisResult
@@ -55,6 +56,20 @@ def join_mlflow(tracking_uri: str, run_id: str) -> MLflowTracker:
 def join_wandb(run: Any) -> RunWriter:
     """A writer into a live `wandb` run someone else opened and will finish."""
     return _JoinedWandbRun(run)
+
+
+# The one per-sample loss hook of every callback: `loss_fn(outputs, targets) -> unreduced losses`, a 1-D tensor
+# (one loss per sample) or a dict of parts. `outputs`: what the model returned for the batch (Lightning: the
+# module's forward; Hugging Face: the model's output, `outputs.logits`; Keras: the predictions, a tensor);
+# `targets`: the batch's targets (Hugging Face: its `labels`). The order of torch's losses:
+# `functools.partial(F.cross_entropy, reduction="none")` is one.
+LossFn = Callable[[Any, Any], Losses]
+
+
+def deprecated(old: str, new: str) -> None:
+    """Warn that a callback argument's old spelling goes in the next release, naming the new one."""
+    warnings.warn(f"action-scores: {old} is deprecated and will be removed in the next release; use {new}",
+                  DeprecationWarning, stacklevel=3)
 
 
 # What a callback's `tracker=` takes: a backend name, a configured `Tracker`, or None (the framework's own logger).
@@ -217,5 +232,6 @@ class RecordingSession:
             self.writer = None
 
 
-__all__ = ["RecordedRun", "RecordingSession", "TrackerChoice", "check_media", "check_sample_ids", "join_mlflow", "join_wandb",
+__all__ = ["LossFn", "RecordedRun", "RecordingSession", "TrackerChoice", "check_media", "check_sample_ids", "deprecated",
+           "join_mlflow", "join_wandb",
            "open_run"]
