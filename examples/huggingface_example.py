@@ -89,7 +89,7 @@ def main() -> None:
                                      report_to=[args.report_to], use_cpu=True, disable_tqdm=True, seed=0)
         trainer = ActionScoresTrainer(  # action-scores: a Trainer that keeps sample ids
             model=BertForSequenceClassification(config), args=training, train_dataset=train,
-            callbacks=[ActionScoresCallback({"test": add_sample_ids(test)})],  # action-scores: evaluated; ids: positions
+            callbacks=[ActionScoresCallback({"test": add_sample_ids(test)})],  # action-scores: ids are positions
             processing_class=tokenizer)
         trainer.train()
     run = trainer.action_scores.run  # action-scores: where the tables went

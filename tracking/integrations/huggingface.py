@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -47,6 +48,8 @@ from tracking.record.recorder import LossRecorder
 log = logging.getLogger(__name__)
 SAMPLE_ID = contract.SAMPLE_ID
 LABELS = "labels"
+IGNORED_LABEL = -100  # labels the loss leaves out (padding, prompts), as in transformers
+TOKENS, LOSS_SUM = "tokens", "loss_sum"  # the causal-LM columns beside `loss`
 
 
 class _WithSampleIds(Dataset):
@@ -73,6 +76,27 @@ def add_sample_ids(dataset: Any) -> Any:
 def split_of(metric_key_prefix: str) -> str:
     """The split an evaluation scores: `eval` for one eval dataset, `test` for `eval_dataset={"test": ...}`."""
     return metric_key_prefix.removeprefix("eval_") or "eval"
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor,
+                    shift: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One loss per sequence from (B, T, V) logits and (B, T) labels: the mean token NLL over the labels
+    that are not -100, and the columns `tokens` (how many) and `loss_sum` (their summed NLL), so that a
+    loss per token can be had back. `shift`: a causal LM's logits at t predict the label at t + 1, as the
+    model's own loss shifts them. A sequence with no label left has loss 0 and tokens 0."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORED_LABEL, reduction="none")
+    tokens = (labels != IGNORED_LABEL).sum(dim=1)
+    loss_sum = nll.sum(dim=1)
+    return loss_sum / tokens.clamp_min(1), {TOKENS: tokens, LOSS_SUM: loss_sum}
+
+
+def is_causal_lm(model: Any) -> bool:
+    """Whether `model` is one of transformers' causal LMs (`AutoModelForCausalLM` classes), by class name."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def _skipped(eval_delay: float, interval: float) -> int:
@@ -136,6 +160,7 @@ class ActionScoresCallback(TrainerCallback):
         self.session: RecordingSession | None = None
         self.run: RecordedRun | None = None  # set on rank 0 when training starts: where the tables go
         self.active: tuple[str, LossRecorder] | None = None  # the split being evaluated during training
+        self.causal = False  # whether the model predicts the next token (set by ActionScoresTrainer)
 
     # --- set up by ActionScoresTrainer ------------------------------------------------------------
     def eval_datasets(self, given: Any) -> Any:
@@ -165,7 +190,7 @@ class ActionScoresCallback(TrainerCallback):
                 f"eval dataset {split!r} has no {SAMPLE_ID!r} column: pass add_sample_ids(dataset) as the eval dataset"
             )
         check_sample_ids(split, np.asarray([item[SAMPLE_ID] for item in items]), size)
-        if LABELS not in items[0] and self.loss_fn is None:
+        if LABELS not in items[0] and self.loss_fn is None and not self.causal:
             raise ActionScoresError(f"eval dataset {split!r} has no {LABELS!r}: the per-sample loss needs them")
         self.sizes[split] = size
         if split not in self.media:
@@ -173,7 +198,7 @@ class ActionScoresCallback(TrainerCallback):
             if texts is not None:
                 order = np.argsort([item[SAMPLE_ID] for item in items])
                 names = ([str((id2label or {}).get(int(items[i][LABELS]), int(items[i][LABELS]))) for i in order]
-                         if LABELS in items[0] else None)
+                         if LABELS in items[0] and np.ndim(items[0][LABELS]) == 0 else None)  # a class, not tokens
                 self.media[split] = {"texts": [texts[i] for i in order], "labels": names}
 
     def _texts(self, split: str, items: list[Mapping[str, Any]], tokenizer: Any) -> list[str] | None:
@@ -197,6 +222,9 @@ class ActionScoresCallback(TrainerCallback):
         """Translate one eval batch: its ids, the model's outputs and the labels."""
         if self.loss_fn is not None:
             recorder.update(sample_ids, self.loss_fn(outputs, labels))
+        elif outputs["logits"].dim() == 3:  # a loss per token: one per sequence, with its count and sum
+            losses, columns = sequence_losses(outputs["logits"], labels, shift=self.causal)
+            recorder.update(sample_ids, losses, **columns)
         else:
             recorder.update_classification(sample_ids, outputs["logits"], labels)
 
@@ -267,6 +295,7 @@ class ActionScoresTrainer(Trainer):
             found = [ActionScoresCallback()]
             self.add_callback(found[0])
         self.action_scores: ActionScoresCallback = found[0]
+        self.action_scores.causal = is_causal_lm(self.model)
         self._recording: LossRecorder | None = None
         datasets = self.eval_dataset if isinstance(self.eval_dataset, Mapping) else (
             {"eval": self.eval_dataset} if self.eval_dataset is not None else {})

@@ -232,6 +232,6 @@ class RecordingSession:
             self.writer = None
 
 
-__all__ = ["LossFn", "RecordedRun", "RecordingSession", "TrackerChoice", "check_media", "check_sample_ids", "deprecated",
-           "join_mlflow", "join_wandb",
+__all__ = ["LossFn", "RecordedRun", "RecordingSession", "TrackerChoice", "check_media", "check_sample_ids",
+           "deprecated", "join_mlflow", "join_wandb",
            "open_run"]
