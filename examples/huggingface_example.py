@@ -22,7 +22,8 @@ from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.processors import TemplateProcessing
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast, TrainingArguments
 
-from tracking.integrations.huggingface import ActionScoresTrainer, add_sample_ids  # action-scores
+from tracking.integrations.huggingface import (ActionScoresCallback, ActionScoresTrainer,  # action-scores
+                                              add_sample_ids)
 
 POSITIVE = ["good", "great", "excellent", "fun", "love", "wonderful", "best", "nice", "moving", "clever"]
 NEGATIVE = ["bad", "awful", "boring", "hate", "worst", "poor", "terrible", "dull", "silly", "slow"]
@@ -88,7 +89,7 @@ def main() -> None:
                                      report_to=[args.report_to], use_cpu=True, disable_tqdm=True, seed=0)
         trainer = ActionScoresTrainer(  # action-scores: a Trainer that keeps sample ids
             model=BertForSequenceClassification(config), args=training, train_dataset=train,
-            eval_dataset={"test": add_sample_ids(test)},  # action-scores: ids = positions
+            callbacks=[ActionScoresCallback({"test": add_sample_ids(test)})],  # action-scores: ids are positions
             processing_class=tokenizer)
         trainer.train()
     run = trainer.action_scores.run  # action-scores: where the tables went

@@ -1,4 +1,4 @@
-"""PyTorch Lightning on scikit-learn's digits: record every test sample's loss each epoch, then analyse.
+"""Lightning (`import lightning as L`) on scikit-learn's digits: every test sample's loss each epoch, then analyse.
 
     export MLFLOW_TRACKING_URI=http://127.0.0.1:5000        # or sqlite:///mlflow.db
     python examples/lightning_example.py --experiment lightning-digits
@@ -6,6 +6,7 @@
     python examples/lightning_example.py --logger wandb       # an offline W&B run (WANDB_MODE=offline)
 
 The `LightningModule` is plain Lightning; the lines that add action scores are marked `# action-scores`.
+The same callback works with the older `pytorch_lightning` package and its loggers.
 Prints `run <id> finished` and where the panels are.
 """
 
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 
+import lightning as L
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
+from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tracking.integrations.lightning import ActionScoresCallback  # action-scores
 
 
-class DigitsClassifier(pl.LightningModule):
+class DigitsClassifier(L.LightningModule):
     """A small MLP on 8x8 digits."""
 
     def __init__(self, lr: float = 1e-2) -> None:
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--no-analyze", action="store_true", help="train only")
     args = parser.parse_args()
 
-    pl.seed_everything(0, workers=True)
+    L.seed_everything(0, workers=True)
     train, test, test_images, test_labels = digits_splits()
     logger = (MLFlowLogger(experiment_name=args.experiment) if args.logger == "mlflow"
               else WandbLogger(project=args.experiment, offline=True))
@@ -76,9 +77,9 @@ def main() -> None:
         {"test": test},  # action-scores: scored by an eval pass after every epoch
         media={"test": {"images": test_images, "labels": [str(y) for y in test_labels]}},  # action-scores
     )
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=args.devices, strategy=args.strategy,
-                         logger=logger, callbacks=[scores], enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=args.devices, strategy=args.strategy,
+                        logger=logger, callbacks=[scores], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
     trainer.fit(DigitsClassifier(), DataLoader(train, batch_size=64, shuffle=True))
     if not trainer.is_global_zero:
         return

@@ -53,7 +53,7 @@ def items(tok: PreTrainedTokenizerFast, texts: list[str], labels: list[int]) -> 
 
 
 def trainer(report_to: str, eval_dataset: object, output_dir: str, epochs: int = EPOCHS,
-            **arguments: object) -> ActionScoresTrainer:
+            callbacks: list | None = None, **arguments: object) -> ActionScoresTrainer:
     tok = tokenizer()
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -64,7 +64,7 @@ def trainer(report_to: str, eval_dataset: object, output_dir: str, epochs: int =
                     use_cpu=True, disable_tqdm=True, seed=0) | arguments
     return ActionScoresTrainer(model=BertForSequenceClassification(config), args=TrainingArguments(**settings),
                                train_dataset=items(tok, *sentences(96, seed=0)), eval_dataset=eval_dataset,
-                               processing_class=tok)
+                               processing_class=tok, callbacks=callbacks)
 
 
 TEST_TEXTS, TEST_LABELS = sentences(30, seed=1)
@@ -163,4 +163,70 @@ def test_bad_datasets_and_settings_are_errors_that_write_nothing(mlflow_server: 
         assert client.list_artifacts(active.info.run_id) == []
         assert not any(key.startswith("action_scores") for key in client.get_run(active.info.run_id).data.params)
     with pytest.raises(ActionScoresError, match="unknown keys"):
-        ActionScoresCallback(["test"], media={"test": {"pictures": []}})
+        ActionScoresCallback({"test": add_sample_ids(plain)}, media={"test": {"pictures": []}})
+
+
+@pytest.mark.parametrize("strategy", ["epoch", "steps"])
+def test_a_resumed_trainer_goes_on_numbering_its_evaluations(
+        strategy: str, mlflow_server: str, client: mlflow.MlflowClient, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """96 samples in batches of 16: 6 steps an epoch. By epoch: evaluations after epochs 1 and 2, then the
+    resumed Trainer's third. By steps (every 4, the first skipped by eval_delay=5):
+    evaluations at steps 8 and 12, then the resumed Trainer's at 16 and 18 (its last step, between two)."""
+    schedule = ({"eval_strategy": "epoch", "save_strategy": "epoch"} if strategy == "epoch" else
+                {"eval_strategy": "steps", "eval_steps": 4, "eval_delay": 5, "save_strategy": "steps",
+                 "save_steps": 12})
+    test = add_sample_ids(items(tokenizer(), TEST_TEXTS, TEST_LABELS))
+    experiment = client.create_experiment(f"hf-resume-{uuid.uuid4().hex[:8]}")
+    output_dir = str(tmp_path / "out")
+    with in_process_training(mlflow_server):
+        mlflow.set_tracking_uri(mlflow_server)
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment)
+        first = trainer("mlflow", {"test": test}, output_dir, epochs=2, **schedule)
+        first.train()
+        run_id = first.action_scores.run.run_id
+        mlflow.end_run()
+        expected = ["epoch_0000.parquet", "epoch_0001.parquet"]
+        assert [Path(f.path).name for f in client.list_artifacts(run_id, "per_sample_losses/test")] == expected
+        written = {f.path: f.file_size for f in client.list_artifacts(run_id, "per_sample_losses/test")}
+        monkeypatch.setenv("MLFLOW_RUN_ID", run_id)  # the Trainer's MLflow integration resumes the run
+        again = trainer("mlflow", {"test": test}, output_dir, epochs=3, **schedule)
+        again.train(resume_from_checkpoint=True)
+        mlflow.end_run()
+    assert again.action_scores.run.run_id == run_id
+    names = [Path(f.path).name for f in client.list_artifacts(run_id, "per_sample_losses/test")]
+    assert names == [f"epoch_{e:04d}.parquet" for e in range(3 if strategy == "epoch" else 4)]
+    sizes = {f.path: f.file_size for f in client.list_artifacts(run_id, "per_sample_losses/test")}
+    assert {path: sizes[path] for path in written} == written  # the first Trainer's tables, untouched
+
+
+def test_the_callbacks_datasets_are_evaluated_and_old_spellings_warn(mlflow_server: str, client: mlflow.MlflowClient,
+                                                                     tmp_path: Path) -> None:
+    test = add_sample_ids(items(tokenizer(), TEST_TEXTS, TEST_LABELS))
+    halved = ActionScoresCallback({"probe": test}, loss_fn=lambda outputs, labels: F.cross_entropy(
+        outputs.logits, labels, reduction="none") / 2)
+    experiment = client.create_experiment(f"hf-shape-{uuid.uuid4().hex[:8]}")
+    with in_process_training(mlflow_server), mlflow.start_run(experiment_id=experiment) as run:
+        hf = trainer("none", None, str(tmp_path / "a"), epochs=1, callbacks=[halved])
+        hf.train()
+    assert halved.run.run_id == run.info.run_id  # the active run, joined
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "per_sample_losses/probe")] == [
+        "per_sample_losses/probe/epoch_0000.parquet"]
+    table = pd.read_parquet(client.download_artifacts(run.info.run_id, "per_sample_losses/probe/epoch_0000.parquet",
+                                                      str(tmp_path)))
+    batch = tokenizer()(TEST_TEXTS, padding=True, return_tensors="pt")
+    hf.model.eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(hf.model(**batch).logits, torch.tensor(TEST_LABELS), reduction="none").numpy() / 2
+    np.testing.assert_allclose(table["loss"].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+
+    with pytest.warns(DeprecationWarning) as warned:
+        ActionScoresCallback(["test"], per_sample_loss=lambda outputs, labels: outputs.logits[:, 0])
+    assert [str(w.message) for w in warned] == [
+        "action-scores: per_sample_loss= is deprecated and will be removed in the next release; use loss_fn= (the "
+        "same (outputs, labels) signature)",
+        "action-scores: ActionScoresCallback(['test']) (split names) is deprecated and will be removed in the next "
+        "release; use ActionScoresCallback({'test': add_sample_ids(dataset)}), which the Trainer then evaluates"]
+    with pytest.raises(ActionScoresError, match=r"different datasets for \['probe'\]"):
+        trainer("none", {"probe": add_sample_ids(items(tokenizer(), TEST_TEXTS, TEST_LABELS))}, str(tmp_path / "b"),
+                callbacks=[ActionScoresCallback({"probe": test})])

@@ -116,10 +116,36 @@ def test_bad_input_is_an_error_that_writes_nothing(mlflow_server: str, client: m
     with pytest.raises(ActionScoresError, match="nothing to record"):
         ActionScoresCallback({})
     reduced = ActionScoresCallback({"test": (x_test, y_test)},
-                                   per_sample_loss=lambda y, p: keras.losses.SparseCategoricalCrossentropy()(y, p))
+                                   loss_fn=lambda p, y: keras.losses.SparseCategoricalCrossentropy()(y, p))
     experiment = client.create_experiment(f"keras-bad-{uuid.uuid4().hex[:8]}")
     with in_process_training(mlflow_server), mlflow.start_run(experiment_id=experiment) as run:
         with pytest.raises(ActionScoresError, match="scalar"):
             _model().fit(x_train, y_train, epochs=1, batch_size=64, verbose=0, callbacks=[reduced])
     assert client.list_artifacts(run.info.run_id) == []
     assert client.get_run(run.info.run_id).data.params == {}
+
+
+def test_loss_fn_takes_outputs_and_targets_and_old_spellings_warn(mlflow_server: str,
+                                                                  client: mlflow.MlflowClient) -> None:
+    x_train, y_train, x_test, y_test, _ = _digits()
+    doubled = ActionScoresCallback({"doubled": (x_test, y_test)}, tracker="mlflow",
+                                   loss_fn=lambda outputs, targets: 2 * keras.losses.sparse_categorical_crossentropy(
+                                       targets, outputs))
+    with pytest.warns(DeprecationWarning) as warned:
+        old = ActionScoresCallback(tracked={"test": (x_test, y_test)}, tracker="mlflow",
+                                   per_sample_loss=lambda y, p: keras.losses.sparse_categorical_crossentropy(y, p))
+    assert [str(w.message) for w in warned] == [
+        "action-scores: ActionScoresCallback(tracked=...) is deprecated and will be removed in the next release; "
+        "use ActionScoresCallback({'test': (x, y)}) (splits=)",
+        "action-scores: per_sample_loss(y_true, y_pred) is deprecated and will be removed in the next release; "
+        "use loss_fn(outputs, targets)"]
+    experiment = client.create_experiment(f"keras-loss-fn-{uuid.uuid4().hex[:8]}")
+    model = _model()
+    with in_process_training(mlflow_server), mlflow.start_run(experiment_id=experiment) as run:
+        model.fit(x_train, y_train, epochs=1, batch_size=64, verbose=0, callbacks=[doubled, old])
+    p_true = np.asarray(model.predict(x_test, verbose=0), dtype=np.float64)[np.arange(TEST), y_test]
+    assert doubled.run.run_id == old.run.run_id == run.info.run_id
+    for split, factor in (("doubled", 2), ("test", 1)):
+        folder = Path(client.download_artifacts(run.info.run_id, f"per_sample_losses/{split}"))
+        np.testing.assert_allclose(pd.read_parquet(folder / "epoch_0000.parquet")["loss"].to_numpy(),
+                                   -factor * np.log(np.clip(p_true, 1e-7, 1)), rtol=1e-4)

@@ -18,30 +18,38 @@ Two pieces, each small:
 
 Sample ids are the positions in each eval dataset (`add_sample_ids`). The default loss is the
 cross-entropy of the model's `logits` against `labels` (`LossRecorder.update_classification`);
-`per_sample_loss(outputs, labels) -> unreduced losses` for any other.
+`loss_fn(outputs, labels) -> unreduced losses` for any other (`tracking.integrations.session.LossFn`).
+
+The callback's first argument names what is scored, as in the other frameworks' callbacks:
+`ActionScoresCallback({"test": add_sample_ids(test_set)})` given to `ActionScoresTrainer(callbacks=[...])`
+has the Trainer evaluate that dataset; without it, every eval dataset of the Trainer is tracked.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tracking import contract
+from tracking.backends import RunWriter
 from tracking.errors import ActionScoresError
-from tracking.integrations.session import (RecordedRun, RecordingSession, check_media, check_sample_ids,
-                                           join_mlflow, join_wandb, open_run)
-from tracking.record.recorder import LossRecorder, Losses
+from tracking.integrations.session import (LossFn, RecordedRun, RecordingSession, check_media, check_sample_ids,
+                                           deprecated, join_mlflow, join_wandb, open_run)
+from tracking.record.recorder import LossRecorder
 
 log = logging.getLogger(__name__)
 SAMPLE_ID = contract.SAMPLE_ID
 LABELS = "labels"
-PerSampleLoss = Callable[[Any, torch.Tensor], Losses]
+IGNORED_LABEL = -100  # labels the loss leaves out (padding, prompts), as in transformers
+TOKENS, LOSS_SUM = "tokens", "loss_sum"  # the causal-LM columns beside `loss`
 
 
 class _WithSampleIds(Dataset):
@@ -70,23 +78,80 @@ def split_of(metric_key_prefix: str) -> str:
     return metric_key_prefix.removeprefix("eval_") or "eval"
 
 
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor,
+                    shift: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One loss per sequence from (B, T, V) logits and (B, T) labels: the mean token NLL over the labels
+    that are not -100, and the columns `tokens` (how many) and `loss_sum` (their summed NLL), so that a
+    loss per token can be had back. `shift`: a causal LM's logits at t predict the label at t + 1, as the
+    model's own loss shifts them. A sequence with no label left has loss 0 and tokens 0."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORED_LABEL, reduction="none")
+    tokens = (labels != IGNORED_LABEL).sum(dim=1)
+    loss_sum = nll.sum(dim=1)
+    return loss_sum / tokens.clamp_min(1), {TOKENS: tokens, LOSS_SUM: loss_sum}
+
+
+def is_causal_lm(model: Any) -> bool:
+    """Whether `model` is one of transformers' causal LMs (`AutoModelForCausalLM` classes), by class name."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _skipped(eval_delay: float, interval: float) -> int:
+    """How many scheduled evaluations `eval_delay` skips (the Trainer evaluates once `eval_delay <= epoch or step`)."""
+    return max(0, math.ceil(eval_delay / interval) - 1) if eval_delay > 0 else 0
+
+
+def evaluation_number(args: TrainingArguments, state: TrainerState) -> int:
+    """Which evaluation of the training this one is, 0 first, from the Trainer's own state: its epoch
+    (`state.epoch` counts the epochs done) with `eval_strategy="epoch"`, its interval of `eval_steps`
+    with `"steps"`, less the evaluations `eval_delay` skipped. A resumed Trainer restores that state,
+    so its tables go on from the last one; an evaluation at a step between two scheduled ones (the
+    last step of training) takes the next number."""
+    delay = float(args.eval_delay or 0)
+    if args.eval_strategy == "steps":
+        interval = state.eval_steps or args.eval_steps
+        return math.ceil(state.global_step / interval) - 1 - _skipped(delay, interval)
+    return math.ceil(round(state.epoch or 0, 6)) - 1 - _skipped(delay, 1)
+
+
 class ActionScoresCallback(TrainerCallback):
     """Writes a table per tracked split at every evaluation during training, into the Trainer's run.
 
-    `splits`: names of the eval datasets to track (None: all). `per_sample_loss`: see the
-    module docstring. `media`: split -> keywords of `record_media`; by default each tracked
+    `splits`: split name -> eval dataset (with `sample_id`: `add_sample_ids`), which the
+    `ActionScoresTrainer` evaluates (None: every eval dataset of the Trainer). `loss_fn`: see
+    the module docstring. Deprecated: `splits` as a list of names, `per_sample_loss=` (now
+    `loss_fn=`). `media`: split -> keywords of `record_media`; by default each tracked
     split's texts (its `text_field`, else its `input_ids` decoded by the Trainer's
-    tokenizer) with the label names of `model.config.id2label`. `tracker`, `experiment`: the
-    run to open when `report_to` has neither mlflow nor wandb.
+    tokenizer) with the label names of `model.config.id2label`. `tracker`: a configured
+    `Tracker` (used whatever `report_to` says), or the backend name of the run to open when
+    `report_to` has neither mlflow nor wandb, into `experiment`.
+
+    Each evaluation's table is numbered from the Trainer's state (`evaluation_number`), so a
+    resumed Trainer goes on where it stopped instead of writing `epoch_0000` again.
     """
 
-    def __init__(self, splits: Sequence[str] | None = None, *, per_sample_loss: PerSampleLoss | None = None,
+    def __init__(self, splits: Mapping[str, Any] | Sequence[str] | None = None, *, loss_fn: LossFn | None = None,
                  media: Mapping[str, Mapping[str, Any]] | None = None, text_field: str = "text",
-                 tracker: str = "mlflow", experiment: str | None = None) -> None:
-        self.splits = None if splits is None else [contract.check_name("split", s) for s in splits]
+                 tracker: str | RunWriter = "mlflow", experiment: str | None = None,
+                 per_sample_loss: LossFn | None = None) -> None:
+        if per_sample_loss is not None:
+            deprecated("per_sample_loss=", "loss_fn= (the same (outputs, labels) signature)")
+            loss_fn = per_sample_loss
+        self.datasets: dict[str, Any] = {}  # split -> eval dataset, handed to the ActionScoresTrainer
+        if splits is not None and not isinstance(splits, Mapping):
+            deprecated("ActionScoresCallback(['test']) (split names)",
+                       "ActionScoresCallback({'test': add_sample_ids(dataset)}), which the Trainer then evaluates")
+            names: list[str] | None = list(splits)
+        else:
+            self.datasets = dict(splits or {})
+            names = None if splits is None else list(self.datasets)
+        self.splits = None if names is None else [contract.check_name("split", s) for s in names]
         if self.splits is not None and not self.splits:
             raise ActionScoresError("splits is empty: name at least one eval dataset, or pass None for all")
-        self.per_sample_loss = per_sample_loss
+        self.loss_fn = loss_fn
         self.media = check_media(media, self.splits if self.splits is not None else list(media or {}))
         self.text_field = text_field
         self.tracker = tracker
@@ -95,9 +160,24 @@ class ActionScoresCallback(TrainerCallback):
         self.session: RecordingSession | None = None
         self.run: RecordedRun | None = None  # set on rank 0 when training starts: where the tables go
         self.active: tuple[str, LossRecorder] | None = None  # the split being evaluated during training
-        self.evaluations: dict[str, int] = {}
+        self.causal = False  # whether the model predicts the next token (set by ActionScoresTrainer)
 
     # --- set up by ActionScoresTrainer ------------------------------------------------------------
+    def eval_datasets(self, given: Any) -> Any:
+        """The Trainer's `eval_dataset` with this callback's datasets added, so that the Trainer evaluates them."""
+        if not self.datasets:
+            return given
+        if given is None:
+            return dict(self.datasets)
+        if not isinstance(given, Mapping):
+            raise ActionScoresError("the Trainer has one unnamed eval_dataset and the callback named its splits: "
+                                    "give eval_dataset={name: dataset}, or leave the eval datasets to the callback")
+        clash = sorted(name for name in self.datasets if name in given and given[name] is not self.datasets[name])
+        if clash:
+            raise ActionScoresError(f"eval_dataset and the callback give different datasets for {clash}: give "
+                                    "each split once, in the callback")
+        return {**given, **self.datasets}
+
     def track(self, split: str, dataset: Any, tokenizer: Any, id2label: Mapping[int, str] | None) -> None:
         """Check a tracked eval dataset's sample ids now, and prepare its default text media."""
         if self.splits is not None and split not in self.splits:
@@ -110,7 +190,7 @@ class ActionScoresCallback(TrainerCallback):
                 f"eval dataset {split!r} has no {SAMPLE_ID!r} column: pass add_sample_ids(dataset) as the eval dataset"
             )
         check_sample_ids(split, np.asarray([item[SAMPLE_ID] for item in items]), size)
-        if LABELS not in items[0] and self.per_sample_loss is None:
+        if LABELS not in items[0] and self.loss_fn is None and not self.causal:
             raise ActionScoresError(f"eval dataset {split!r} has no {LABELS!r}: the per-sample loss needs them")
         self.sizes[split] = size
         if split not in self.media:
@@ -118,7 +198,7 @@ class ActionScoresCallback(TrainerCallback):
             if texts is not None:
                 order = np.argsort([item[SAMPLE_ID] for item in items])
                 names = ([str((id2label or {}).get(int(items[i][LABELS]), int(items[i][LABELS]))) for i in order]
-                         if LABELS in items[0] else None)
+                         if LABELS in items[0] and np.ndim(items[0][LABELS]) == 0 else None)  # a class, not tokens
                 self.media[split] = {"texts": [texts[i] for i in order], "labels": names}
 
     def _texts(self, split: str, items: list[Mapping[str, Any]], tokenizer: Any) -> list[str] | None:
@@ -140,8 +220,11 @@ class ActionScoresCallback(TrainerCallback):
 
     def update(self, recorder: LossRecorder, sample_ids: torch.Tensor, outputs: Any, labels: torch.Tensor) -> None:
         """Translate one eval batch: its ids, the model's outputs and the labels."""
-        if self.per_sample_loss is not None:
-            recorder.update(sample_ids, self.per_sample_loss(outputs, labels))
+        if self.loss_fn is not None:
+            recorder.update(sample_ids, self.loss_fn(outputs, labels))
+        elif outputs["logits"].dim() == 3:  # a loss per token: one per sequence, with its count and sum
+            losses, columns = sequence_losses(outputs["logits"], labels, shift=self.causal)
+            recorder.update(sample_ids, losses, **columns)
         else:
             recorder.update_classification(sample_ids, outputs["logits"], labels)
 
@@ -156,8 +239,8 @@ class ActionScoresCallback(TrainerCallback):
             raise ActionScoresError(f"no eval dataset for tracked splits {missing or '(any)'}: give the "
                                     "ActionScoresTrainer eval_dataset={name: add_sample_ids(dataset)}")
         check_media(self.media, self.sizes)  # media named for a split that has no eval dataset
-        self.session = RecordingSession(self._writer(args) if state.is_world_process_zero else None,
-                                        {split: "eval" for split in self.sizes}, self.media)
+        writer, finish_writer = self._writer(args) if state.is_world_process_zero else (None, True)
+        self.session = RecordingSession(writer, {split: "eval" for split in self.sizes}, self.media, finish_writer)
         self.run = self.session.run
         for split, size in self.sizes.items():  # media checked and encoded now, before the first epoch
             self.session.recorder(split, size)
@@ -168,9 +251,7 @@ class ActionScoresCallback(TrainerCallback):
             return
         split, _ = self.active
         self.active = None
-        epoch = self.evaluations.get(split, 0)
-        self.session.end_epoch(split, epoch)
-        self.evaluations[split] = epoch + 1
+        self.session.end_epoch(split, evaluation_number(args, state))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -178,9 +259,11 @@ class ActionScoresCallback(TrainerCallback):
             self.session.close()
             self.session = None
 
-    def _writer(self, args: TrainingArguments) -> Any:
+    def _writer(self, args: TrainingArguments) -> tuple[RunWriter, bool]:
         """The run the Trainer's mlflow or wandb integration opened (it starts in its own on_train_begin,
         which runs before this one), else a new run."""
+        if isinstance(self.tracker, RunWriter):
+            return open_run(self.tracker, self.experiment)
         report_to = args.report_to or []
         if "mlflow" in report_to:
             import mlflow
@@ -189,13 +272,13 @@ class ActionScoresCallback(TrainerCallback):
             if run is None:
                 raise ActionScoresError("report_to has mlflow but no MLflow run is active: is "
                                         "DISABLE_MLFLOW_INTEGRATION set?")
-            return join_mlflow(mlflow.get_tracking_uri(), run.info.run_id)
+            return join_mlflow(mlflow.get_tracking_uri(), run.info.run_id), True
         if "wandb" in report_to:
             import wandb
 
             if wandb.run is None:
                 raise ActionScoresError("report_to has wandb but no W&B run is active")
-            return join_wandb(wandb.run)
+            return join_wandb(wandb.run), True
         return open_run(self.tracker, self.experiment)
 
 
@@ -203,12 +286,16 @@ class ActionScoresTrainer(Trainer):
     """A `Trainer` whose batches keep `sample_id` and whose evaluations feed its `ActionScoresCallback`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = next((cb for cb in kwargs.get("callbacks") or [] if isinstance(cb, ActionScoresCallback)), None)
+        if given is not None:  # before the Trainer checks that evaluations have a dataset
+            kwargs["eval_dataset"] = given.eval_datasets(kwargs.get("eval_dataset"))
         super().__init__(*args, **kwargs)
         found = [cb for cb in self.callback_handler.callbacks if isinstance(cb, ActionScoresCallback)]
         if not found:
             found = [ActionScoresCallback()]
             self.add_callback(found[0])
         self.action_scores: ActionScoresCallback = found[0]
+        self.action_scores.causal = is_causal_lm(self.model)
         self._recording: LossRecorder | None = None
         datasets = self.eval_dataset if isinstance(self.eval_dataset, Mapping) else (
             {"eval": self.eval_dataset} if self.eval_dataset is not None else {})

@@ -1,45 +1,74 @@
-"""PyTorch Lightning: record each sample's loss every epoch, with no change to the `LightningModule`.
+"""Lightning: record each sample's loss every epoch, with no change to the `LightningModule`.
 
+    import lightning as L
+    from lightning.pytorch.loggers import MLFlowLogger
     from tracking.integrations.lightning import ActionScoresCallback
-    trainer = pl.Trainer(max_epochs=20, logger=MLFlowLogger(...),
-                         callbacks=[ActionScoresCallback({"test": test_set})])
+    trainer = L.Trainer(max_epochs=20, logger=MLFlowLogger(...),
+                        callbacks=[ActionScoresCallback({"test": test_set})])
     trainer.fit(model, train_loader)
+
+One callback for both packages: `lightning.pytorch` (`pip install lightning`) and the older
+`pytorch_lightning`. Each Trainer accepts only callbacks of its own package's `Callback`, so
+the class derives from the `Callback` of every package installed.
 
 Two ways to score a split (`tracking.record.recorder` explains both):
 - evaluation pass (default, the paper's): after every training epoch the callback runs each
   tracked dataset through the module in eval mode, without gradients. Sample ids are the
-  positions in the dataset. By default an item is `(input, target)`, the module's forward
-  gives logits, and the loss is the cross-entropy (`LossRecorder.update_classification`);
-  any other loss: `per_sample_loss(module, batch) -> unreduced losses` (a tensor, or a dict
-  of parts).
+  positions in the dataset. An item is `(input, target)` (or a dict with `input` and
+  `target`); the module's forward gives the outputs, and the loss is their cross-entropy
+  (`LossRecorder.update_classification`), or `loss_fn(outputs, targets)` for any other
+  (`tracking.integrations.session.LossFn`, the same hook in every callback).
 - training pass (`train_split="train"`): what `training_step` already computed, for free.
   `training_step` returns a dict with `"loss"` (what Lightning optimises) and
   `"sample_id"` (the batch's ids, e.g. from `tracking.IndexedDataset`), plus either
   `"losses"` (the unreduced per-sample losses) or `"logits"` and `"target"` (cross-entropy).
 
-The tables go into the run of the trainer's `MLFlowLogger` or `WandbLogger`, beside
-Lightning's own metrics; without such a logger the callback opens a run of `tracker`
-(and ends it when fitting ends). Under DDP every rank scores its share of each dataset
+The tables go into the run of the trainer's `MLFlowLogger` or `WandbLogger` (of either
+package), beside Lightning's own metrics. `tracker=` names the run otherwise: a backend
+name (a run opened and ended here) or a configured `Tracker`. A trainer whose loggers are
+all of other kinds (CSV, TensorBoard) and no `tracker=` is an error: the callback never
+records into a run nobody asked for. Under DDP every rank scores its share of each dataset
 (a `DistributedSampler`) and rank 0 writes each epoch's table, whole, once.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from tracking import contract
+from tracking.backends import RunWriter
 from tracking.errors import ActionScoresError
-from tracking.integrations.session import RecordedRun, RecordingSession, check_media, join_mlflow, join_wandb, open_run
+from tracking.integrations.session import (LossFn, RecordedRun, RecordingSession, TrackerChoice, check_media,
+                                           deprecated, join_mlflow, join_wandb, open_run)
+from tracking.record import distributed
 from tracking.record.recorder import Losses
 
-PerSampleLoss = Callable[[pl.LightningModule, Any], Losses]
+PACKAGES = ("lightning.pytorch", "pytorch_lightning")  # the modern namespace first
+
+
+def _installed() -> list[Any]:
+    """The Lightning packages this environment has, modern first."""
+    found = []
+    for name in PACKAGES:
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    if not found:
+        raise ActionScoresError("no Lightning installed: pip install 'action-scores[lightning]' (or lightning)")
+    return found
+
+
+LIGHTNING = _installed()
+PerSampleLoss = Callable[[Any, Any], Losses]  # the deprecated (module, batch) -> unreduced losses
 # Keys of what `training_step` returns, for the training pass.
 IDS_KEY, LOSSES_KEY, LOGITS_KEY, TARGET_KEY = contract.SAMPLE_ID, "losses", "logits", "target"
+INPUT_KEY = "input"  # with TARGET_KEY: the keys of dict eval items, as `tracking.IndexedDataset` makes them
 
 
 class _Positions(Dataset):
@@ -55,47 +84,64 @@ class _Positions(Dataset):
         return index, self.dataset[index]
 
 
-def _classification_loss(module: pl.LightningModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Default evaluation: `(input, target)` batches, logits from the module's forward."""
-    inputs, targets = batch
-    return module(inputs), targets
+def _inputs_and_targets(batch: Any) -> tuple[Any, Any]:
+    """An eval batch's inputs and targets: `(input, target)` items, or dicts with `input` and `target`."""
+    if isinstance(batch, Mapping) and INPUT_KEY in batch and TARGET_KEY in batch:
+        return batch[INPUT_KEY], batch[TARGET_KEY]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ActionScoresError(
+        f"an eval batch is a {type(batch).__name__}; the eval pass takes (input, target) items or dicts with "
+        f"{INPUT_KEY!r} and {TARGET_KEY!r}: give collate_fn= that makes one of those"
+    )
 
 
-class ActionScoresCallback(pl.Callback):
+class ActionScoresCallback(*(package.Callback for package in LIGHTNING)):  # type: ignore[misc]
     """Records per-sample losses of the tracked splits every epoch into the trainer's run.
 
-    `eval_sets`: split name -> dataset, scored by an evaluation pass after each training
+    `splits`: split name -> dataset, scored by an evaluation pass after each training
     epoch (`batch_size`, `collate_fn` build its loader). `train_split`: the name under
     which the training pass is recorded (None: not recorded); `train_size` its number of
-    samples (default: `len` of the training dataloader's dataset). `per_sample_loss`: see
-    the module docstring. `media`: split -> keywords of `LossRecorder.record_media`
+    samples (default: `len` of the training dataloader's dataset). `loss_fn`: see the
+    module docstring. Deprecated: `eval_sets=` (now `splits`), `per_sample_loss(module, batch)`
+    (now `loss_fn(outputs, targets)`). `media`: split -> keywords of `LossRecorder.record_media`
     (`images=`, `texts=` or `uris=`, `labels=`), recorded once so that panels need no data.
-    `tracker`, `experiment`: the run to open when the trainer has no MLflow or W&B logger.
+    `tracker`: where the tables go when the trainer has no MLflow or W&B logger: a backend name
+    (`mlflow`, `wandb`, `both`: a run of `experiment` opened here and ended when fitting ends)
+    or a configured `Tracker` (started here if it has no run yet; one already started is
+    written into and left to its owner). A `Tracker` is used even beside such a logger.
     """
 
     def __init__(
         self,
-        eval_sets: Mapping[str, Dataset] | None = None,
+        splits: Mapping[str, Dataset] | None = None,
         *,
         train_split: str | None = None,
         train_size: int | None = None,
-        per_sample_loss: PerSampleLoss | None = None,
+        loss_fn: LossFn | None = None,
         batch_size: int = 256,
         collate_fn: Callable[[list[Any]], Any] = default_collate,
         media: Mapping[str, Mapping[str, Any]] | None = None,
-        tracker: str = "mlflow",
+        tracker: TrackerChoice = None,
         experiment: str | None = None,
+        eval_sets: Mapping[str, Dataset] | None = None,
+        per_sample_loss: PerSampleLoss | None = None,
     ) -> None:
-        self.eval_sets = dict(eval_sets or {})
-        if not self.eval_sets and train_split is None:
-            raise ActionScoresError("nothing to record: give eval_sets={'test': dataset} and/or train_split='train'")
-        if train_split is not None and train_split in self.eval_sets:
+        if eval_sets is not None:
+            deprecated("ActionScoresCallback(eval_sets=...)", "ActionScoresCallback({'test': dataset}) (splits=)")
+            splits = eval_sets
+        if per_sample_loss is not None:
+            deprecated("per_sample_loss(module, batch)", "loss_fn(outputs, targets)")
+        self.splits = dict(splits or {})
+        if not self.splits and train_split is None:
+            raise ActionScoresError("nothing to record: give splits={'test': dataset} and/or train_split='train'")
+        if train_split is not None and train_split in self.splits:
             raise ActionScoresError(f"split {train_split!r} is both an eval set and the training pass; rename one")
-        for split, dataset in self.eval_sets.items():
+        for split, dataset in self.splits.items():
             contract.check_name("split", split)
             if isinstance(dataset, DataLoader) or not hasattr(dataset, "__len__"):
                 raise ActionScoresError(
-                    f"eval_sets[{split!r}] must be a map-style Dataset (with __len__), got {type(dataset).__name__}: "
+                    f"splits[{split!r}] must be a map-style Dataset (with __len__), got {type(dataset).__name__}: "
                     "pass the dataset itself, the callback builds the loader and numbers samples by position"
                 )
         if train_size is not None and train_size <= 0:
@@ -104,42 +150,49 @@ class ActionScoresCallback(pl.Callback):
             raise ActionScoresError(f"batch_size must be positive, got {batch_size}")
         self.train_split = contract.check_name("split", train_split) if train_split is not None else None
         self.train_size = train_size
+        self.loss_fn = loss_fn
         self.per_sample_loss = per_sample_loss
         self.batch_size = batch_size
         self.collate_fn = collate_fn
-        self.media = check_media(media, [*self.eval_sets, *([train_split] if train_split else [])])
+        self.media = check_media(media, [*self.splits, *([train_split] if train_split else [])])
         self.tracker = tracker
         self.experiment = experiment
         self.session: RecordingSession | None = None
         self.run: RecordedRun | None = None  # set on rank 0 when training starts: where the tables go
 
     # --- when ---------------------------------------------------------------------------------
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        scored_by = {**{split: "eval" for split in self.eval_sets},
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        scored_by = {**{split: "eval" for split in self.splits},
                      **({self.train_split: "train"} if self.train_split else {})}
-        self.session = RecordingSession(self._writer(trainer) if trainer.is_global_zero else None, scored_by,
-                                        self.media)
+        writer, finish_writer, failure = None, True, None
+        if trainer.is_global_zero:
+            try:
+                writer, finish_writer = self._writer(trainer)
+            except Exception as error:  # every rank learns it, instead of waiting in the DDP constructor
+                failure = error
+        distributed.agree(failure, "starting the tracker on rank 0")
+        self.session = RecordingSession(writer, scored_by, self.media, finish_writer)
         self.run = self.session.run
-        for split, dataset in self.eval_sets.items():  # media checked now, before the first epoch
+        for split, dataset in self.splits.items():  # media checked now, before the first epoch
             self.session.recorder(split, len(dataset))  # type: ignore[arg-type]
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.train_split is not None:
             self._record_training_step(trainer, outputs)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         session = self._session()
         if self.train_split in session.recorders:  # the training pass recorded this epoch's batches
             session.end_epoch(self.train_split, trainer.current_epoch)
-        for split, dataset in self.eval_sets.items():
+        for split, dataset in self.splits.items():
             self._evaluate(trainer, pl_module, split, dataset)
             session.end_epoch(split, trainer.current_epoch)
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._session().close()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.session is not None:
             self.session.close(failed=True)
 
@@ -149,24 +202,28 @@ class ActionScoresCallback(pl.Callback):
             raise ActionScoresError("ActionScoresCallback used outside trainer.fit()")
         return self.session
 
-    @staticmethod
-    def _framework_logger(trainer: pl.Trainer) -> Any:
-        """The trainer's first MLflow or W&B logger, whose run receives the tables; None if it has neither."""
-        from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
+    def _writer(self, trainer: Any) -> tuple[RunWriter, bool]:
+        """The run the tables go to: a given `Tracker`, else the trainer's MLflow or W&B logger's run (either
+        package's), else a run of the named backend; a trainer with only other loggers and no tracker is refused."""
+        mlflow_loggers = tuple(package.loggers.MLFlowLogger for package in LIGHTNING)
+        wandb_loggers = tuple(package.loggers.WandbLogger for package in LIGHTNING)
+        if not isinstance(self.tracker, RunWriter):
+            logger = next((lg for lg in trainer.loggers if isinstance(lg, mlflow_loggers + wandb_loggers)), None)
+            if isinstance(logger, mlflow_loggers):
+                return join_mlflow(logger.experiment.tracking_uri, logger.run_id), True
+            if logger is not None:
+                return join_wandb(logger.experiment), True
+            if self.tracker is None:
+                kinds = sorted(type(lg).__name__ for lg in trainer.loggers)
+                raise ActionScoresError(
+                    f"the trainer logs to {kinds or 'no logger'}, and action-scores writes only into an MLflow or "
+                    "W&B run: add an MLFlowLogger or WandbLogger to the Trainer, or pass "
+                    "ActionScoresCallback(..., tracker='mlflow') (a run of its own) or tracker=<a configured "
+                    "tracking.backends Tracker>"
+                )
+        return open_run(self.tracker, self.experiment)
 
-        return next((lg for lg in trainer.loggers if isinstance(lg, (MLFlowLogger, WandbLogger))), None)
-
-    def _writer(self, trainer: pl.Trainer) -> Any:
-        from pytorch_lightning.loggers import MLFlowLogger
-
-        logger = self._framework_logger(trainer)
-        if logger is None:
-            return open_run(self.tracker, self.experiment)
-        if isinstance(logger, MLFlowLogger):
-            return join_mlflow(logger.experiment.tracking_uri, logger.run_id)
-        return join_wandb(logger.experiment)
-
-    def _record_training_step(self, trainer: pl.Trainer, outputs: Any) -> None:
+    def _record_training_step(self, trainer: Any, outputs: Any) -> None:
         """Translate what `training_step` returned into one `update` of the training pass."""
         assert self.train_split is not None
         if not isinstance(outputs, Mapping) or IDS_KEY not in outputs:
@@ -188,7 +245,7 @@ class ActionScoresCallback(pl.Callback):
                 f"add {LOSSES_KEY!r} (per-sample losses, reduction='none') or {LOGITS_KEY!r} and {TARGET_KEY!r}"
             )
 
-    def _loader(self, trainer: pl.Trainer, dataset: Dataset) -> DataLoader:
+    def _loader(self, trainer: Any, dataset: Dataset) -> DataLoader:
         """Positions and items in order; under DDP each rank gets its share (padded: the recorder keeps firsts)."""
         positions = _Positions(dataset)
         sampler = (DistributedSampler(positions, num_replicas=trainer.world_size, rank=trainer.global_rank,
@@ -197,7 +254,7 @@ class ActionScoresCallback(pl.Callback):
                           collate_fn=lambda pairs: (torch.tensor([i for i, _ in pairs]),
                                                     self.collate_fn([item for _, item in pairs])))
 
-    def _evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, split: str, dataset: Dataset) -> None:
+    def _evaluate(self, trainer: Any, module: Any, split: str, dataset: Dataset) -> None:
         """One evaluation pass over a tracked dataset, in eval mode without gradients, every batch recorded."""
         recorder = self._session().recorder(split, len(dataset))  # type: ignore[arg-type]
         was_training = module.training
@@ -206,10 +263,13 @@ class ActionScoresCallback(pl.Callback):
             with torch.no_grad():
                 for sample_ids, batch in self._loader(trainer, dataset):
                     batch = trainer.strategy.batch_to_device(batch)
-                    if self.per_sample_loss is None:
-                        logits, targets = _classification_loss(module, batch)
-                        recorder.update_classification(sample_ids, logits, targets)
-                    else:
+                    if self.per_sample_loss is not None:  # deprecated
                         recorder.update(sample_ids, self.per_sample_loss(module, batch))
+                        continue
+                    inputs, targets = _inputs_and_targets(batch)
+                    if self.loss_fn is None:
+                        recorder.update_classification(sample_ids, module(inputs), targets)
+                    else:
+                        recorder.update(sample_ids, self.loss_fn(module(inputs), targets))
         finally:
             module.train(was_training)

@@ -10,7 +10,8 @@ rank 0 has a writer; every rank records its share and `end_epoch` gathers the sh
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from tracking.backends import MLflowTracker, RunWriter, WandbTracker, make_track
 from tracking.errors import ActionScoresError
 from tracking.record.ids import checked_sample_ids
 from tracking.record.media import MediaSummary, record_media
-from tracking.record.recorder import LossRecorder
+from tracking.record.recorder import LossRecorder, Losses
 
 if TYPE_CHECKING:
     from tracking.analyze import AnalysisResult
@@ -58,10 +59,48 @@ def join_wandb(run: Any) -> RunWriter:
     return _JoinedWandbRun(run)
 
 
-def open_run(tracker: str, experiment: str | None) -> RunWriter:
-    """A new run of the named backend (`mlflow`, `wandb`, `both`), for a framework without a logger;
-    for `mlflow` or `wandb`, the run this process already has active (`with mlflow.start_run():`,
-    `wandb.init()`), if any, so that the tables join the user's own metrics."""
+# The one per-sample loss hook of every callback: `loss_fn(outputs, targets) -> unreduced losses`, a 1-D tensor
+# (one loss per sample) or a dict of parts. `outputs`: what the model returned for the batch (Lightning: the
+# module's forward; Hugging Face: the model's output, `outputs.logits`; Keras: the predictions, a tensor);
+# `targets`: the batch's targets (Hugging Face: its `labels`). The order of torch's losses:
+# `functools.partial(F.cross_entropy, reduction="none")` is one.
+LossFn = Callable[[Any, Any], Losses]
+
+
+def deprecated(old: str, new: str) -> None:
+    """Warn that a callback argument's old spelling goes in the next release, naming the new one."""
+    warnings.warn(f"action-scores: {old} is deprecated and will be removed in the next release; use {new}",
+                  DeprecationWarning, stacklevel=3)
+
+
+# What a callback's `tracker=` takes: a backend name, a configured `Tracker`, or None (the framework's own logger).
+TrackerChoice = str | RunWriter | None
+
+
+def _has_run(writer: RunWriter) -> bool:
+    try:
+        writer.run_id
+    except ActionScoresError:
+        return False
+    return True
+
+
+def open_run(tracker: str | RunWriter, experiment: str | None) -> tuple[RunWriter, bool]:
+    """The writer of a callback's `tracker=`, and whether the session finishes it (`RecordingSession.finish_writer`).
+
+    A configured `Tracker`: started here (into `experiment`) if it has no run yet, and then finished here;
+    one already started is written into and left to its owner, whose `finish` waits for the tables.
+    A name (`mlflow`, `wandb`, `both`): for `mlflow` or `wandb` the run this process already has
+    active (`with mlflow.start_run():`, `wandb.init()`), joined, else a new run of that backend."""
+    if isinstance(tracker, RunWriter):
+        if _has_run(tracker):
+            return tracker, False
+        tracker.start(experiment=experiment or None)
+        return tracker, True
+    return _run_of(tracker, experiment), True
+
+
+def _run_of(tracker: str, experiment: str | None) -> RunWriter:
     if tracker == MLflowTracker.name:
         import mlflow
 
@@ -127,7 +166,8 @@ class RecordingSession:
 
     `writer` is None on ranks other than 0 (they record and gather, rank 0 writes).
     `close` ends the run only if the session opened it (`open_run`); a joined run
-    (`join_mlflow`, `join_wandb`) is left to the framework that opened it.
+    (`join_mlflow`, `join_wandb`) is left to the framework that opened it, and a started
+    `Tracker` the user passed (`finish_writer=False`) is not finished at all.
     `scored_by`: split -> "eval" or "train", logged as `action_scores.scored_by.<split>`.
 
     Nothing reaches the run before a split's first table has passed its checks: media is
@@ -136,8 +176,9 @@ class RecordingSession:
     """
 
     def __init__(self, writer: RunWriter | None, scored_by: Mapping[str, str],
-                 media: Mapping[str, Mapping[str, Any]]) -> None:
+                 media: Mapping[str, Mapping[str, Any]], finish_writer: bool = True) -> None:
         self.writer = writer
+        self.finish_writer = finish_writer
         self.run = RecordedRun.of(writer) if writer is not None else None
         self.scored_by = dict(scored_by)
         self.media = dict(media)
@@ -176,9 +217,11 @@ class RecordingSession:
     def close(self, failed: bool = False) -> None:
         """Wait for the queued tables; end the run only if this session opened it."""
         if self.writer is not None:
-            self.writer.finish(failed=failed)
+            if self.finish_writer:
+                self.writer.finish(failed=failed)
             self.writer = None
 
 
-__all__ = ["RecordedRun", "RecordingSession", "check_media", "check_sample_ids", "join_mlflow", "join_wandb",
+__all__ = ["LossFn", "RecordedRun", "RecordingSession", "TrackerChoice", "check_media", "check_sample_ids",
+           "deprecated", "join_mlflow", "join_wandb",
            "open_run"]

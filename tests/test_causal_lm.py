@@ -1,0 +1,78 @@
+"""Hugging Face causal LMs against the real MLflow server: a tiny GPT-2 built from a config, one loss per
+sequence (the mean token NLL over its unmasked labels, shifted as the model shifts them), with `tokens` and
+`loss_sum`, and the sequences' texts as media."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import (DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast,
+                          TrainingArguments)
+
+from tests.conftest import in_process_training
+from tracking.integrations.huggingface import ActionScoresCallback, ActionScoresTrainer, add_sample_ids
+
+WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "rug", "fast", "slow", "home"]
+TEXTS = ["the cat sat on a mat", "the dog ran home", "a dog sat", "the cat ran fast on a rug", "a cat sat slow",
+         "the dog ran on a mat", "a cat", "the dog sat on the rug home"]
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {word: index for index, word in enumerate(["[PAD]", "[UNK]", *WORDS])}
+    core = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def recorded(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ActionScoresTrainer]:
+    tok = tokenizer()
+    data = [{"input_ids": ids, "text": text} for ids, text in zip(tok(TEXTS)["input_ids"], TEXTS)]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                       pad_token_id=tok.pad_token_id))
+    args = TrainingArguments(output_dir=str(tmp_path_factory.mktemp("out")), num_train_epochs=2, learning_rate=1e-2,
+                             per_device_train_batch_size=4, per_device_eval_batch_size=3, eval_strategy="epoch",
+                             save_strategy="no", report_to=["mlflow"], use_cpu=True, disable_tqdm=True, seed=0)
+    experiment = f"causal-{uuid.uuid4().hex[:8]}"
+    with in_process_training(mlflow_server):
+        mlflow.set_tracking_uri(mlflow_server)
+        mlflow.set_experiment(experiment)
+        hf = ActionScoresTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                                 data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                                 callbacks=[ActionScoresCallback({"test": add_sample_ids(data)})])
+        hf.train()
+        mlflow.end_run()
+    return hf.action_scores.run.run_id, hf
+
+
+@pytest.mark.xfail(strict=True, raises=Exception,
+                   reason="the recorder refuses an extra column named loss_* (its prefix of loss parts): "
+                          "`loss_sum` needs tracking.record.recorder to allow it")
+def test_one_loss_per_sequence_is_the_models_own_loss_of_that_sequence(
+        recorded: tuple[str, ActionScoresTrainer], client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    run_id, hf = recorded
+    folder = Path(client.download_artifacts(run_id, "per_sample_losses/test", str(tmp_path)))
+    assert sorted(p.name for p in folder.glob("*.parquet")) == ["epoch_0000.parquet", "epoch_0001.parquet"]
+    table = pd.read_parquet(folder / "epoch_0001.parquet")
+    assert table["sample_id"].tolist() == list(range(len(TEXTS)))
+    ids = tokenizer()(TEXTS)["input_ids"]
+    assert table["tokens"].tolist() == [len(sequence) - 1 for sequence in ids]  # shifted: the first predicts none
+    hf.model.eval()
+    with torch.no_grad():  # one sequence at a time, unpadded: the model's own mean loss of it
+        own = [float(hf.model(input_ids=torch.tensor([s]), labels=torch.tensor([s])).loss) for s in ids]
+    np.testing.assert_allclose(table["loss"].to_numpy(), own, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(table["loss_sum"].to_numpy(), np.asarray(own) * table["tokens"].to_numpy(), rtol=1e-4)
+    media = pd.read_parquet(client.download_artifacts(run_id, "per_sample_media/test/media.parquet", str(tmp_path)))
+    assert media["text"].tolist() == TEXTS
+    assert media["media_kind"].tolist() == ["text"] * len(TEXTS)
+    assert media["label_name"].isna().all()  # a sequence's labels are its tokens, not a class
