@@ -1,6 +1,6 @@
 """Hugging Face causal LMs against the real MLflow server: a tiny GPT-2 built from a config, one loss per
 sequence (the mean token NLL over its unmasked labels, shifted as the model shifts them), with `tokens` and
-`loss_sum`, and the sequences' texts as media."""
+`nll_sum`, and the sequences' texts as media."""
 
 from __future__ import annotations
 
@@ -55,9 +55,6 @@ def recorded(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> tu
     return hf.action_scores.run.run_id, hf
 
 
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="the recorder refuses an extra column named loss_* (its prefix of loss parts): "
-                          "`loss_sum` needs tracking.record.recorder to allow it")
 def test_one_loss_per_sequence_is_the_models_own_loss_of_that_sequence(
         recorded: tuple[str, ActionScoresTrainer], client: mlflow.MlflowClient, tmp_path: Path) -> None:
     run_id, hf = recorded
@@ -71,7 +68,7 @@ def test_one_loss_per_sequence_is_the_models_own_loss_of_that_sequence(
     with torch.no_grad():  # one sequence at a time, unpadded: the model's own mean loss of it
         own = [float(hf.model(input_ids=torch.tensor([s]), labels=torch.tensor([s])).loss) for s in ids]
     np.testing.assert_allclose(table["loss"].to_numpy(), own, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(table["loss_sum"].to_numpy(), np.asarray(own) * table["tokens"].to_numpy(), rtol=1e-4)
+    np.testing.assert_allclose(table["nll_sum"].to_numpy(), np.asarray(own) * table["tokens"].to_numpy(), rtol=1e-4)
     media = pd.read_parquet(client.download_artifacts(run_id, "per_sample_media/test/media.parquet", str(tmp_path)))
     assert media["text"].tolist() == TEXTS
     assert media["media_kind"].tolist() == ["text"] * len(TEXTS)

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 SAMPLE_ID = contract.SAMPLE_ID
 LABELS = "labels"
 IGNORED_LABEL = -100  # labels the loss leaves out (padding, prompts), as in transformers
-TOKENS, LOSS_SUM = "tokens", "loss_sum"  # the causal-LM columns beside `loss`
+TOKENS, NLL_SUM = "tokens", "nll_sum"  # the causal-LM columns beside `loss` (`loss_*` names are loss parts)
 
 
 class _WithSampleIds(Dataset):
@@ -81,7 +81,7 @@ def split_of(metric_key_prefix: str) -> str:
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor,
                     shift: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One loss per sequence from (B, T, V) logits and (B, T) labels: the mean token NLL over the labels
-    that are not -100, and the columns `tokens` (how many) and `loss_sum` (their summed NLL), so that a
+    that are not -100, and the columns `tokens` (how many) and `nll_sum` (their summed NLL), so that a
     loss per token can be had back. `shift`: a causal LM's logits at t predict the label at t + 1, as the
     model's own loss shifts them. A sequence with no label left has loss 0 and tokens 0."""
     if shift:
@@ -89,7 +89,7 @@ def sequence_losses(logits: torch.Tensor, labels: torch.Tensor,
     nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORED_LABEL, reduction="none")
     tokens = (labels != IGNORED_LABEL).sum(dim=1)
     loss_sum = nll.sum(dim=1)
-    return loss_sum / tokens.clamp_min(1), {TOKENS: tokens, LOSS_SUM: loss_sum}
+    return loss_sum / tokens.clamp_min(1), {TOKENS: tokens, NLL_SUM: loss_sum}
 
 
 def is_causal_lm(model: Any) -> bool:
