@@ -154,7 +154,7 @@ def _checked_boxes(boxes: Any, box_labels: Any, size: int) -> list[tuple[np.ndar
                                 "sample's boxes")
     checked = []
     for position, drawn in enumerate(boxes):
-        corners = _host_array(drawn).astype(np.float64)
+        corners = host_array(drawn).astype(np.float64)
         if corners.size == 0:
             corners = corners.reshape(0, 4)
         if corners.ndim != 2 or corners.shape[1] != 4 or not np.isfinite(corners).all() \
