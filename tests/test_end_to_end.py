@@ -81,7 +81,8 @@ def test_analyze_scores_panels_and_idempotence(mlflow_server: str, trained_run, 
         assert (scores["epochs"] == EPOCHS).all()
         assert scores["rank"].loc[_expected_order(expected, descending=True)].tolist() == list(range(1, TOP_K + 1))
         labels = tables[0].set_index("sample_id")["target"]
-        assert "label" not in scores and "label_name" not in scores  # captions' columns are the view's
+        assert "label_name" not in scores  # the captions' class names are the view's, never saved
+        assert (scores["label"] == labels.loc[scores.index]).all()  # the recorded target, the engine's column
 
         hardest = read_panel_rows(Path(local) / "loss" / "hardest.png")
         easiest = read_panel_rows(Path(local) / "loss" / "easiest.png")

@@ -153,7 +153,7 @@ def test_bad_datasets_and_settings_are_errors_that_write_nothing(mlflow_server: 
         with pytest.raises(ActionScoresError, match="add_sample_ids"):
             trainer("none", {"test": plain}, output_dir)
         repeated = [{**item, "sample_id": min(index, 5)} for index, item in enumerate(plain)]
-        with pytest.raises(ActionScoresError, match="repeated: \\[5\\]"):
+        with pytest.raises(ActionScoresError, match=r"sample ids \[5\] appear more than once; pass each sample once"):
             trainer("none", {"test": repeated}, output_dir)
         experiment = client.create_experiment(f"hf-bad-{uuid.uuid4().hex[:8]}")
         with in_process_training(mlflow_server), mlflow.start_run(experiment_id=experiment) as active:

@@ -1,11 +1,16 @@
-"""The one atomic file write: readers (an uploader, a resumed process, the job) see the old file or the new one,
-never half of one."""
+"""File writing shared by the recorder and the report, with no torch import: the one atomic file write (readers
+see the old file or the new one, never half of one) and the one PNG thumbnail encoder."""
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
+
+THUMBNAIL_SIDE = 64  # pixels: pictures with a longer side are stored as a thumbnail of this side
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -20,3 +25,15 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def encode_png(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
+    """PNG of the pixels as they are when both sides are <= `side`, else of a thumbnail that fits `side`."""
+    from PIL import Image
+
+    picture = Image.fromarray(pixels)
+    if max(pixels.shape[:2]) > side:
+        picture.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
-from tracking.files import write_atomically
+from tracking.files import THUMBNAIL_SIDE, encode_png, write_atomically  # pictures with a longer side: a thumbnail
 from tracking.record.ids import checked_sample_ids, host_array
 from tracking.record.png import stored_pngs
 
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from tracking.backends.base import RunWriter
 
 DEFAULT_MAX_BYTES = 256 * 2**20  # encoded media per split; CIFAR-10's 50,000 training images take ~120 MB
-THUMBNAIL_SIDE = 64  # pictures with a longer side are stored as a thumbnail of this side
 STORED_PICTURE_BYTES = 1024  # pictures up to this many bytes (32x32 grey) go into their PNG uncompressed
 MAX_TEXT_CHARS = 1000  # a panel card shows a few hundred; the table keeps this many
 
@@ -125,18 +124,6 @@ def _split_images(images: Any, size: int) -> np.ndarray | list[np.ndarray]:
         first = _checked_image(stack[0], 0)
         return stack.reshape(size, *first.shape)
     return [_checked_image(image, position) for position, image in enumerate(images)]
-
-
-def encode_png(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
-    """PNG of the pixels as they are when both sides are <= `side`, else of a thumbnail that fits `side`."""
-    from PIL import Image
-
-    picture = Image.fromarray(pixels)
-    if max(pixels.shape[:2]) > side:
-        picture.thumbnail((side, side), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 BOX_TYPE = pa.list_(pa.struct([*((corner, pa.float32()) for corner in contract.BOX_CORNERS),

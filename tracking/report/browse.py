@@ -22,8 +22,8 @@ import pandas as pd
 
 from tracking.contract import SAMPLE_ID
 from tracking.errors import ActionScoresError
+from tracking.files import encode_png
 from tracking.report.views import SplitView
-from tracking.record.media import encode_png
 from tracking.scoring.rank import easiest, hardest
 from tracking.scoring.regions import REGION
 from tracking.scoring.registry import score_of_column
