@@ -1,6 +1,6 @@
 """The artifact contract: where per-sample tables and scores live in a run, and their columns.
 
-Anyone may write these files from any framework and use the post-hoc job; the README
+Anyone may write these files from any framework and use the post-hoc job; docs/contract.md
 documents the same contract. Everything that builds or parses an artifact path goes
 through this module, so the layout is defined once.
 """
