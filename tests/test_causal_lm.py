@@ -71,5 +71,5 @@ def test_one_loss_per_sequence_is_the_models_own_loss_of_that_sequence(
     np.testing.assert_allclose(table["nll_sum"].to_numpy(), np.asarray(own) * table["tokens"].to_numpy(), rtol=1e-4)
     media = pd.read_parquet(client.download_artifacts(run_id, "per_sample_media/test/media.parquet", str(tmp_path)))
     assert media["text"].tolist() == TEXTS
-    assert media["media_kind"].tolist() == ["text"] * len(TEXTS)
+    assert media["kind"].tolist() == ["text"] * len(TEXTS)
     assert media["label_name"].isna().all()  # a sequence's labels are its tokens, not a class

@@ -24,6 +24,7 @@ import torch
 from tests.conftest import BIN, _free_port, ROOT, in_process_training, run_command, start_server, stop_server
 from tracking.analyze import analyze_run
 from tracking.record.recorder import LossRecorder
+from tracking.errors import ActionScoresError
 from tracking.backends import MLflowTracker
 
 
@@ -339,11 +340,11 @@ def test_tables_written_off_the_training_thread_arrive_and_a_failed_write_is_nam
         recorder.update(torch.arange(4), torch.from_numpy(losses[epoch]))
         recorder.end_epoch(epoch)  # returns at once; epoch 1's failure happens on the writer thread
     tracker.log_params_later({"lr": 0.1})
-    tracker.finish()
-    assert "1 table(s) could not be written to" in tracker.left_behind
-    assert "(per_sample_losses/test/epoch_0001.parquet: IsADirectoryError" in tracker.left_behind
-    run = client.get_run(run_id)
-    assert (run.info.status, run.data.params) == ("FINISHED", {"lr": "0.1"})
+    with pytest.raises(ActionScoresError, match=rf"run {run_id} ended FAILED: 1 table\(s\) could not be written "
+                                                r"\(per_sample_losses/test/epoch_0001.parquet: IsADirectoryError"):
+        tracker.finish()
+    run = client.get_run(run_id)  # a run with a gap never ends FINISHED as though whole
+    assert (run.info.status, run.data.params) == ("FAILED", {"lr": "0.1"})
     names = [info.path for info in client.list_artifacts(run_id, "per_sample_losses/test")]
     assert names == ["per_sample_losses/test/epoch_0000.parquet", "per_sample_losses/test/epoch_0002.parquet"]
     for epoch in (0, 2):
