@@ -7,8 +7,10 @@ import io
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # an annotation only: writing a table needs no numpy import
+    import numpy as np
 
 THUMBNAIL_SIDE = 64  # pixels: pictures with a longer side are stored as a thumbnail of this side
 
