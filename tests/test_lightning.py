@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import uuid
 from pathlib import Path
 from types import ModuleType
@@ -174,6 +175,8 @@ def test_wandb_logger_run_gets_the_tables(wandb_env: dict[str, str]) -> None:  #
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(TinyClassifier(), DataLoader(IndexedDataset(train), batch_size=64))
     assert callback.run.run_id == logger.experiment.id  # the logger's own run
+    # The fit's end waited for the last table's copy, and no thread of it outlives the fit.
+    assert [t.name for t in threading.enumerate() if t.name.endswith(f"-wandb-{logger.experiment.id}")] == []
     logger.experiment.finish()
     tracker = WandbTracker()
     tracker.attach(callback.run.target)

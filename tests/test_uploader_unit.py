@@ -35,8 +35,10 @@ class Tracker:
         self.done.append(name)
 
 
-def _uploader_threads() -> list[str]:
-    return sorted(t.name for t in threading.enumerate() if t.name.startswith("action-scores-"))
+def _uploader_threads(spool: Path) -> list[str]:
+    """The live threads of the uploader on `spool` (named after it); other tests' runs may still have theirs."""
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("action-scores-")
+                  and t.name.endswith(f"-{spool.name}"))
 
 
 def test_operations_are_performed_in_order_and_the_end_comes_after_the_last_table(tmp_path: Path) -> None:
@@ -76,7 +78,7 @@ def test_close_gives_up_in_time_and_the_worker_performs_nothing_more_not_even_th
     time.sleep(1.5)
     assert tracker.done == []
     assert sorted(p.name for p in (tmp_path / PENDING).iterdir()) == ["00000001.json", "00000002.json"]
-    assert _uploader_threads() == []
+    assert _uploader_threads(tmp_path) == []
 
 
 def test_a_stuck_writer_thread_holds_close_to_its_bound_and_the_run_ends_failed(tmp_path: Path) -> None:
@@ -136,9 +138,8 @@ def test_the_writer_queue_is_bounded_and_its_waits_counted(tmp_path: Path, monke
 
 
 def test_no_thread_outlives_close(tmp_path: Path) -> None:
-    before = _uploader_threads()
     uploader = Uploader(tmp_path, RECORD, Tracker().perform)
     uploader.submit_after(lambda: {"name": "table0"}, "artifact", "t/0")
-    assert len(_uploader_threads()) == len(before) + 2
+    assert _uploader_threads(tmp_path) == [f"action-scores-{role}-{tmp_path.name}" for role in ("upload", "write")]
     uploader.close("FINISHED", timeout=10)
-    assert _uploader_threads() == before
+    assert _uploader_threads(tmp_path) == []

@@ -81,6 +81,19 @@ def epoch_file_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}.parquet"
 
 
+def epoch_parts_dir(split: str, epoch: int) -> str:
+    """Artifact folder of one sharded epoch: `per_sample_losses/<split>/epoch_0003`, holding one
+    `part-RRRRR.parquet` per writing process (`part_file_name`)."""
+    return f"{losses_dir(split)}/{epoch_file_name(epoch)[:-len('.parquet')]}"
+
+
+def part_file_name(part: int) -> str:
+    """`part-00001.parquet`: the table one writing process (rank 1) made of a sharded epoch."""
+    if part < 0:
+        raise ActionScoresError(f"part must be >= 0, got {part}")
+    return f"part-{part:05d}.parquet"
+
+
 def parse_epoch_file_name(name: str) -> int | None:
     """The epoch of an `epoch_EEEE.parquet` file name, or None for any other name."""
     match = _EPOCH_FILE.match(name)

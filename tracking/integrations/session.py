@@ -19,6 +19,7 @@ import numpy as np
 
 from tracking import contract
 from tracking.backends import MLflowTracker, RunWriter, WandbTracker, make_tracker
+from tracking.backends.uploads import unwritten_error
 from tracking.errors import ActionScoresError
 from tracking.record.ids import checked_sample_ids
 from tracking.record.media import MediaSummary, record_media
@@ -43,7 +44,12 @@ class _JoinedWandbRun(WandbTracker):
         self._run_id = run.id
 
     def finish(self, failed: bool = False) -> None:
+        """Wait (bounded) for the tables handed to `log_table`, and leave the run open for its owner: a table
+        that could not be written is raised, since the owner's own `finish` would end the run with a gap."""
+        unwritten = self._close_table_uploads()
         self._live = None
+        if unwritten and not failed:
+            raise unwritten_error(self.run_id, unwritten)
 
 
 def join_mlflow(tracking_uri: str, run_id: str) -> MLflowTracker:
