@@ -4,8 +4,12 @@ sequence (the mean token NLL over its unmasked labels, shifted as the model shif
 
 from __future__ import annotations
 
+import importlib.util
+import re
+import sys
 import uuid
 from pathlib import Path
+from types import ModuleType
 
 import mlflow
 import numpy as np
@@ -18,7 +22,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import (DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast,
                           TrainingArguments)
 
-from tests.conftest import in_process_training
+from tests.conftest import ROOT, in_process_training, run_command
 from tracking.integrations.huggingface import ActionScoresCallback, ActionScoresTrainer, add_sample_ids
 
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "rug", "fast", "slow", "home"]
@@ -73,3 +77,36 @@ def test_one_loss_per_sequence_is_the_models_own_loss_of_that_sequence(
     assert media["text"].tolist() == TEXTS
     assert media["kind"].tolist() == ["text"] * len(TEXTS)
     assert media["label_name"].isna().all()  # a sequence's labels are its tokens, not a class
+
+
+def test_the_examples_corpus_corrupts_exactly_its_share_and_only_those_leave_their_template() -> None:
+    example = _example()
+    texts, corrupted = example.sequences(400, seed=3, corrupt=0.1)
+    assert corrupted.sum() == 40
+    # A clean sentence is one template with its slots filled; a corrupted one fits none.
+    patterns = [re.compile("^" + " ".join((begin, end)).format(**{slot: f"({'|'.join(words)})"
+                                                                  for slot, words in example.SLOTS.items()}) + "$")
+                for begin, end in example.TEMPLATES]
+    fits = np.array([any(pattern.match(text) for pattern in patterns) for text in texts])
+    assert (fits == ~corrupted).all()
+
+
+def test_the_causal_lm_example_ranks_its_corrupted_sequences_hardest(tracking_env: dict[str, str],
+                                                                    client: mlflow.MlflowClient) -> None:
+    experiment = f"causal-example-{uuid.uuid4().hex[:8]}"
+    result = run_command([sys.executable, "examples/causal_lm_example.py", "--experiment", experiment,
+                          "--train-size", "400", "--test-size", "100", "--epochs", "3"], tracking_env)
+    found = re.search(r"among the (\d+) hardest test sequences by action: (\d+) of \d+", result.stdout)
+    assert found is not None, result.stdout
+    k, among = int(found.group(1)), int(found.group(2))
+    assert k == 10 and among >= 8  # a random ranking finds 1
+    run_id = re.search(r"run (\w+) finished", result.stdout).group(1)
+    assert client.get_run(run_id).data.tags["action_scores.status"] == "done"
+    assert "action_scores/test/loss/hardest.png" in result.stdout
+
+
+def _example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("causal_lm_example", ROOT / "examples" / "causal_lm_example.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
