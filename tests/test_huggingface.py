@@ -230,3 +230,54 @@ def test_the_callbacks_datasets_are_evaluated_and_old_spellings_warn(mlflow_serv
     with pytest.raises(ActionScoresError, match=r"different datasets for \['probe'\]"):
         trainer("none", {"probe": add_sample_ids(items(tokenizer(), TEST_TEXTS, TEST_LABELS))}, str(tmp_path / "b"),
                 callbacks=[ActionScoresCallback({"probe": test})])
+
+
+def test_the_training_pass_is_recorded_from_the_losses_compute_loss_already_has(
+        mlflow_server: str, client: mlflow.MlflowClient, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Learning rate 0 and no dropout: every epoch's training losses are the initial model's cross-entropy of
+    each sample, and the model runs once per training batch (6 a epoch), never a second pass."""
+    tok = tokenizer()
+    texts, labels = sentences(96, seed=0)
+    train = add_sample_ids(items(tok, texts, labels))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    experiment = client.create_experiment(f"hf-train-{uuid.uuid4().hex[:8]}")
+
+    def fit(**arguments: object) -> ActionScoresCallback:
+        callback = ActionScoresCallback(train_split="train")
+        settings = dict(output_dir=str(tmp_path / "out"), num_train_epochs=2, learning_rate=0.0,
+                        per_device_train_batch_size=16, eval_strategy="no", save_strategy="no", report_to=[],
+                        use_cpu=True, disable_tqdm=True, seed=0) | arguments
+        with in_process_training(mlflow_server), mlflow.start_run(experiment_id=experiment):
+            ActionScoresTrainer(model=model, args=TrainingArguments(**settings), train_dataset=train,
+                                processing_class=tok, callbacks=[callback]).train()
+        return callback
+
+    whole = fit()
+    assert len(forwards) == 12
+    run_id = whole.run.run_id
+    assert client.get_run(run_id).data.params["action_scores.scored_by.train"] == "train"
+    names = [Path(f.path).name for f in client.list_artifacts(run_id, "per_sample_losses/train")]
+    assert names == ["epoch_0000.parquet", "epoch_0001.parquet"]
+    model.eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(model(**tok(texts, padding=True, return_tensors="pt")).logits,
+                                   torch.tensor(labels), reduction="none").numpy()
+    for name in names:
+        table = pd.read_parquet(client.download_artifacts(run_id, f"per_sample_losses/train/{name}", str(tmp_path)))
+        assert table["sample_id"].tolist() == list(range(96))  # shuffled batches, every sample once
+        assert table["target"].tolist() == labels
+        np.testing.assert_allclose(table["loss"].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+
+    cut = fit(max_steps=9)  # 1.5 epochs: the second saw half of the samples
+    names = [Path(f.path).name for f in client.list_artifacts(cut.run.run_id, "per_sample_losses/train")]
+    assert names == ["epoch_0000.parquet"]
+    assert "epoch 1 was cut short (max_steps) at 1.500 epochs" in caplog.text
+    with pytest.raises(ActionScoresError, match=r"^the training set has no 'sample_id' column: pass "
+                                                r"add_sample_ids\(dataset\) as the train_dataset"):
+        ActionScoresTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "x"), use_cpu=True),
+                            train_dataset=items(tok, texts, labels), callbacks=[ActionScoresCallback(train_split="t")])

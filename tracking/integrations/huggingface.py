@@ -23,6 +23,12 @@ cross-entropy of the model's `logits` against `labels` (`LossRecorder.update_cla
 The callback's first argument names what is scored, as in the other frameworks' callbacks:
 `ActionScoresCallback({"test": add_sample_ids(test_set)})` given to `ActionScoresTrainer(callbacks=[...])`
 has the Trainer evaluate that dataset; without it, every eval dataset of the Trainer is tracked.
+
+The training pass is recorded too with `ActionScoresCallback(train_split="train")` and
+`train_dataset=add_sample_ids(train_set)`: at no cost in forward passes, since `compute_loss` already
+has each training batch's outputs; its per-sample losses are taken from them (without a graph), and one
+table is written at the end of each epoch. An epoch cut short (`max_steps` reached mid-epoch) has
+samples it never saw, so its table is not written (a warning says so).
 """
 
 from __future__ import annotations
@@ -127,7 +133,8 @@ class ActionScoresCallback(TrainerCallback):
     split's texts (its `text_field`, else its `input_ids` decoded by the Trainer's
     tokenizer) with the label names of `model.config.id2label`. `tracker`: a configured
     `Tracker` (used whatever `report_to` says), or the backend name of the run to open when
-    `report_to` has neither mlflow nor wandb, into `experiment`.
+    `report_to` has neither mlflow nor wandb, into `experiment`. `train_split`: the name under which the
+    training pass is recorded, from the losses `compute_loss` already computes (None: not recorded).
 
     Each evaluation's table is numbered from the Trainer's state (`evaluation_number`), so a
     resumed Trainer goes on where it stopped instead of writing `epoch_0000` again.
@@ -136,7 +143,7 @@ class ActionScoresCallback(TrainerCallback):
     def __init__(self, splits: Mapping[str, Any] | Sequence[str] | None = None, *, loss_fn: LossFn | None = None,
                  media: Mapping[str, Mapping[str, Any]] | None = None, text_field: str = "text",
                  tracker: str | RunWriter = "mlflow", experiment: str | None = None,
-                 per_sample_loss: LossFn | None = None) -> None:
+                 train_split: str | None = None, per_sample_loss: LossFn | None = None) -> None:
         if per_sample_loss is not None:
             deprecated("per_sample_loss=", "loss_fn= (the same (outputs, labels) signature)")
             loss_fn = per_sample_loss
@@ -149,14 +156,19 @@ class ActionScoresCallback(TrainerCallback):
             self.datasets = dict(splits or {})
             names = None if splits is None else list(self.datasets)
         self.splits = None if names is None else [contract.check_name("split", s) for s in names]
-        if self.splits is not None and not self.splits:
+        if self.splits is not None and not self.splits and train_split is None:
             raise ActionScoresError("splits is empty: name at least one eval dataset, or pass None for all")
+        self.train_split = contract.check_name("split", train_split) if train_split is not None else None
+        if self.train_split is not None and self.train_split in (self.splits or []):
+            raise ActionScoresError(f"split {self.train_split!r} is both an eval set and the training pass; rename one")
         self.loss_fn = loss_fn
-        self.media = check_media(media, self.splits if self.splits is not None else list(media or {}))
+        self.media = check_media(media, [*(self.splits if self.splits is not None else list(media or {})),
+                                         *([self.train_split] if self.train_split else [])])
         self.text_field = text_field
         self.tracker = tracker
         self.experiment = experiment
         self.sizes: dict[str, int] = {}  # tracked split -> number of samples, from `track`
+        self.scored_by: dict[str, str] = {}  # tracked split -> "eval" or "train" (the training pass)
         self.session: RecordingSession | None = None
         self.run: RecordedRun | None = None  # set on rank 0 when training starts: where the tables go
         self.active: tuple[str, LossRecorder] | None = None  # the split being evaluated during training
@@ -178,21 +190,30 @@ class ActionScoresCallback(TrainerCallback):
                                     "each split once, in the callback")
         return {**given, **self.datasets}
 
-    def track(self, split: str, dataset: Any, tokenizer: Any, id2label: Mapping[int, str] | None) -> None:
-        """Check a tracked eval dataset's sample ids now, and prepare its default text media."""
-        if self.splits is not None and split not in self.splits:
+    def track(self, split: str, dataset: Any, tokenizer: Any, id2label: Mapping[int, str] | None,
+              training: bool = False) -> None:
+        """Check a tracked dataset's sample ids now (an eval dataset, or the training set with `training`), and
+        prepare its default text media."""
+        if not training and self.splits is not None and split not in self.splits:
             return
+        if not training and split == self.train_split:
+            raise ActionScoresError(f"split {split!r} is both an eval set and the training pass; rename one")
         contract.check_name("split", split)
+        what, argument = ("the training set", "train_dataset") if training else (f"eval dataset {split!r}", "eval dataset")
+        if dataset is None or not hasattr(dataset, "__len__"):
+            raise ActionScoresError(f"{what} must be a dataset with a length (map-style), got "
+                                    f"{type(dataset).__name__}: its sample ids are checked before training")
         size = len(dataset)
         items = [dataset[index] for index in range(size)]
         if size == 0 or not isinstance(items[0], Mapping) or SAMPLE_ID not in items[0]:
             raise ActionScoresError(
-                f"eval dataset {split!r} has no {SAMPLE_ID!r} column: pass add_sample_ids(dataset) as the eval dataset"
+                f"{what} has no {SAMPLE_ID!r} column: pass add_sample_ids(dataset) as the {argument}"
             )
         check_sample_ids(split, np.asarray([item[SAMPLE_ID] for item in items]), size)
         if LABELS not in items[0] and self.loss_fn is None and not self.causal:
-            raise ActionScoresError(f"eval dataset {split!r} has no {LABELS!r}: the per-sample loss needs them")
+            raise ActionScoresError(f"{what} has no {LABELS!r}: the per-sample loss needs them")
         self.sizes[split] = size
+        self.scored_by[split] = "train" if training else "eval"
         if split not in self.media:
             texts = self._texts(split, items, tokenizer)
             if texts is not None:
@@ -212,11 +233,17 @@ class ActionScoresCallback(TrainerCallback):
 
     def begin_evaluation(self, split: str) -> LossRecorder | None:
         """The recorder of `split` while the Trainer evaluates it during training; None when not tracked."""
-        if self.session is None or split not in self.sizes:
+        if self.session is None or self.scored_by.get(split) != "eval":
             return None
         recorder = self.session.recorder(split, self.sizes[split])
         self.active = (split, recorder)
         return recorder
+
+    def training_recorder(self) -> LossRecorder | None:
+        """The recorder of the training pass, while training; None when it is not recorded."""
+        if self.session is None or self.train_split is None:
+            return None
+        return self.session.recorder(self.train_split, self.sizes[self.train_split])
 
     def update(self, recorder: LossRecorder, sample_ids: torch.Tensor, outputs: Any, labels: torch.Tensor) -> None:
         """Translate one eval batch: its ids, the model's outputs and the labels."""
@@ -231,16 +258,17 @@ class ActionScoresCallback(TrainerCallback):
     # --- when -------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        if str(args.eval_strategy) in ("no", "IntervalStrategy.NO"):
+        evaluated = [split for split, how in self.scored_by.items() if how == "eval"]
+        if evaluated and str(args.eval_strategy) in ("no", "IntervalStrategy.NO"):
             raise ActionScoresError("ActionScoresCallback records at each evaluation, and eval_strategy is 'no': "
                                     "set TrainingArguments(eval_strategy='epoch')")
         missing = sorted(set(self.splits or []) - set(self.sizes))
-        if not self.sizes or missing:
+        if not evaluated and self.train_split is None or missing:
             raise ActionScoresError(f"no eval dataset for tracked splits {missing or '(any)'}: give the "
                                     "ActionScoresTrainer eval_dataset={name: add_sample_ids(dataset)}")
         check_media(self.media, self.sizes)  # media named for a split that has no eval dataset
         writer, finish_writer = self._writer(args) if state.is_world_process_zero else (None, True)
-        self.session = RecordingSession(writer, {split: "eval" for split in self.sizes}, self.media, finish_writer)
+        self.session = RecordingSession(writer, self.scored_by, self.media, finish_writer)
         self.run = self.session.run
         for split, size in self.sizes.items():  # media checked and encoded now, before the first epoch
             self.session.recorder(split, size)
@@ -252,6 +280,21 @@ class ActionScoresCallback(TrainerCallback):
         split, _ = self.active
         self.active = None
         self.session.end_epoch(split, evaluation_number(args, state))
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        recorder = self.training_recorder()
+        if recorder is None:
+            return
+        epochs_done = round(state.epoch or 0, 6)  # the Trainer's float count: whole at an epoch's natural end
+        if epochs_done != int(epochs_done):
+            recorder.reset()
+            log.warning("training pass of split %r: epoch %d was cut short (max_steps) at %.3f epochs; its samples "
+                        "were not all seen, so its table is not written", self.train_split, int(epochs_done),
+                        epochs_done)
+            return
+        assert self.session is not None and self.train_split is not None
+        self.session.end_epoch(self.train_split, int(epochs_done) - 1)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -302,6 +345,9 @@ class ActionScoresTrainer(Trainer):
         id2label = getattr(getattr(self.model, "config", None), "id2label", None)
         for name, dataset in datasets.items():  # ids checked now: nothing is trained or written before
             self.action_scores.track(split_of(f"eval_{name}"), dataset, self.processing_class, id2label)
+        if self.action_scores.train_split is not None:
+            self.action_scores.track(self.action_scores.train_split, self.train_dataset, self.processing_class,
+                                     id2label, training=True)
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep `sample_id` when unused columns are removed (it is taken out again in `compute_loss`)."""
@@ -323,12 +369,15 @@ class ActionScoresTrainer(Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         sample_ids = inputs.pop(SAMPLE_ID, None)
-        recorder = self._recording if not model.training else None
+        recorder = self.action_scores.training_recorder() if model.training else self._recording
         if recorder is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if sample_ids is None:
-            raise ActionScoresError("an eval batch has no sample_id: pass add_sample_ids(dataset) as the eval dataset")
-        labels = inputs.get(LABELS)
+            which = "a training batch" if model.training else "an eval batch"
+            raise ActionScoresError(f"{which} has no sample_id: pass add_sample_ids(dataset) as the "
+                                    f"{'train_dataset' if model.training else 'eval dataset'}")
+        labels = inputs.get(LABELS)  # before the Trainer's label smoother takes them out
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        self.action_scores.update(recorder, sample_ids, outputs, labels)
+        with torch.no_grad():  # the losses the Trainer just computed, per sample, without a second graph
+            self.action_scores.update(recorder, sample_ids, outputs, labels)
         return (loss, outputs) if return_outputs else loss
