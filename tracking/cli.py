@@ -227,7 +227,7 @@ def _upload(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from tracking.backends.wandb_backend import WandbTracker
-    from tracking.report.wandb_report import build_spec, publish, write_spec
+    from tracking.report.wandb_report import build_report, build_spec, publish, write_spec
 
     tracker = cast(WandbTracker, _tracker(args, WandbTracker.name, offline=_offline(args.runs)))
     runs, project, entity = [], "", ""
@@ -238,8 +238,16 @@ def _report(args: argparse.Namespace) -> int:
         project, entity = project or described["project"], entity or described["entity"]
     spec = build_spec(runs, project, entity, args.title)
     if args.publish:
-        print(f"report published: {publish(spec)}")
-        return 0
+        build_report(spec)  # every block is made before anything is sent
+        try:
+            print(f"report published: {publish(spec)}")
+            return 0
+        except Exception as error:  # wandb's own errors: no key, no server, no permission
+            path = write_spec(spec, args.out)
+            raise ActionScoresError(
+                f"could not publish the report ({type(error).__name__}: {str(error)[:200]}); publishing needs a "
+                f"W&B server and WANDB_API_KEY. Its spec is written to {path}: sync the runs (`wandb sync "
+                "<folder>`), then rerun with --publish where the server is reachable") from None
     path = write_spec(spec, args.out)
     print(f"report spec written to {path}; publishing needs a W&B server: "
           f"sync the runs (`wandb sync <folder>`), then rerun with --publish and WANDB_API_KEY set")

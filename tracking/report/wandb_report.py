@@ -55,6 +55,14 @@ def write_spec(spec: dict[str, Any], path: str | Path) -> Path:
 
 def publish(spec: dict[str, Any]) -> str:
     """Create the report on the W&B server (needs WANDB_API_KEY); returns its URL."""
+    report = build_report(spec)
+    report.save()
+    return report.url
+
+
+def build_report(spec: dict[str, Any]) -> Any:
+    """The spec as a `wandb_workspaces` report, not saved: built without a network, so that what `publish`
+    sends can be checked anywhere; only `save` (and serialising its run sets) needs a server."""
     import wandb_workspaces.reports.v2 as wr
 
     runset = wr.Runset(entity=spec["entity"], project=spec["project"],
@@ -70,6 +78,4 @@ def publish(spec: dict[str, Any]) -> str:
                 wr.MediaBrowser(media_keys=[block["media_browser"]], num_columns=5),
                 wr.WeavePanelSummaryTable(table_name=block["table"]),
             ]))
-    report = wr.Report(project=spec["project"], entity=spec["entity"], title=spec["title"], blocks=blocks)
-    report.save()
-    return report.url
+    return wr.Report(project=spec["project"], entity=spec["entity"], title=spec["title"], blocks=blocks)
