@@ -181,7 +181,7 @@ def _select_parser(commands: argparse._SubParsersAction) -> None:
                      "label, "
                      "suggested_label: the most frequent prediction where it differs from the label); on MLflow "
                      "also a dataset input of the run, on W&B a dataset artifact. Retrain with "
-                     "`python -m experiments.classify --exclude <run id>` or `--relabel <run id>`."),
+                     "`mlflow run . -e classify -P exclude=<run id>` or `-P relabel=<run id>`."),
     )
     select.add_argument("--run-id", required=True, help="an analysed run (W&B: an offline run folder, a run id, "
                         "or entity/project/run_id)")

@@ -1,8 +1,8 @@
 """Select samples of an analysed run by a score, log the selection to the run, and read it back.
 
     action-scores select --run-id <id> --split train --by aum --fraction 0.1
-    python -m experiments.classify --exclude <id>        # retrain without the run's latest selection
-    python -m experiments.classify --relabel <id>        # ... or with its suggested labels
+    mlflow run . -e classify -P exclude=<id>             # retrain without the run's latest selection
+    mlflow run . -e classify -P relabel=<id>             # ... or with its suggested labels
 
 A selection is the hardest samples of a split by one score, in that score's registered direction
 (`tracking.scoring.registry`: the hardest by `aum` are the lowest), or by the fused mislabel score
@@ -36,7 +36,7 @@ SELECTIONS = "selections"
 CONTEXT = "selection"  # the MLflow dataset input's context
 SUGGESTED_LABEL = "suggested_label"
 LABEL = "label"
-# Tags of a run trained on another run's selection (`experiments.classify --exclude/--relabel`); use:
+# Tags of a run trained on another run's selection (the classify entry point's exclude/relabel); use:
 # exclude or relabel. `.samples` beside them: how many ids were left out, or labels replaced.
 SOURCE_RUN_TAG = "action_scores.selection.{use}.run"
 SOURCE_FILE_TAG = "action_scores.selection.{use}.file"
@@ -246,8 +246,8 @@ def describe(selection: Selection, tracker: Tracker) -> str:
              f"{head}{' ...' if len(table) > 10 else ''}",
              f"  {relabelled} with a suggested label (the model's most frequent prediction differs from the label)",
              f"  selection: {tracker.artifact_uri(selection.path)}",
-             f"  retrain without them: python -m experiments.classify --exclude {selection.run_id}   "
-             f"(or --relabel {selection.run_id})"]
+             f"  retrain without them: mlflow run . -e classify -P exclude={selection.run_id}   "
+             f"(or -P relabel={selection.run_id})"]
     if selection.message:
         lines.insert(1, f"  {selection.message}")
     return "\n".join(lines)

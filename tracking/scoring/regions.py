@@ -11,7 +11,7 @@ columns (never recomputed here):
   half the probability, on average over epochs);
 - **hard-to-learn**: confidence < 0.5.
 
-The paper draws the regions by eye and, for its selection experiments, takes the top third of each
+The paper draws the regions by eye and, to select data, takes the top third of each
 score; here every sample gets exactly one region, so the samples that are not ambiguous are split at
 confidence 0.5. Pure numpy: no torch, no tracker, no plotting.
 """
