@@ -3,6 +3,8 @@ run of `report_to`, whole, the scores are their sums, text panels come from the 
 
 from __future__ import annotations
 
+import json
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -18,7 +20,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast, TrainingArguments
 
-from tests.conftest import in_process_training
+from tests.conftest import ROOT, in_process_training, run_command
 from tracking.analyze import analyze_run
 from tracking.backends import MLflowTracker
 from tracking.backends.wandb_backend import OfflineRun
@@ -53,7 +55,7 @@ def items(tok: PreTrainedTokenizerFast, texts: list[str], labels: list[int]) -> 
 
 
 def trainer(report_to: str, eval_dataset: object, output_dir: str, epochs: int = EPOCHS,
-            callbacks: list | None = None, **arguments: object) -> ActionScoresTrainer:
+            callbacks: list | None = None, train_dataset: object = None, **arguments: object) -> ActionScoresTrainer:
     tok = tokenizer()
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -63,7 +65,8 @@ def trainer(report_to: str, eval_dataset: object, output_dir: str, epochs: int =
                     per_device_eval_batch_size=16, eval_strategy="epoch", save_strategy="no", report_to=[report_to],
                     use_cpu=True, disable_tqdm=True, seed=0) | arguments
     return ActionScoresTrainer(model=BertForSequenceClassification(config), args=TrainingArguments(**settings),
-                               train_dataset=items(tok, *sentences(96, seed=0)), eval_dataset=eval_dataset,
+                               train_dataset=train_dataset if train_dataset is not None else items(
+                                   tok, *sentences(96, seed=0)), eval_dataset=eval_dataset,
                                processing_class=tok, callbacks=callbacks)
 
 
@@ -281,3 +284,36 @@ def test_the_training_pass_is_recorded_from_the_losses_compute_loss_already_has(
                                                 r"add_sample_ids\(dataset\) as the train_dataset"):
         ActionScoresTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "x"), use_cpu=True),
                             train_dataset=items(tok, texts, labels), callbacks=[ActionScoresCallback(train_split="t")])
+
+
+def _epoch_tables(client: mlflow.MlflowClient, run_id: str, split: str, dst: Path) -> list[pd.DataFrame]:
+    """Each epoch of a split, whichever form it was written in: one file, or a folder of parts whose union
+    (first occurrence of an id, in part order) is the epoch."""
+    folder = Path(client.download_artifacts(run_id, f"per_sample_losses/{split}", str(dst)))
+    epochs = sorted({path.name.removesuffix(".parquet") for path in folder.glob("epoch_*")})
+    tables = []
+    for epoch in epochs:
+        parts = sorted((folder / epoch).glob("part-*.parquet")) or [folder / f"{epoch}.parquet"]
+        table = pd.concat([pd.read_parquet(part) for part in parts]).drop_duplicates("sample_id", keep="first")
+        tables.append(table.sort_values("sample_id", kind="stable").reset_index(drop=True))
+    return tables
+
+
+def test_ddp_under_torchrun_records_every_sample_of_both_passes_once(
+        tracking_env: dict[str, str], client: mlflow.MlflowClient, tmp_path: Path) -> None:
+    """2 gloo processes: each evaluates and trains on its share (the training shares padded with repeats);
+    every epoch of both splits holds each sample once, and the last test epoch is the trained model's loss."""
+    experiment = f"hf-ddp-{uuid.uuid4().hex[:8]}"
+    out = run_command([str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2",
+                       str(ROOT / "tests" / "hf_ddp.py"), str(tmp_path / "out")],
+                      dict(tracking_env, MLFLOW_EXPERIMENT_NAME=experiment), cwd=tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1 and f"run {runs[0].info.run_id}" in out.stdout
+    run_id = runs[0].info.run_id
+    test = _epoch_tables(client, run_id, "test", tmp_path / "test")
+    train = _epoch_tables(client, run_id, "train", tmp_path / "train")
+    assert [t["sample_id"].tolist() for t in test] == [list(range(len(TEST_TEXTS)))] * 2
+    assert [t["sample_id"].tolist() for t in train] == [list(range(90))] * 2
+    expected = json.loads((tmp_path / "out" / "expected.json").read_text())
+    np.testing.assert_allclose(test[-1]["loss"].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert test[-1]["target"].tolist() == TEST_LABELS
