@@ -76,12 +76,12 @@ def digits() -> Data:
     return Data("digits", inputs, split.labels, len(split.class_names))
 
 
-def cifar_subset(root: Path, size: int, seed: int) -> Data:
-    """`size` training images, the same number from every class, decoded once."""
+def cifar_subset(root: Path, size: int, seed: int, split: str = "train") -> Data:
+    """`size` images of the `split` folder, the same number from every class, decoded once."""
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
-    folder = ImageFolder(str(root / "train"))
+    folder = ImageFolder(str(root / split))
     labels = np.asarray(folder.targets)
     rng = np.random.default_rng(seed)
     per_class = size // len(folder.classes)
