@@ -7,17 +7,20 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import BIN, ROOT, run_command, snapshot_run
 from tests.test_analyze import _check_scores, _make_run, _metric_lengths, _random_epochs, _scores
 from tracking.analyze import analyze_run
-from tracking.backends import MLflowTracker
+from tracking.backends import MLflowTracker, WandbTracker
+from tracking.errors import ActionScoresError
 
 LOCK = "action_scores.lock"
 METRICS = ("samples", "epochs", "action_mean", "action_max", "action_min")
@@ -105,3 +108,30 @@ def test_a_lock_older_than_the_ttl_is_taken_over(
     monkeypatch.setenv("ACTION_SCORES_LOCK_TTL", "3600")
     assert analyze_run(MLflowTracker(client.tracking_uri), run_id, panels=False).status == "done"
     assert LOCK not in client.get_run(run_id).data.tags
+
+
+def test_a_wandb_offline_run_held_by_a_job_is_refused_to_a_second_and_freed_when_the_first_dies(
+        wandb_env: dict[str, str], tmp_path: Path) -> None:
+    files, losses, _ = _random_epochs(seed=5, n=50, epochs=2)
+    tracker = WandbTracker()
+    run_id = tracker.start()
+    for artifact_path, table in files.items():
+        local = tmp_path / artifact_path
+        local.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, local)
+        tracker.log_artifact(local, artifact_path.rsplit("/", 1)[0])
+    folder = tracker.offline_folder
+    tracker.finish()
+    lock = folder.parent / f".action-scores-{run_id}.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from pathlib import Path; from tracking.backends.lock import file_lock\n"
+                               f"with file_lock({run_id!r}, Path({str(lock)!r})):\n    print('held', flush=True); "
+                               "time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ActionScoresError, match=rf"^run {run_id} is being analysed by another job \(\S+:{holder.pid} "):
+        analyze_run(WandbTracker(), str(folder), panels=False)
+    assert len(list(folder.parent.glob(f"offline-run-*-{run_id}"))) == 1  # not resumed: nothing written
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert analyze_run(WandbTracker(), str(folder), panels=False).status == "done"

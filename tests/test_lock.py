@@ -12,10 +12,12 @@ import sys
 import time
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
-from tracking.backends.lock import DEFAULT_TTL_SECONDS, stale, tag_lock
+from tests.conftest import ROOT
+from tracking.backends.lock import DEFAULT_TTL_SECONDS, file_lock, stale, tag_lock
 from tracking.errors import ActionScoresError
 
 HOST = socket.gethostname()
@@ -144,3 +146,33 @@ def test_a_dead_holder_s_lock_is_taken_over() -> None:
     with _lock(tags):
         assert tags.value.startswith(f"{HOST}:{os.getpid()}:")
     assert tags.value is None
+
+
+def test_a_file_lock_names_its_holder_to_a_second_job_and_is_free_after(tmp_path: Path) -> None:
+    path = tmp_path / ".action-scores-r1.lock"
+    with file_lock("r1", path):
+        holder = path.read_text()
+        assert re.fullmatch(rf"{re.escape(socket.gethostname())}:{os.getpid()} \S+", holder)
+        with pytest.raises(ActionScoresError, match=rf"^run r1 is being analysed by another job \({re.escape(holder)} "
+                                                    rf"holds {re.escape(str(path))}\); try again when it has finished"):
+            with file_lock("r1", path):
+                pass
+    assert path.read_text() == ""
+    with file_lock("r1", path):  # free again
+        pass
+
+
+def test_a_killed_holder_s_file_lock_is_freed_by_the_kernel(tmp_path: Path) -> None:
+    path = tmp_path / ".action-scores-r2.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from tracking.backends.lock import file_lock\n"
+                               f"with file_lock('r2', Path({str(path)!r})):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ActionScoresError, match=rf":{holder.pid} "):
+        with file_lock("r2", path):
+            pass
+    holder.kill()
+    holder.wait()
+    with file_lock("r2", path):  # SIGKILL left the file's text, not the lock
+        pass

@@ -220,8 +220,8 @@ class Tracker(RunWriter, RunReader):
     def job_lock(self) -> Iterator[None]:
         """Hold the run for one post-hoc job, so that two jobs never write it at once.
 
-        The default holds nothing: a W&B offline run is a local folder the job resumes by
-        itself. MLflow runs are locked with a tag (`tracking.backends.lock.TagLock`).
+        The default holds nothing. MLflow runs are locked with a tag (`tracking.backends.lock.tag_lock`),
+        W&B offline runs with a file beside their folders (`tracking.backends.lock.file_lock`).
         """
         yield
 

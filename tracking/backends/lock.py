@@ -1,8 +1,9 @@
-"""The post-hoc job's lock on a run: a tag that names the job holding it.
+"""The post-hoc job's lock on a run: a tag that names the job holding it, or a file for a local run.
 
 A backend without compare-and-set (MLflow) can still keep two jobs from writing one run
 at once: set the tag, wait a moment, read it back; of two jobs that set it at once only
 the last writer goes on. The backend supplies three small functions over its tags.
+A run that is a folder on this machine (W&B offline) is held with `flock` on a file beside it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 
 from tracking import contract
 from tracking.errors import ActionScoresError
@@ -122,3 +124,30 @@ def tag_lock(run_id: str, read: Callable[[], str | None], write: Callable[[str],
         heartbeat.join()
         if read() == current[0]:
             delete()
+
+
+@contextmanager
+def file_lock(run_id: str, path: Path) -> Iterator[None]:
+    """Hold `run_id` with an exclusive `flock` on `path`, for a run that is a folder on this machine (a W&B
+    offline run): the kernel frees it when the holder exits, however it exits, so there is nothing to go
+    stale and no heartbeat. The file names the holder ("<host>:<pid> <UTC time>"), for the error of a
+    second job, which fails at once."""
+    import fcntl
+
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise ActionScoresError(
+                f"run {run_id} is being analysed by another job ({handle.read().strip() or 'a process'} holds "
+                f"{path}); try again when it has finished"
+            ) from None
+        try:
+            handle.truncate(0)
+            handle.write(_stamped(f"{socket.gethostname()}:{os.getpid()}"))
+            handle.flush()
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)

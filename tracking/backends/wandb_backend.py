@@ -28,13 +28,15 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from tracking import contract
 from tracking.backends.base import Tracker
+from tracking.backends.lock import file_lock
 from tracking.backends.uploads import Operation, unwritten_error
 from tracking.errors import ActionScoresError
 
@@ -339,3 +341,15 @@ class WandbTracker(Tracker):
         table = wandb.Table(columns=["image", *columns],
                             data=[[image, *(row[c] for c in columns)] for image, row in zip(images, rows)])
         self._writer().log({f"{key}/images": images, f"{key}/table": table})
+
+    @contextmanager
+    def job_lock(self) -> Iterator[None]:
+        """Offline, hold the attached run with a file lock beside its folders (`wandb/.action-scores-<id>.lock`),
+        so that two jobs (`analyze`, `select`) never resume it at once: each would write a folder of its own,
+        and the newer would hide the other's files. A second job fails, naming the first. Online, W&B has no
+        lock to take: nothing is held."""
+        if self._offline is None:
+            yield
+            return
+        with file_lock(self.run_id, self._offline.root / f".action-scores-{self.run_id}.lock"):
+            yield
