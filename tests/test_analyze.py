@@ -51,6 +51,23 @@ def _make_run(
     return run_id
 
 
+def _make_wandb_run(tmp: Path, files: dict[str, pa.Table]) -> Path:
+    """A finished W&B offline run (under $WANDB_DIR) holding `files` (artifact path -> table); its folder."""
+    from tracking.backends import WandbTracker
+
+    tracker = WandbTracker()
+    tracker.start()
+    root = tmp / uuid.uuid4().hex
+    for artifact_path, table in files.items():
+        local = root / artifact_path
+        local.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, local)
+        tracker.log_artifact(local, artifact_path.rsplit("/", 1)[0])
+    folder = tracker.offline_folder
+    tracker.finish()
+    return folder
+
+
 def _random_epochs(seed: int, n: int, epochs: int, split: str = "test") -> tuple[dict[str, pa.Table], np.ndarray, np.ndarray]:
     """Shuffled per-epoch tables with a target column; returns (files, losses[epoch, id], targets[id])."""
     rng = np.random.default_rng(seed)

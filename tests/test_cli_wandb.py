@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 from scipy.stats import spearmanr
 
-from tests.test_analyze import _random_epochs
+from tests.test_analyze import _make_wandb_run, _random_epochs
 from tracking.analyze import analyze_run
 from tracking.backends import TRACKERS, WandbTracker
 from tracking.backends.wandb_backend import OfflineRun
@@ -27,15 +26,7 @@ def analysed(wandb_env: dict[str, str], tmp_path: Path) -> tuple[list[Path], np.
     folders, actions = [], []
     for seed in (1, 2):
         files, losses, _ = _random_epochs(seed=seed, n=SAMPLES, epochs=EPOCHS)
-        tracker = WandbTracker()
-        run_id = tracker.start()
-        for artifact_path, table in files.items():
-            local = tmp_path / f"seed{seed}" / artifact_path
-            local.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, local)
-            tracker.log_artifact(local, artifact_path.rsplit("/", 1)[0])
-        tracker.finish()
-        (folder,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
+        folder = _make_wandb_run(tmp_path, files)
         assert analyze_run(WandbTracker(), str(folder), panels=False).status == "done"
         folders.append(folder)
         actions.append(losses.astype(np.float64).sum(axis=0))

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
-from tests.test_analyze import _random_epochs
+from tests.test_analyze import _make_wandb_run, _random_epochs
 from tests.test_views import _train
 from tracking import contract
 from tracking.analyze import analyze_run
@@ -54,15 +53,8 @@ def test_a_wandb_run_the_job_resumed_is_finished_when_the_job_fails(wandb_env: d
     import wandb
 
     files, _, _ = _random_epochs(seed=3, n=20, epochs=2)
-    tracker = WandbTracker()
-    run_id = tracker.start()
-    for artifact_path, table in files.items():
-        local = tmp_path / artifact_path
-        local.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, local)
-        tracker.log_artifact(local, artifact_path.rsplit("/", 1)[0])
-    tracker.finish()
-    (folder,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
+    folder = _make_wandb_run(tmp_path, files)
+    run_id = folder.name.rsplit("-", 1)[1]
 
     with pytest.raises(RuntimeError, match="the summary could not be written"):
         analyze_run(_FailsAfterResuming(), str(folder), panels=False)

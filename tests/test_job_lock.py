@@ -13,11 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
-import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import BIN, ROOT, run_command, snapshot_run
-from tests.test_analyze import _check_scores, _make_run, _metric_lengths, _random_epochs, _scores
+from tests.test_analyze import _check_scores, _make_run, _make_wandb_run, _metric_lengths, _random_epochs, _scores
 from tracking.analyze import analyze_run
 from tracking.backends import MLflowTracker, WandbTracker
 from tracking.errors import ActionScoresError
@@ -112,16 +111,8 @@ def test_a_lock_older_than_the_ttl_is_taken_over(
 
 def test_a_wandb_offline_run_held_by_a_job_is_refused_to_a_second_and_freed_when_the_first_dies(
         wandb_env: dict[str, str], tmp_path: Path) -> None:
-    files, losses, _ = _random_epochs(seed=5, n=50, epochs=2)
-    tracker = WandbTracker()
-    run_id = tracker.start()
-    for artifact_path, table in files.items():
-        local = tmp_path / artifact_path
-        local.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, local)
-        tracker.log_artifact(local, artifact_path.rsplit("/", 1)[0])
-    folder = tracker.offline_folder
-    tracker.finish()
+    folder = _make_wandb_run(tmp_path, _random_epochs(seed=5, n=50, epochs=2)[0])
+    run_id = folder.name.rsplit("-", 1)[1]
     lock = folder.parent / f".action-scores-{run_id}.lock"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import time; from pathlib import Path; from tracking.backends.lock import file_lock\n"
