@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
 from tracking.scoring.rank import rank
-from tracking.scoring.tables import epoch_files, read_epoch_table
+from tracking.scoring.tables import epoch_files, files_of, read_epoch_table, read_part_table, union_of_parts
 
 
 def _quoted(name: str) -> str:
@@ -48,15 +48,48 @@ def action_query(loss_columns: list[str], label: str | None, epochs: int) -> str
     )
 
 
-def epoch_paths(folder: str | Path, split: str) -> list[Path]:
-    """The split's `epoch_EEEE.parquet` files in `folder`, in epoch order, refusing gaps."""
+def sharded_query(loss_columns: list[str], label: str | None, files: int) -> str:
+    """The query over `read_parquet($files)` where some epochs are in parts; `$epoch_of` gives each file's epoch.
+
+    First each (sample, epoch) keeps its first row, in file order (parts in part order), then row order
+    (`position`), as `tables.union_of_parts`; then the sums over the epochs, as `action_query`. Each epoch
+    then holds a sample at most once, so a count of epochs per sample is the whole check.
+    """
+    position = "(file_index::BIGINT << 40) + file_row_number"
+    firsts = ", ".join(f"arg_min({_quoted(column)}::DOUBLE, position) AS {_quoted(column)}" for column in loss_columns)
+    sums = ", ".join(f"sum({_quoted(column)}) AS {_quoted(contract.action_column(column))}" for column in loss_columns)
+    read = ", ".join(_quoted(column) for column in [contract.SAMPLE_ID, *loss_columns, *([label] if label else [])])
+    return (
+        f"WITH files AS (SELECT unnest($epoch_of) AS epoch, unnest(range({int(files)})) AS file_index),\n"
+        f"firsts AS (\n"
+        f"  SELECT {_quoted(contract.SAMPLE_ID)}, epoch, {firsts}"
+        f"{f', arg_min({_quoted(label)}, position) AS label' if label else ''}\n"
+        f"  FROM (SELECT {read}, file_index, {position} AS position\n"
+        f"        FROM read_parquet($files, file_row_number = true)) JOIN files USING (file_index)\n"
+        f"  GROUP BY {_quoted(contract.SAMPLE_ID)}, epoch)\n"
+        f"SELECT {_quoted(contract.SAMPLE_ID)}, count(*) AS epochs, {sums}"
+        f"{', arg_min(label, epoch) AS label' if label else ''}, TRUE AS each_epoch_once\n"
+        f"FROM firsts\n"
+        f"GROUP BY {_quoted(contract.SAMPLE_ID)}\n"
+        f"ORDER BY {_quoted(contract.SAMPLE_ID)}"
+    )
+
+
+Epoch = Path | list[Path]  # an epoch's file, or its parts in part order
+
+
+def epoch_paths(folder: str | Path, split: str) -> list[Epoch]:
+    """The split's epochs under `folder` (its `epoch_EEEE.parquet` files, or `epoch_EEEE/part-RRRRR.parquet`
+    folders), in epoch order, refusing what `tables.epoch_files` refuses."""
 
     root = Path(folder)
-    names = [f"{contract.losses_dir(split)}/{path.name}" for path in sorted(root.iterdir()) if path.is_file()]
+    names = [f"{contract.losses_dir(split)}/{path.relative_to(root).as_posix()}"
+             for path in sorted(root.rglob("*")) if path.is_file()]
     grouped = epoch_files(names)
     if split not in grouped:
         raise ActionScoresError(f"{root}: no epoch_EEEE.parquet tables for split {split!r}")
-    return [root / Path(name).name for name in grouped[split]]
+    local = lambda name: root / name[len(contract.losses_dir(split)) + 1:]  # noqa: E731
+    return [[local(part) for part in epoch] if isinstance(epoch, list) else local(epoch) for epoch in grouped[split]]
 
 
 def _check_loss_columns(path: Path, expected: list[str]) -> None:
@@ -72,33 +105,46 @@ def _check_loss_columns(path: Path, expected: list[str]) -> None:
 
 
 def score_folder_duckdb(folder: str | Path, split: str, memory_limit: str | None = None) -> pd.DataFrame:
-    """Score the `epoch_EEEE.parquet` tables of one split downloaded to `folder` (see `score_tables_duckdb`)."""
+    """Score the epochs of one split downloaded to `folder` (see `epoch_paths`, `score_tables_duckdb`)."""
     return score_tables_duckdb(epoch_paths(folder, split), split, memory_limit)
 
 
-def score_tables_duckdb(paths: list[Path], split: str, memory_limit: str | None = None) -> pd.DataFrame:
-    """Score one split's tables (in epoch order) with one DuckDB query; same columns as `ActionAccumulator.compute`.
+def score_tables_duckdb(paths: list[Epoch], split: str, memory_limit: str | None = None) -> pd.DataFrame:
+    """Score one split's epochs (in epoch order: a file, or its parts) with one DuckDB query; same columns as
+    `ActionAccumulator.compute`.
 
     `memory_limit` (e.g. "2GB") caps DuckDB's memory; past it the aggregation spills to disk.
-    Epoch 0 is read and checked as the default engine checks it (types, duplicates); every
+    Epoch 0 is read and checked as the default engine checks it (types, duplicates, its parts' union); every
     later file's footer must name the same loss columns, and every sample must
     appear once per epoch: a count that differs from the number of epochs, or a sample
     whose epochs are not each epoch once (`each_epoch_once`, see `action_query`), is an
-    error naming the samples, and so are NaN or infinite sums.
+    error naming the samples, and so are NaN or infinite sums. A sharded epoch keeps each id's first
+    occurrence (`sharded_query`).
     """
     import duckdb
 
-    first = read_epoch_table(paths[0], paths[0].name)
+    if isinstance(paths[0], list):
+        names = [f"{part.parent.name}/{part.name}" for part in paths[0]]
+        first = union_of_parts([(name, read_part_table(part, name)) for name, part in zip(names, paths[0])],
+                               paths[0][0].parent.name)
+    else:
+        first = read_epoch_table(paths[0], paths[0].name)
     loss_columns = contract.loss_columns(first.column_names)
     label = contract.TARGET if contract.TARGET in first.column_names else None
-    for path in paths[1:]:
+    files = [file for epoch in paths for file in files_of(epoch)]
+    for path in files[len(files_of(paths[0])):]:
         _check_loss_columns(path, loss_columns)
+    if any(isinstance(epoch, list) for epoch in paths):
+        query = sharded_query(loss_columns, label, len(files))
+        arguments = {"files": [str(p) for p in files],
+                     "epoch_of": [epoch for epoch, found in enumerate(paths) for _ in files_of(found)]}
+    else:
+        query, arguments = action_query(loss_columns, label, len(paths)), {"files": [str(p) for p in files]}
     connection = duckdb.connect(config={"memory_limit": memory_limit} if memory_limit else {})
     try:
-        scores = connection.execute(action_query(loss_columns, label, len(paths)),
-                                    {"files": [str(p) for p in paths]}).df()
+        scores = connection.execute(query, arguments).df()
     except duckdb.Error as error:
-        raise ActionScoresError(f"split {split!r}: DuckDB could not read the tables {paths[0].parent}: {error}") from None
+        raise ActionScoresError(f"split {split!r}: DuckDB could not read the tables {files[0].parent}: {error}") from None
     finally:
         connection.close()
     wrong = scores.loc[(scores["epochs"].to_numpy() != len(paths)) | ~scores.pop("each_epoch_once").to_numpy(bool),
