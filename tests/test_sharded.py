@@ -133,7 +133,7 @@ def test_a_sharded_run_scores_as_its_single_file_form(
 
 
 @pytest.mark.parametrize("engine", ["arrow", "duckdb"])
-def test_an_id_in_several_parts_keeps_the_first_part_s_row(
+def test_an_id_in_several_parts_keeps_the_first_part_s_row_and_a_part_may_be_empty(
         engine: str, client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path) -> None:
     def part(ids: list[int], losses: list[float], targets: list[int]) -> pa.Table:
         return pa.table({"sample_id": pa.array(ids, pa.int64()), "loss": pa.array(losses, pa.float32()),
@@ -145,6 +145,7 @@ def test_an_id_in_several_parts_keeps_the_first_part_s_row(
         files[f"{folder}/part-00000.parquet"] = part([0, 2, 4], [1.0, 2.0, 3.0], [7, 7, 7])
         files[f"{folder}/part-00001.parquet"] = part([0, 1, 3], [50.0, 4.0, 5.0], [9, 8, 8])  # 0 again: dropped
         files[f"{folder}/part-00002.parquet"] = part([1, 2, 5], [60.0, 70.0, 6.0], [9, 9, 8])  # 1 and 2 again
+        files[f"{folder}/part-00003.parquet"] = part([], [], [])  # a process without a share
     run_id = _make_run(client, experiment_id, tmp_path / "made", files)
     analyze_run(tracker, run_id, panels=False, engine=engine, progress=False)
     scores = _scores(client, run_id, tmp_path).set_index("sample_id")

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -163,10 +164,8 @@ def _analyze(tracker: Tracker, run: RunPlan, options: JobOptions) -> AnalysisRes
         files.show_progress()
         result, metrics, samples = AnalysisResult(run.run_id, "done"), {}, {}
         for split, split_tables in tables.items():
-            epochs = run.tables[split]
             scores = scorer.score(split, split_tables, options.el2n_epoch,
-                                  lambda epoch, epochs=epochs: [files.release(path) for path in files_of(epochs[epoch])],
-                                  options.progress)
+                                  partial(_release_epoch, files, run.tables[split]), options.progress)
             split_out = work / "out" / split
             write_scores(scores, split_out)
             report = (report_split(scores.copy(), split, run, media[split].result() if split in media else None,
@@ -180,6 +179,12 @@ def _analyze(tracker: Tracker, run: RunPlan, options: JobOptions) -> AnalysisRes
         tracker.log_metrics(metrics)
         tracker.set_tags({contract.STATUS_TAG: contract.STATUS_DONE})
     return result
+
+
+def _release_epoch(files: RunFiles, epochs: list[Epoch], epoch: int) -> None:
+    """An engine has read `epoch`: every file of it (a table, or each part) may go."""
+    for path in files_of(epochs[epoch]):
+        files.release(path)
 
 
 def write_scores(scores: pd.DataFrame, split_out: Path) -> Path:

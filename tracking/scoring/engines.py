@@ -6,7 +6,9 @@
 - `duckdb`: one SQL query over all files, the loss sums only, spilling to disk when a
   run's sums outgrow memory; it needs every file of the split before it starts.
 
-Both call `done(epoch)` once an epoch's file is read, so the caller may delete its copy.
+Both read an epoch given as one table or as the parts of a sharded epoch (their union,
+`tables.union_of_parts`), and call `done(epoch)` once an epoch's files are read, so the caller
+may delete its copies.
 """
 
 from __future__ import annotations
