@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from scipy.stats import spearmanr
 
@@ -24,6 +25,7 @@ from tracking.analyze import analyze_run
 from tracking.backends import MLflowTracker
 from tracking.compare import compare_runs
 from tracking.errors import ActionScoresError
+from tracking.fetch import Fetched, RunFiles
 from tracking.report.panels import read_panel_rows
 from tracking.scoring.tables import epoch_files
 from tracking.selection import select_run
@@ -232,6 +234,33 @@ def test_a_missing_sharded_epoch_or_part_is_named(
     with pytest.raises(ActionScoresError, match=rf"^{folder}/part-00002\.parquet: columns \[sample_id: int64, .*\] "
                                                 rf"differ from {folder}/part-00000\.parquet's \[sample_id: int64, "):
         analyze_run(tracker, run_id, panels=False, progress=False)
+
+
+def test_a_sharded_epoch_takes_one_place_of_the_fetch_window_and_its_parts_come_together(
+        client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path) -> None:
+    sharded, _, _ = _runs_data(seed=8)
+    tracker.attach(_make_run(client, experiment_id, tmp_path / "made", sharded))
+    epochs = epoch_files(tracker.list_files(contract.LOSSES_DIR))[SPLIT]
+    with RunFiles(tracker, tmp_path / "in", ahead=1, progress=False) as files:
+        futures = files.stream(epochs)
+        arrived = [future.result(timeout=60) for future in futures[0]]  # every part of epoch 0, none released
+        assert [found.take() for found in arrived] == [_bytes(sharded[path]) for path in epochs[0]]
+        for path in epochs[0][:-1]:
+            files.release(path)
+        assert not any(future.done() for future in futures[1])  # epoch 0 still holds the place
+        files.release(epochs[0][-1])
+        assert all(isinstance(future.result(timeout=60), Fetched) for future in futures[1])
+        for epoch in epochs[1:]:
+            for path in epoch:
+                files.release(path)
+        assert all(isinstance(future.result(timeout=60), Fetched) for future in futures[2])
+
+
+def _bytes(table: pa.Table) -> bytes:
+    """The file `_make_run` writes of a table."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def _picture(sample_id: int) -> np.ndarray:
