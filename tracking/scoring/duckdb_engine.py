@@ -2,7 +2,8 @@
 
 The per-epoch tables of a split are one parquet dataset to DuckDB: one query sums `loss`
 and every `loss_<part>` per `sample_id` and counts the epochs, spilling to disk when
-its hash table outgrows memory. The result has the columns of the default engine
+its hash table outgrows memory; a split of sharded epochs first keeps each (sample, epoch)'s first row
+(`sharded_query`). The result has the columns of the default engine
 (`tracking.scoring.accumulator`), so either can feed ranks, panels and the scores artifact.
 """
 
