@@ -2,8 +2,8 @@
 
 The per-epoch tables of a split are one parquet dataset to DuckDB: one query sums `loss`
 and every `loss_<part>` per `sample_id` and counts the epochs, spilling to disk when
-its hash table outgrows memory; a split of sharded epochs first keeps each (sample, epoch)'s first row
-(`sharded_query`). The result has the columns of the default engine
+its hash table outgrows memory; in a split of sharded epochs it leaves out each id's later copies in an
+epoch (`later_copies`, `sharded_query`). The result has the columns of the default engine
 (`tracking.scoring.accumulator`), so either can feed ranks, panels and the scores artifact.
 """
 
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
 from tracking.scoring.rank import rank
-from tracking.scoring.tables import epoch_files, files_of, read_epoch_table, read_part_table, union_of_parts
+from tracking.scoring.tables import epoch_files, files_of, first_occurrences, read_epoch_table, read_part_table, union_of_parts
 
 
 def _quoted(name: str) -> str:
@@ -49,31 +49,51 @@ def action_query(loss_columns: list[str], label: str | None, epochs: int) -> str
     )
 
 
-def sharded_query(loss_columns: list[str], label: str | None, files: int) -> str:
-    """The query over `read_parquet($files)` where some epochs are in parts; `$epoch_of` gives each file's epoch.
-
-    First each (sample, epoch) keeps its first row, in file order (parts in part order), then row order
-    (`position`), as `tables.union_of_parts`; then the sums over the epochs, as `action_query`. Each epoch
-    then holds a sample at most once, so a count of epochs per sample is the whole check.
-    """
-    position = "(file_index::BIGINT << 40) + file_row_number"
-    firsts = ", ".join(f"arg_min({_quoted(column)}::DOUBLE, position) AS {_quoted(column)}" for column in loss_columns)
-    sums = ", ".join(f"sum({_quoted(column)}) AS {_quoted(contract.action_column(column))}" for column in loss_columns)
+def sharded_query(loss_columns: list[str], label: str | None, epochs: int, files: int) -> str:
+    """`action_query` over a split whose epochs may be in parts: `$epoch_of` gives each file's epoch, and the
+    rows `later_copies` found (`$drop_files`, `$drop_rows`: file index and row number) are left out, so each
+    epoch counts each id once, by its first occurrence. `each_epoch_once` hashes the epoch, not the file."""
+    sums = ", ".join(
+        f"sum({_quoted(column)}::DOUBLE) AS {_quoted(contract.action_column(column))}" for column in loss_columns
+    )
     read = ", ".join(_quoted(column) for column in [contract.SAMPLE_ID, *loss_columns, *([label] if label else [])])
+    first_label = f", arg_min({_quoted(label)}, epoch) AS label" if label else ""
     return (
-        f"WITH files AS (SELECT unnest($epoch_of) AS epoch, unnest(range({int(files)})) AS file_index),\n"
-        f"firsts AS (\n"
-        f"  SELECT {_quoted(contract.SAMPLE_ID)}, epoch, {firsts}"
-        f"{f', arg_min({_quoted(label)}, position) AS label' if label else ''}\n"
-        f"  FROM (SELECT {read}, file_index, {position} AS position\n"
-        f"        FROM read_parquet($files, file_row_number = true)) JOIN files USING (file_index)\n"
-        f"  GROUP BY {_quoted(contract.SAMPLE_ID)}, epoch)\n"
-        f"SELECT {_quoted(contract.SAMPLE_ID)}, count(*) AS epochs, {sums}"
-        f"{', arg_min(label, epoch) AS label' if label else ''}, TRUE AS each_epoch_once\n"
-        f"FROM firsts\n"
+        f"SELECT {_quoted(contract.SAMPLE_ID)}, count(*) AS epochs, {sums}{first_label},\n"
+        f"       sum(hash(epoch::BIGINT)) = (SELECT sum(hash(i)) FROM range({int(epochs)}) t(i)) AS each_epoch_once\n"
+        f"FROM (SELECT {read}, file_index::BIGINT AS file_index, file_row_number::BIGINT AS file_row_number\n"
+        f"      FROM read_parquet($files, file_row_number = true))\n"
+        f"JOIN (SELECT unnest($epoch_of::BIGINT[]) AS epoch, unnest(range({int(files)})) AS file_index) USING (file_index)\n"
+        f"ANTI JOIN (SELECT unnest($drop_files::BIGINT[]) AS file_index, unnest($drop_rows::BIGINT[]) AS file_row_number)\n"
+        f"  USING (file_index, file_row_number)\n"
         f"GROUP BY {_quoted(contract.SAMPLE_ID)}\n"
         f"ORDER BY {_quoted(contract.SAMPLE_ID)}"
     )
+
+
+def later_copies(epochs: list[Epoch]) -> tuple[list[int], list[int]]:
+    """(file index, row number) in the split's list of files of every row a sharded epoch leaves out: each id's
+    occurrences after its first (`tables.first_occurrences`). Reads only the ids, one epoch at a time: memory
+    O(samples)."""
+    files, rows, start = [], [], 0
+    for epoch in epochs:
+        parts = files_of(epoch)
+        if isinstance(epoch, list):
+            ids = [_ids(part) for part in parts]
+            lengths = [len(part_ids) for part_ids in ids]
+            dropped = np.ones(sum(lengths), dtype=bool)
+            dropped[first_occurrences(np.concatenate(ids))] = False
+            files += np.repeat(np.arange(start, start + len(parts)), lengths)[dropped].tolist()
+            rows += np.concatenate([np.arange(length) for length in lengths])[dropped].tolist()
+        start += len(parts)
+    return files, rows
+
+
+def _ids(path: Path) -> np.ndarray:
+    try:
+        return pq.read_table(path, columns=[contract.SAMPLE_ID]).column(0).to_numpy()
+    except (pa.ArrowException, OSError) as error:
+        raise ActionScoresError(f"{path.parent.name}/{path.name} is not a readable parquet file: {error}") from None
 
 
 Epoch = Path | list[Path]  # an epoch's file, or its parts in part order
@@ -136,8 +156,9 @@ def score_tables_duckdb(paths: list[Epoch], split: str, memory_limit: str | None
     for path in files[len(files_of(paths[0])):]:
         _check_loss_columns(path, loss_columns)
     if any(isinstance(epoch, list) for epoch in paths):
-        query = sharded_query(loss_columns, label, len(files))
-        arguments = {"files": [str(p) for p in files],
+        query = sharded_query(loss_columns, label, len(paths), len(files))
+        drop_files, drop_rows = later_copies(paths)
+        arguments = {"files": [str(p) for p in files], "drop_files": drop_files, "drop_rows": drop_rows,
                      "epoch_of": [epoch for epoch, found in enumerate(paths) for _ in files_of(found)]}
     else:
         query, arguments = action_query(loss_columns, label, len(paths)), {"files": [str(p) for p in files]}

@@ -172,11 +172,17 @@ def union_of_parts(parts: list[tuple[str, pa.Table]], name: str) -> pa.Table:
     table = pa.concat_tables([table for _, table in parts], promote_options="default")
     if table.num_rows == 0:
         raise ActionScoresError(f"{name} is empty: none of its {len(parts)} parts has a row")
-    ids = table.column(contract.SAMPLE_ID).to_numpy()
-    order = np.argsort(ids, kind="stable")  # equal ids stay in part order, then row order
+    return table.take(first_occurrences(table.column(contract.SAMPLE_ID).to_numpy()))
+
+
+def first_occurrences(ids: np.ndarray) -> np.ndarray:
+    """Positions of each id's first occurrence in `ids` (parts one after the other), in id order: one stable
+    argsort, so equal ids stay in part order, then row order."""
+    order = np.argsort(ids, kind="stable")
     ordered = ids[order]
-    first_occurrence = np.concatenate(([True], ordered[1:] != ordered[:-1]))
-    return table.take(order[first_occurrence])
+    first = np.ones(ids.size, dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return order[first]
 
 
 def _columns(fields: list[tuple[str, pa.DataType]]) -> str:
