@@ -112,7 +112,8 @@ def test_a_sharded_run_scores_as_its_single_file_form(
     sharded_files, single_files, truth = _runs_data(seed=1)
     sharded = _make_run(client, experiment_id, tmp_path / "made", sharded_files)
     single = _make_run(client, experiment_id, tmp_path / "made", single_files)
-    results = [analyze_run(tracker, run_id, panels=False, engine=engine, progress=False) for run_id in (sharded, single)]
+    results = [analyze_run(tracker, run_id, panels=False, engine=engine, progress=False)
+               for run_id in (sharded, single)]
     assert [r.status for r in results] == ["done", "done"]
     assert results[0].samples == {SPLIT: SAMPLES} and results[0].epochs == {SPLIT: EPOCHS}
 
@@ -221,7 +222,8 @@ def test_a_missing_sharded_epoch_or_part_is_named(
     with pytest.raises(ActionScoresError, match=r"^split 'test': sharded epochs missing: "
                                                 r"\[per_sample_losses/test/epoch_0001/\] \(found 2 of epochs 0\.\.2\)$"):
         analyze_run(tracker, run_id, panels=False, progress=False)
-    no_part = {path: table for path, table in sharded.items() if path != "per_sample_losses/test/epoch_0002/part-00001.parquet"}
+    missing = "per_sample_losses/test/epoch_0002/part-00001.parquet"
+    no_part = {path: table for path, table in sharded.items() if path != missing}
     run_id = _make_run(client, experiment_id, tmp_path / "made", no_part)
     with pytest.raises(ActionScoresError, match=r"^split 'test', epoch 2: parts missing: "
                                                 r"\[per_sample_losses/test/epoch_0002/part-00001\.parquet\] "

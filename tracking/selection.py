@@ -168,7 +168,8 @@ def _predictions(tracker: Tracker, split: str, work: Path) -> pd.Series | None:
             if contract.PREDICTION not in pq.read_schema(local).names:
                 return None
             parts.append((path, pq.read_table(local, columns=[contract.SAMPLE_ID, contract.PREDICTION])))
-        tables.append((union_of_parts(parts, epoch_name(epoch)) if isinstance(epoch, list) else parts[0][1]).to_pandas())
+        table = union_of_parts(parts, epoch_name(epoch)) if isinstance(epoch, list) else parts[0][1]
+        tables.append(table.to_pandas())
     return most_frequent_prediction(tables) if tables else None
 
 

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
 from tracking.scoring.rank import rank
-from tracking.scoring.tables import epoch_files, files_of, first_occurrences, read_epoch_table, read_part_table, union_of_parts
+from tracking.scoring.tables import (epoch_files, files_of, first_occurrences, read_epoch_table, read_part_table,
+                                    union_of_parts)
 
 
 def _quoted(name: str) -> str:
@@ -63,8 +64,10 @@ def sharded_query(loss_columns: list[str], label: str | None, epochs: int, files
         f"       sum(hash(epoch::BIGINT)) = (SELECT sum(hash(i)) FROM range({int(epochs)}) t(i)) AS each_epoch_once\n"
         f"FROM (SELECT {read}, file_index::BIGINT AS file_index, file_row_number::BIGINT AS file_row_number\n"
         f"      FROM read_parquet($files, file_row_number = true))\n"
-        f"JOIN (SELECT unnest($epoch_of::BIGINT[]) AS epoch, unnest(range({int(files)})) AS file_index) USING (file_index)\n"
-        f"ANTI JOIN (SELECT unnest($drop_files::BIGINT[]) AS file_index, unnest($drop_rows::BIGINT[]) AS file_row_number)\n"
+        f"JOIN (SELECT unnest($epoch_of::BIGINT[]) AS epoch, unnest(range({int(files)})) AS file_index)\n"
+        f"  USING (file_index)\n"
+        f"ANTI JOIN (SELECT unnest($drop_files::BIGINT[]) AS file_index,\n"
+        f"                  unnest($drop_rows::BIGINT[]) AS file_row_number)\n"
         f"  USING (file_index, file_row_number)\n"
         f"GROUP BY {_quoted(contract.SAMPLE_ID)}\n"
         f"ORDER BY {_quoted(contract.SAMPLE_ID)}"
@@ -93,7 +96,7 @@ def _ids(path: Path) -> np.ndarray:
     try:
         return pq.read_table(path, columns=[contract.SAMPLE_ID]).column(0).to_numpy()
     except (pa.ArrowException, OSError) as error:
-        raise ActionScoresError(f"{path.parent.name}/{path.name} is not a readable parquet file: {error}") from None
+        raise ActionScoresError(f"{_name(path)} is not a readable parquet file: {error}") from None
 
 
 Epoch = Path | list[Path]  # an epoch's file, or its parts in part order
@@ -115,14 +118,20 @@ def epoch_paths(folder: str | Path, split: str) -> list[Epoch]:
 
 def _check_loss_columns(path: Path, expected: list[str]) -> None:
     """Refuse a later epoch whose loss columns differ from epoch 0's (DuckDB would ignore extras)."""
+    name = _name(path)
     try:
         columns = pq.read_schema(path).names
     except (pa.ArrowException, OSError) as error:
-        raise ActionScoresError(f"{path.name} is not a readable parquet file: {error}") from None
+        raise ActionScoresError(f"{name} is not a readable parquet file: {error}") from None
     found = contract.loss_columns(columns)
     if contract.LOSS not in columns or sorted(found) != sorted(expected):
-        raise ActionScoresError(f"{path.name}: loss columns {sorted(c for c in found if c in columns)} differ "
+        raise ActionScoresError(f"{name}: loss columns {sorted(c for c in found if c in columns)} differ "
                                 f"from epoch 0's {sorted(expected)}")
+
+
+def _name(path: Path) -> str:
+    """How errors name a file: `epoch_0003.parquet`, or a part with its epoch's folder."""
+    return f"{path.parent.name}/{path.name}" if contract.parse_part_file_name(path.name) is not None else path.name
 
 
 def score_folder_duckdb(folder: str | Path, split: str, memory_limit: str | None = None) -> pd.DataFrame:
@@ -145,8 +154,7 @@ def score_tables_duckdb(paths: list[Epoch], split: str, memory_limit: str | None
     import duckdb
 
     if isinstance(paths[0], list):
-        names = [f"{part.parent.name}/{part.name}" for part in paths[0]]
-        first = union_of_parts([(name, read_part_table(part, name)) for name, part in zip(names, paths[0])],
+        first = union_of_parts([(_name(part), read_part_table(part, _name(part))) for part in paths[0]],
                                paths[0][0].parent.name)
     else:
         first = read_epoch_table(paths[0], paths[0].name)
