@@ -265,6 +265,34 @@ def _bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def test_a_sharded_w_and_b_offline_run_is_read_in_place_and_scores_as_its_single_file_form(
+        wandb_env: dict[str, str], tmp_path: Path) -> None:
+    from tracking.backends import WandbTracker
+    from tracking.scoring.engines import score_split
+
+    sharded, single, _ = _runs_data(seed=9)
+    written = tmp_path / "written"
+    for path, table in {**sharded, **single}.items():
+        (written / path).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, written / path)
+    tracker = WandbTracker()
+    run_id = tracker.start()
+    for path in sharded:
+        tracker.log_artifact(written / path, path.rsplit("/", 1)[0])
+    tracker.finish()
+    folder = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))[0]
+    assert analyze_run(WandbTracker(), str(folder), panels=False, progress=False).status == "done"
+
+    reader = WandbTracker()
+    reader.attach(str(folder))
+    local = reader.local_file(f"{contract.epoch_parts_dir(SPLIT, 0)}/{contract.part_file_name(0)}")
+    assert local is not None and local.is_relative_to(folder)  # in place: the job copies nothing
+    got = pd.read_parquet(reader.download(f"{contract.scores_dir(SPLIT)}/{contract.SCORES_FILE}", tmp_path / "back"))
+    expected = score_split(SPLIT, [(path, written / path) for path in single], progress=False)
+    pd.testing.assert_frame_equal(got[SUMS], expected[SUMS], check_exact=True)
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-12, atol=0)
+
+
 def _picture(sample_id: int) -> np.ndarray:
     """A small image per sample, so that the job draws panels of a run without media."""
     return np.full((8, 8, 3), sample_id % 256, dtype=np.uint8)
