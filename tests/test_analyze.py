@@ -327,14 +327,18 @@ def assert_refused_and_unchanged(client: mlflow.MlflowClient, tracker: MLflowTra
     assert "action_scores.status" not in client.get_run(run_id).data.tags
 
 
-@pytest.mark.parametrize("stray", ["per_sample_losses/notes.txt", "per_sample_losses/test/old/epoch_0000.parquet"])
+@pytest.mark.parametrize(("stray", "message"), [
+    ("per_sample_losses/notes.txt", r"artifact path 'per_sample_losses/notes\.txt' is not of the form "
+                                    r"per_sample_losses/<split>/epoch_EEEE\.parquet or "
+                                    r"per_sample_losses/<split>/epoch_EEEE/part-RRRRR\.parquet"),
+    ("per_sample_losses/test/old/epoch_0000.parquet",
+     r"per_sample_losses/test/old/epoch_0000\.parquet: the folder of a sharded epoch is named epoch_EEEE"),
+])
 def test_stray_file_in_the_losses_folder_is_an_action_scores_error(
-    stray: str, client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path
+    stray: str, message: str, client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path
 ) -> None:
     run_id = _make_run(client, experiment_id, tmp_path, {**_good_files(), stray: b"x"})
-    assert_refused_and_unchanged(
-        client, tracker, run_id,
-        rf"artifact path '{re.escape(stray)}' is not of the form per_sample_losses/<split>/<file>")
+    assert_refused_and_unchanged(client, tracker, run_id, message)
 
 
 def test_two_files_for_one_epoch_are_refused(

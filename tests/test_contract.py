@@ -35,9 +35,36 @@ def test_loss_columns_and_their_scores_keep_the_table_s_order() -> None:
 
 
 def test_artifact_paths_that_leave_the_run_are_refused() -> None:
-    assert contract.split_of_artifact("per_sample_losses/train/epoch_0000.parquet") == ("train", "epoch_0000.parquet")
-    for path in ("/etc/passwd", "per_sample_losses/../../x", "C:\\x", "\\\\host\\share"):
+    assert contract.parse_losses_file("per_sample_losses/train/epoch_0000.parquet") == contract.LossesFile(
+        "per_sample_losses/train/epoch_0000.parquet", "train", 0)
+    for path in ("/etc/passwd", "per_sample_losses/../../x", "C:\\x", "\\\\host\\share",
+                 "per_sample_losses/train/epoch_0000/../../../part-00000.parquet",
+                 "/per_sample_losses/train/epoch_0000/part-00000.parquet"):
         with pytest.raises(ActionScoresError, match="escapes the run's artifact folder"):
-            contract.split_of_artifact(path)
-    with pytest.raises(ActionScoresError, match=r"is not of the form per_sample_losses/<split>/<file>"):
-        contract.split_of_artifact("action_scores/train/scores.parquet")
+            contract.parse_losses_file(path)
+    for path in ("action_scores/train/scores.parquet", "per_sample_losses/epoch_0000.parquet",
+                 "per_sample_losses/train/epoch_0000/0/part-00000.parquet"):
+        with pytest.raises(ActionScoresError, match=r"is not of the form per_sample_losses/<split>/epoch_EEEE\.parquet "
+                                                    r"or per_sample_losses/<split>/epoch_EEEE/part-RRRRR\.parquet"):
+            contract.parse_losses_file(path)
+
+
+def test_parts_of_a_sharded_epoch_round_trip_and_bad_names_are_refused() -> None:
+    folder = contract.epoch_parts_dir("train", 3)
+    assert folder == "per_sample_losses/train/epoch_0003"
+    assert contract.part_file_name(12) == "part-00012.parquet"
+    assert contract.parse_losses_file(f"{folder}/{contract.part_file_name(12)}") == contract.LossesFile(
+        f"{folder}/part-00012.parquet", "train", 3, 12)
+    assert [contract.parse_part_file_name(n) for n in ("part-00012.parquet", "part-123456.parquet", "part-1.parquet",
+                                                       "part-00001.csv")] == [12, 123456, None, None]
+    assert contract.parse_losses_file(f"{folder}/_SUCCESS") is None  # a writer's marker: no table
+    assert contract.parse_losses_file("per_sample_losses/train/notes.txt") is None
+    with pytest.raises(ActionScoresError, match=r"epoch_0003/part-1\.parquet: a part of a sharded epoch is named "
+                                                r"part-RRRRR\.parquet"):
+        contract.parse_losses_file(f"{folder}/part-1.parquet")
+    with pytest.raises(ActionScoresError, match=r"the folder of a sharded epoch is named epoch_EEEE .*not 'epoch_3'"):
+        contract.parse_losses_file("per_sample_losses/train/epoch_3/part-00000.parquet")
+    with pytest.raises(ActionScoresError, match=r"split name '\.x' is not allowed"):
+        contract.parse_losses_file("per_sample_losses/.x/epoch_0000/part-00000.parquet")
+    with pytest.raises(ActionScoresError, match="part must be >= 0, got -1"):
+        contract.part_file_name(-1)

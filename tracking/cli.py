@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
         "analyze",
         help="score a run's per-sample tables and log scores and panels back to it",
         description=(
-            f"Reads {contract.LOSSES_DIR}/<split>/epoch_EEEE.parquet from a run, sums each sample's "
+            f"Reads {contract.LOSSES_DIR}/<split>/epoch_EEEE.parquet (or the parts of a sharded epoch, "
+            f"epoch_EEEE/part-RRRRR.parquet) from a run, sums each sample's "
             f"loss over epochs (its action), and writes {contract.SCORES_DIR}/<split>/scores.parquet, "
             f"{contract.SCORES_DIR}/<split>/<objective>/hardest.png and easiest.png (plus by_class/; objective: "
             f"loss or a loss part), {contract.SCORES_DIR}/<split>/<score>/hardest.png and easiest.png for each "

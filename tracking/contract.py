@@ -8,6 +8,7 @@ through this module, so the layout is defined once.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from tracking.errors import ActionScoresError
@@ -61,6 +62,8 @@ BOX_CORNERS = ("x1", "y1", "x2", "y2")
 BOX_LABEL = "label_name"
 
 _EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.parquet$")
+_EPOCH_PARTS_DIR = re.compile(r"^epoch_(\d{4,})$")
+_PART_FILE = re.compile(r"^part-(\d{5,})\.parquet$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -100,6 +103,54 @@ def parse_epoch_file_name(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def parse_part_file_name(name: str) -> int | None:
+    """The part of a `part-RRRRR.parquet` file name, or None for any other name."""
+    match = _PART_FILE.match(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class LossesFile:
+    """Where one per-sample table of a run sits in the contract: its split and zero-based epoch, and its part
+    (the writing process) for a sharded epoch, None for the single-file form."""
+
+    path: str
+    split: str
+    epoch: int
+    part: int | None = None
+
+
+def parse_losses_file(path: str) -> LossesFile | None:
+    """Split, epoch and part of a `per_sample_losses/<split>/epoch_EEEE.parquet` or
+    `per_sample_losses/<split>/epoch_EEEE/part-RRRRR.parquet` artifact path; None for a file that is not
+    parquet (a writer's marker such as `_SUCCESS`), which is no table.
+
+    Refuses, since the job downloads what other people wrote: paths that are absolute or climb out of the
+    run (`..`), any other depth, and parquet files or epoch folders not named by the contract.
+    """
+    parts = relative_artifact_path(path).parts
+    if len(parts) not in (3, 4) or parts[0] != LOSSES_DIR:
+        raise ActionScoresError(
+            f"artifact path {path!r} is not of the form {LOSSES_DIR}/<split>/epoch_EEEE.parquet or "
+            f"{LOSSES_DIR}/<split>/epoch_EEEE/part-RRRRR.parquet"
+        )
+    split, name = check_name("split", parts[1]), parts[-1]
+    if len(parts) == 3:
+        epoch = parse_epoch_file_name(name)
+        if epoch is None and name.endswith(".parquet"):
+            raise ActionScoresError(f"{path}: not named epoch_EEEE.parquet (zero-based epoch, 4 digits)")
+        return None if epoch is None else LossesFile(path, split, epoch)
+    folder = _EPOCH_PARTS_DIR.match(parts[2])
+    if folder is None:
+        raise ActionScoresError(f"{path}: the folder of a sharded epoch is named epoch_EEEE (zero-based epoch, "
+                                f"4 digits), not {parts[2]!r}")
+    part = parse_part_file_name(name)
+    if part is None and name.endswith(".parquet"):
+        raise ActionScoresError(f"{path}: a part of a sharded epoch is named part-RRRRR.parquet (zero-based part, "
+                                "5 digits)")
+    return None if part is None else LossesFile(path, split, int(folder.group(1)), part)
+
+
 def losses_dir(split: str) -> str:
     """Artifact folder of one split's per-epoch tables."""
     return f"{LOSSES_DIR}/{check_name('split', split)}"
@@ -133,19 +184,6 @@ def loss_columns(columns: list[str]) -> list[str]:
 def action_column(loss_column: str) -> str:
     """Score column of a loss column: `action` for `loss`, `action_loc` for `loss_loc`."""
     return "action" + loss_column[len(LOSS):]
-
-
-def split_of_artifact(path: str) -> tuple[str, str]:
-    """(split, file name) of a `per_sample_losses/<split>/<file>` artifact path.
-
-    Refuses paths that are absolute or climb out of the run (`..`), since the job
-    downloads what other people wrote.
-    """
-    parts = relative_artifact_path(path).parts
-    if len(parts) != 3 or parts[0] != LOSSES_DIR:
-        raise ActionScoresError(f"artifact path {path!r} is not of the form {LOSSES_DIR}/<split>/<file>")
-    check_name("split", parts[1])
-    return parts[1], parts[2]
 
 
 def relative_artifact_path(path: str) -> PurePosixPath:

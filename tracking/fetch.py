@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -19,9 +19,13 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from tracking.backends.base import Tracker
+from tracking.scoring.tables import Epoch, epoch_name, files_of
 
 DOWNLOAD_THREADS = 8
-FETCH_AHEAD = 16  # epoch tables downloaded beyond the one being scored: keeps DOWNLOAD_THREADS busy, bounds the disk
+# Epochs downloaded beyond the one being scored: keeps DOWNLOAD_THREADS busy, bounds the disk. A sharded epoch
+# takes one place whatever its number of parts (together they weigh one epoch), so all its parts are fetched
+# at once, in parallel, and the scorer never waits for a part the window holds back.
+FETCH_AHEAD = 16
 FETCH_MEMORY = 512 * 2**20  # bytes of fetched tables held in memory at most (plus those in flight); more go to disk
 
 
@@ -55,8 +59,9 @@ class RunFiles:
     """A run's files as the job reads them, each a `Future` of its arrival, fetched in the background.
 
     Where the run's store is a folder on this machine (`Tracker.local_file`) a file is read in place,
-    never copied. Otherwise DOWNLOAD_THREADS threads fetch it: epoch tables (`stream`) at most `ahead`
-    (default FETCH_AHEAD) beyond the last one the scorer has read (`release`), each straight into memory
+    never copied. Otherwise DOWNLOAD_THREADS threads fetch it: epochs (`stream`: a table, or a sharded epoch's
+    parts, fetched in parallel) at most `ahead` (default FETCH_AHEAD) beyond the last one the scorer has read
+    (`release` of each of its files), each table straight into memory
     where the tracker can (`Tracker.fetch`: a store served over HTTP; the Future's result is then a `Fetched`)
     and the window's tables in memory stay under FETCH_MEMORY bytes, else downloaded under `dst` and the copy
     deleted once read: memory or disk holds a window of tables, not the run. `keep` files (media), and the
@@ -69,9 +74,12 @@ class RunFiles:
         self._tracker, self._dst, self._free = tracker, dst, FETCH_AHEAD if ahead is None else ahead
         self._pool = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="action-scores-fetch")
         self._lock = threading.Lock()
-        self._waiting: deque[tuple[str, Future[Arrival]]] = deque()  # tables beyond the window, in order
-        # fetched, not yet released -> (copy on disk, holds a place, bytes held in memory)
-        self._copies: dict[str, tuple[Path | None, bool, int]] = {}
+        # epochs beyond the window, in order: (their place's number, their files)
+        self._waiting: deque[tuple[int, list[tuple[str, Future[Arrival]]]]] = deque()
+        self._places = 0  # places numbered so far
+        self._unreleased: dict[int, int] = {}  # a place held in the window -> its files not yet released
+        # fetched, not yet released -> (copy on disk, the window's place it holds or None, bytes held in memory)
+        self._copies: dict[str, tuple[Path | None, int | None, int]] = {}
         self._in_memory = 0  # bytes of the fetched tables not yet released
         self._progress, self._bar = progress, None  # the bar starts with `show_progress`
         self._total = self._fetched = 0  # files asked for, files here
@@ -81,8 +89,9 @@ class RunFiles:
 
     def __exit__(self, *exc: object) -> None:
         with self._lock:
-            for _, future in self._waiting:
-                future.cancel()
+            for _, group in self._waiting:
+                for _, future in group:
+                    future.cancel()
             self._waiting.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._bar is not None:
@@ -106,15 +115,24 @@ class RunFiles:
             else:
                 self._bar.refresh()
 
-    def stream(self, paths: list[str], bounded: bool = True) -> list[Future[Arrival]]:
-        """Futures of the tables at `paths`, fetched in order, each copy dropped on `release`. `bounded`:
-        within the window, into memory where the tracker can (for a streaming engine), else all at once, as
-        files (an engine that needs every file)."""
-        return self._submit(paths, "window" if bounded else "all")
+    def stream(self, epochs: Sequence[Epoch], bounded: bool = True) -> list[Future[Arrival] | list[Future[Arrival]]]:
+        """Futures of the tables of `epochs` (a path, or a sharded epoch's parts: a list of futures), fetched in
+        order, each copy dropped on `release`. `bounded`: within the window, into memory where the tracker can
+        (for a streaming engine), else all at once, as files (an engine that needs every file)."""
+        return self._submit(epochs, "window" if bounded else "all")
 
-    def tables(self, paths: list[str], bounded: bool = True) -> list[tuple[str, TableReader]]:
-        """What an engine scores: (artifact path, reader) of each table of `stream`, in order."""
-        return [(path, partial(open_table, arrival)) for path, arrival in zip(paths, self.stream(paths, bounded))]
+    def tables(self, epochs: Sequence[Epoch], bounded: bool = True
+               ) -> list[tuple[str, TableReader | list[tuple[str, TableReader]]]]:
+        """What an engine scores (`tracking.scoring.engines.Tables`): (artifact path, reader) of each epoch of
+        `stream`, in order; a sharded epoch's is (its folder, [(part path, reader), ...])."""
+        found = []
+        for epoch, arrival in zip(epochs, self.stream(epochs, bounded)):
+            if isinstance(epoch, list):
+                found.append((epoch_name(epoch), [(part, partial(open_table, future))
+                                                  for part, future in zip(epoch, cast(list, arrival))]))
+            else:
+                found.append((epoch, partial(open_table, arrival)))
+        return found
 
     def keep(self, path: str) -> Future[Path]:
         """A file needed until the job ends (a split's media), downloaded now, outside the window."""
@@ -123,37 +141,49 @@ class RunFiles:
     def release(self, path: str) -> None:
         """The scorer has read `path`: delete its copy, and fetch the next table if it held a place."""
         with self._lock:
-            local, counted, size = self._copies.pop(path, (None, False, 0))
+            local, place, size = self._copies.pop(path, (None, None, 0))
             self._in_memory -= size
             if local is not None:
                 local.unlink(missing_ok=True)
-            if counted:
-                self._free += 1
-                self._pump()
+            if place is not None:
+                self._unreleased[place] -= 1
+                if not self._unreleased[place]:  # the epoch's last file: its place is free
+                    del self._unreleased[place]
+                    self._free += 1
+                    self._pump()
 
-    def _submit(self, paths: list[str], mode: str) -> list[Future[Arrival]]:
-        futures: list[tuple[str, Future[Arrival]]] = [(path, Future()) for path in paths]
+    def _submit(self, epochs: Sequence[Epoch], mode: str) -> list[Future[Arrival] | list[Future[Arrival]]]:
+        found: list[Future[Arrival] | list[Future[Arrival]]] = []
         with self._lock:
-            self._count(asked=len(paths))
-            for path, future in futures:
-                if (local := self._tracker.local_file(path)) is not None:
-                    future.set_result(local)  # read in place: never copied, never deleted, no place taken
-                    self._count(here=1)
-                elif mode == "window":
-                    self._waiting.append((path, future))
-                else:
-                    self._pool.submit(self._fetch, path, future, mode)
+            for epoch in epochs:
+                futures: list[tuple[str, Future[Arrival]]] = [(path, Future()) for path in files_of(epoch)]
+                self._count(asked=len(futures))
+                waiting = []
+                for path, future in futures:
+                    if (local := self._tracker.local_file(path)) is not None:
+                        future.set_result(local)  # read in place: never copied, never deleted, no place taken
+                        self._count(here=1)
+                    elif mode == "window":
+                        waiting.append((path, future))
+                    else:
+                        self._pool.submit(self._fetch, path, future, mode)
+                if waiting:
+                    self._waiting.append((self._places, waiting))
+                    self._places += 1
+                found.append([future for _, future in futures] if isinstance(epoch, list) else futures[0][1])
             self._pump()
-        return [future for _, future in futures]
+        return found
 
     def _pump(self) -> None:
-        """Start the waiting tables the window has room for (under the lock)."""
+        """Start the waiting epochs the window has room for, all the files of each (under the lock)."""
         while self._waiting and self._free > 0:
-            path, future = self._waiting.popleft()
+            place, files = self._waiting.popleft()
             self._free -= 1
-            self._pool.submit(self._fetch, path, future, "window")
+            self._unreleased[place] = len(files)
+            for path, future in files:
+                self._pool.submit(self._fetch, path, future, "window", place)
 
-    def _fetch(self, path: str, future: Future[Arrival], mode: str) -> None:
+    def _fetch(self, path: str, future: Future[Arrival], mode: str, place: int | None = None) -> None:
         if not future.set_running_or_notify_cancel():
             return
         with self._lock:
@@ -168,6 +198,6 @@ class RunFiles:
             if mode != "keep":
                 size = len(data) if data is not None else 0
                 self._in_memory += size
-                self._copies[path] = (local if isinstance(local, Path) else None, mode == "window", size)
+                self._copies[path] = (local if isinstance(local, Path) else None, place, size)
             self._count(here=1)
         future.set_result(local)

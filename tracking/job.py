@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +26,7 @@ from tracking.report.browse import BROWSE_FILE, write_browse_page
 from tracking.report.views import TASKS, SplitView, choose_view, load_picture_function
 from tracking.scoring.engines import ENGINES
 from tracking.scoring.regions import REGION
-from tracking.scoring.tables import epoch_files
+from tracking.scoring.tables import Epoch, epoch_files, files_of
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class RunPlan:
     """What the job reads of a run before it holds it: its tables by split and the params its stages need."""
 
     run_id: str
-    tables: dict[str, list[str]]  # split -> artifact paths of its epoch tables, in epoch order
+    tables: dict[str, list[Epoch]]  # split -> its epochs (a table's artifact path, or a sharded epoch's parts)
     media: dict[str, str]  # split -> artifact path of its media table (with panels only)
     params: dict[str, str]
 
@@ -129,7 +130,8 @@ def plan(tracker: Tracker, run_id: str, options: JobOptions) -> RunPlan:
     by_split = epoch_files(tracker.list_files(contract.LOSSES_DIR))
     if not by_split:
         raise ActionScoresError(
-            f"run {run_id} has no per-sample tables under {contract.LOSSES_DIR}/<split>/epoch_EEEE.parquet; "
+            f"run {run_id} has no per-sample tables under {contract.LOSSES_DIR}/<split>/epoch_EEEE.parquet (or "
+            "epoch_EEEE/part-RRRRR.parquet); "
             "record them during training with tracking.LossRecorder"
         )
     found = RunPlan(run_id, by_split, media_files(tracker, list(by_split)) if options.panels else {}, tracker.params())
@@ -162,9 +164,8 @@ def _analyze(tracker: Tracker, run: RunPlan, options: JobOptions) -> AnalysisRes
         files.show_progress()
         result, metrics, samples = AnalysisResult(run.run_id, "done"), {}, {}
         for split, split_tables in tables.items():
-            paths = run.tables[split]
             scores = scorer.score(split, split_tables, options.el2n_epoch,
-                                  lambda epoch, paths=paths: files.release(paths[epoch]), options.progress)
+                                  partial(_release_epoch, files, run.tables[split]), options.progress)
             split_out = work / "out" / split
             write_scores(scores, split_out)
             report = (report_split(scores.copy(), split, run, media[split].result() if split in media else None,
@@ -178,6 +179,12 @@ def _analyze(tracker: Tracker, run: RunPlan, options: JobOptions) -> AnalysisRes
         tracker.log_metrics(metrics)
         tracker.set_tags({contract.STATUS_TAG: contract.STATUS_DONE})
     return result
+
+
+def _release_epoch(files: RunFiles, epochs: list[Epoch], epoch: int) -> None:
+    """An engine has read `epoch`: every file of it (a table, or each part) may go."""
+    for path in files_of(epochs[epoch]):
+        files.release(path)
 
 
 def write_scores(scores: pd.DataFrame, split_out: Path) -> Path:

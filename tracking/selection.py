@@ -30,7 +30,7 @@ from tracking.errors import ActionScoresError
 from tracking.scoring import fused as fused_score
 from tracking.scoring.rank import rank
 from tracking.scoring.registry import SCORES, direction_text, get
-from tracking.scoring.tables import epoch_files
+from tracking.scoring.tables import epoch_files, epoch_name, files_of, union_of_parts
 
 SELECTIONS = "selections"
 CONTEXT = "selection"  # the MLflow dataset input's context
@@ -156,16 +156,20 @@ def _scored(tracker: Tracker, run_id: str, split: str | None) -> str:
 
 
 def _predictions(tracker: Tracker, split: str, work: Path) -> pd.Series | None:
-    """The most frequent prediction of each sample, from the run's epoch tables; None without `prediction`."""
+    """The most frequent prediction of each sample, from the run's epoch tables (a sharded epoch: the union of
+    its parts, `union_of_parts`); None without `prediction`."""
     import pyarrow.parquet as pq
 
-    paths = epoch_files(tracker.list_files(contract.losses_dir(split))).get(split, [])
     tables = []
-    for path in paths:
-        local = tracker.download(path, work)
-        if contract.PREDICTION not in pq.read_schema(local).names:
-            return None
-        tables.append(pq.read_table(local, columns=[contract.SAMPLE_ID, contract.PREDICTION]).to_pandas())
+    for epoch in epoch_files(tracker.list_files(contract.losses_dir(split))).get(split, []):
+        parts = []
+        for path in files_of(epoch):
+            local = tracker.download(path, work)
+            if contract.PREDICTION not in pq.read_schema(local).names:
+                return None
+            parts.append((path, pq.read_table(local, columns=[contract.SAMPLE_ID, contract.PREDICTION])))
+        table = union_of_parts(parts, epoch_name(epoch)) if isinstance(epoch, list) else parts[0][1]
+        tables.append(table.to_pandas())
     return most_frequent_prediction(tables) if tables else None
 
 

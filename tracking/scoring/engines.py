@@ -6,7 +6,9 @@
 - `duckdb`: one SQL query over all files, the loss sums only, spilling to disk when a
   run's sums outgrow memory; it needs every file of the split before it starts.
 
-Both call `done(epoch)` once an epoch's file is read, so the caller may delete its copy.
+Both read an epoch given as one table or as the parts of a sharded epoch (their union,
+`tables.union_of_parts`), and call `done(epoch)` once an epoch's files are read, so the caller
+may delete its copies.
 """
 
 from __future__ import annotations
@@ -24,21 +26,37 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from tracking.scoring.accumulator import ActionAccumulator
-from tracking.scoring.tables import dynamics_expected, read_epoch_table
+from tracking.scoring.tables import dynamics_expected, files_of, read_epoch_table, read_part_table, union_of_parts
 
 log = logging.getLogger(__name__)
 
 READ_AHEAD = 2  # epoch tables decoded in parallel while the previous one is summed
 
+PART_READERS = 4  # parts of the sharded epochs being read, decoded in parallel
+
 TableSource = Path | pa.NativeFile  # what pyarrow reads: a file, or a reader over bytes in memory
-Tables = Sequence[tuple[str, TableSource | Callable[[], TableSource]]]
-"""(artifact path for messages, the table's source or a function that waits for it and returns it), in
-epoch order: the job's tables still arriving (`tracking.fetch.RunFiles.tables`) or files at hand."""
+Source = TableSource | Callable[[], TableSource]  # a table's source, or a function that waits for it and returns it
+Tables = Sequence[tuple[str, Source | list[tuple[str, Source]]]]
+"""(artifact path for messages, the table's source), one per epoch in epoch order; a sharded epoch's source is
+the list of its parts' (artifact path, source), in part order. The job's tables still arriving
+(`tracking.fetch.RunFiles.tables`), or files at hand."""
 
 
-def table_source(table: TableSource | Callable[[], TableSource]) -> TableSource:
-    """The source of one entry of `Tables`, waiting for it where it is still arriving."""
+def table_source(table: Source) -> TableSource:
+    """The source of one table of `Tables`, waiting for it where it is still arriving."""
     return table() if callable(table) else table
+
+
+def read_epoch(name: str, source: Source | list[tuple[str, Source]], skip: frozenset[str],
+               part_readers: ThreadPoolExecutor) -> pa.Table:
+    """One epoch of `Tables`, checked and sorted by sample_id: a single table, or the union of its parts,
+    decoded by `part_readers` as each arrives."""
+    if not isinstance(source, list):
+        return read_epoch_table(table_source(source), name, threads=False, skip=skip)
+    reads = [part_readers.submit(lambda part=part, table=table: read_part_table(table_source(table), part,
+                                                                                 threads=False, skip=skip))
+             for part, table in source]
+    return union_of_parts([(part, read.result()) for (part, _), read in zip(source, reads)], name)
 
 
 def default_el2n_epoch(epochs: int) -> int:
@@ -62,16 +80,16 @@ def score_split(split: str, tables: Tables, el2n_epoch: int | None = None,
     accumulator = ActionAccumulator(split, el2n_epoch=chosen)
 
     def read(epoch: int) -> pa.Table:
-        name, file = tables[epoch]
-        table = read_epoch_table(table_source(file), name, threads=False, skip=accumulator.unused_columns(epoch))
+        name, source = tables[epoch]
+        table = read_epoch(name, source, accumulator.unused_columns(epoch), part_readers)
         if done is not None:
             done(epoch)
         return table
 
-    # READ_AHEAD files are decoded at once, one thread each, while this thread sums the one before
-    # (both release the GIL): on 2 cores as fast as pyarrow's own threaded read of the files alone.
-    # At most READ_AHEAD + 1 tables are in memory.
-    with ThreadPoolExecutor(READ_AHEAD) as readers:
+    # READ_AHEAD epochs are decoded at once, one thread each (their parts by PART_READERS more), while this
+    # thread sums the one before (all release the GIL): on 2 cores as fast as pyarrow's own threaded read of
+    # the files alone. At most READ_AHEAD + 1 epochs are in memory.
+    with ThreadPoolExecutor(READ_AHEAD) as readers, ThreadPoolExecutor(PART_READERS) as part_readers:
         upcoming = deque(readers.submit(read, epoch) for epoch in range(min(READ_AHEAD, len(tables))))
         for epoch, (name, _) in enumerate(tqdm(tables, desc=f"score {split}", unit="epoch", disable=not progress)):
             table = upcoming.popleft().result()
@@ -102,11 +120,13 @@ def score_split_duckdb(split: str, tables: Tables, el2n_epoch: int | None = None
     """
     from tracking.scoring.duckdb_engine import score_tables_duckdb
 
-    paths = [table_source(file) for _, file in tables]
-    if not all(isinstance(path, Path) for path in paths):  # the job keeps a non-streaming engine's tables on disk
+    paths = [[table_source(part) for _, part in source] if isinstance(source, list) else table_source(source)
+             for _, source in tables]
+    files = [file for epoch in paths for file in files_of(epoch)]
+    if not all(isinstance(path, Path) for path in files):  # the job keeps a non-streaming engine's files on disk
         raise TypeError("the duckdb engine reads files on disk, not tables in memory")
     scores = score_tables_duckdb(paths, split)
-    columns = pq.read_schema(paths[0]).names  # checked readable by the query's first step
+    columns = pq.read_schema(files[0]).names  # checked readable by the query's first step
     for epoch in range(len(paths)) if done is not None else ():
         done(epoch)
     if dynamics_expected(columns):

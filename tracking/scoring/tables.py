@@ -1,14 +1,17 @@
 """Reading the recorded tables back: which files make a split, and one checked epoch table.
 
 Checks run once, here, so that scoring can trust what it sums: the contract's columns
-and types, integer ids without repeats, epochs 0..N-1 without a gap.
+and types, integer ids without repeats, epochs 0..N-1 without a gap. A sharded epoch's parts are
+checked one by one and joined into the same sorted table (`union_of_parts`).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -18,35 +21,92 @@ from tracking import contract
 from tracking.errors import ActionScoresError, preview
 
 
-def epoch_files(files: list[str]) -> dict[str, list[str]]:
-    """Group `per_sample_losses/<split>/epoch_EEEE.parquet` paths by split, in epoch order.
+T = TypeVar("T")
+Epoch = str | list[str]
+"""One epoch of a split as the run holds it: its `epoch_EEEE.parquet`, or the `part-RRRRR.parquet` files of its
+folder `epoch_EEEE/`, in part order (one per writing process; their union is the epoch)."""
 
-    Epochs must run 0, 1, ..., N-1 without a gap; files that are not parquet are ignored.
+
+def files_of(epoch: T | list[T]) -> list[T]:
+    """The files that make an epoch (artifact paths, or their local copies): itself, or its parts in part order."""
+    return list(epoch) if isinstance(epoch, list) else [epoch]
+
+
+def epoch_name(epoch: Epoch) -> str:
+    """How messages name an epoch: its file, or the folder of its parts."""
+    return epoch[0].rsplit("/", 1)[0] if isinstance(epoch, list) else epoch
+
+
+def epoch_files(files: list[str]) -> dict[str, list[Epoch]]:
+    """Group a run's `per_sample_losses/` paths by split into epochs, in epoch order (`Epoch`).
+
+    Epochs must run 0, 1, ..., N-1 without a gap, and a sharded epoch's parts 0, 1, ..., R-1; a split is
+    all single files or all sharded epochs; two files for one epoch or one part are refused. Every error
+    names the files. Files that are not parquet are ignored; hostile paths are refused
+    (`contract.parse_losses_file`).
     """
-    by_split: dict[str, dict[int, str]] = defaultdict(dict)
+    singles: dict[str, dict[int, str]] = defaultdict(dict)
+    sharded: dict[str, dict[int, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
     for path in files:
-        split, name = contract.split_of_artifact(path)
-        epoch = contract.parse_epoch_file_name(name)
-        if epoch is None:
-            if name.endswith(".parquet"):
-                raise ActionScoresError(f"{path}: not named epoch_EEEE.parquet (zero-based epoch, 4 digits)")
+        found = contract.parse_losses_file(path)
+        if found is None:
             continue
-        if epoch in by_split[split]:
-            raise ActionScoresError(f"split {split!r}: two tables for epoch {epoch}: {by_split[split][epoch]} and {path}")
-        by_split[split][epoch] = path
-    grouped = {}
-    for split, epochs in sorted(by_split.items()):
-        last = max(epochs)
-        if len(epochs) != last + 1:
-            # Never materialise 0..last: a file named epoch_99999999.parquet must not cost 100M entries.
-            first = list(itertools.islice((e for e in range(last + 1) if e not in epochs), 10))
-            more = last + 1 - len(epochs) - len(first)
-            names = f"[{', '.join(contract.epoch_file_name(e) for e in first)}]" + (f" and {more} more" if more else "")
+        if found.part is None:
+            seen = singles[found.split]
+            if found.epoch in seen:
+                raise ActionScoresError(f"split {found.split!r}: two tables for epoch {found.epoch}: "
+                                        f"{seen[found.epoch]} and {path}")
+            seen[found.epoch] = path
+        else:
+            seen = sharded[found.split][found.epoch]
+            if found.part in seen:
+                raise ActionScoresError(f"split {found.split!r}: two tables for part {found.part} of epoch "
+                                        f"{found.epoch}: {seen[found.part]} and {path}")
+            seen[found.part] = path
+    grouped: dict[str, list[Epoch]] = {}
+    for split in sorted(set(singles) | set(sharded)):
+        if split in singles and split in sharded:
+            single_names = sorted(singles[split].values())
+            part_names = sorted(p for parts in sharded[split].values() for p in parts.values())
             raise ActionScoresError(
-                f"split {split!r}: epoch tables missing: {names} (found {len(epochs)} of epochs 0..{last})"
+                f"split {split!r} mixes single-file epochs ({_listed(single_names)}) and sharded ones "
+                f"({_listed(part_names)}): write every epoch of a split as epoch_EEEE.parquet, or every one as "
+                "epoch_EEEE/part-RRRRR.parquet"
             )
-        grouped[split] = [epochs[e] for e in sorted(epochs)]
+        if split in singles:
+            epochs = singles[split]
+            _refuse_gaps(epochs, contract.epoch_file_name, f"split {split!r}: epoch tables missing", "epochs")
+            grouped[split] = [epochs[e] for e in sorted(epochs)]
+            continue
+        epochs_parts = sharded[split]
+        _refuse_gaps(epochs_parts, lambda e, split=split: f"{contract.epoch_parts_dir(split, e)}/",
+                     f"split {split!r}: sharded epochs missing", "epochs")
+        grouped[split] = []
+        for epoch in sorted(epochs_parts):
+            parts = epochs_parts[epoch]
+            folder = contract.epoch_parts_dir(split, epoch)
+            _refuse_gaps(parts, lambda r, folder=folder: f"{folder}/{contract.part_file_name(r)}",
+                         f"split {split!r}, epoch {epoch}: parts missing", "parts")
+            grouped[split].append([parts[r] for r in sorted(parts)])
     return grouped
+
+
+def _listed(names: list[str], most: int = 3) -> str:
+    """A few names of a long list, and how many more."""
+    more = len(names) - most
+    return ", ".join(names[:most]) + (f" and {more} more" if more > 0 else "")
+
+
+def _refuse_gaps(found: dict[int, object], name: Callable[[int], str], what: str, unit: str) -> None:
+    """Refuse numbers that do not run 0..max without a gap, naming the first missing files."""
+    last = max(found)
+    if len(found) == last + 1:
+        return
+    # Never materialise 0..last: a file named epoch_99999999.parquet must not cost 100M entries.
+    first = list(itertools.islice((n for n in range(last + 1) if n not in found), 10))
+    more = last + 1 - len(found) - len(first)
+    names = f"[{', '.join(name(n) for n in first)}]" + (f" and {more} more" if more else "")
+    raise ActionScoresError(f"{what}: {names} (found {len(found)} of {unit} 0..{last})")
 
 
 def read_epoch_table(
@@ -60,21 +120,10 @@ def read_epoch_table(
     checked, from the file's schema. `threads=False` decodes on the calling thread only, for
     callers that read files in parallel.
     """
-    try:
-        # ParquetFile.read, not read_table: no dataset layer, one chunk per row group (zero-copy numpy).
-        with pq.ParquetFile(path) as parquet:
-            schema = parquet.schema_arrow
-            check_schema(schema, name)
-            if parquet.metadata.num_rows == 0:
-                raise ActionScoresError(f"{name} is empty")
-            table = parquet.read([column for column in schema.names if column not in skip], use_threads=threads)
-    except (pa.ArrowException, OSError) as error:
-        raise ActionScoresError(f"{name} is not a readable parquet file: {error}") from None
-    if table.column(contract.SAMPLE_ID).null_count:
-        raise ActionScoresError(f"{name}: column 'sample_id' has {table.column(contract.SAMPLE_ID).null_count} nulls")
+    table = read_part_table(path, name, threads, skip)
+    if table.num_rows == 0:
+        raise ActionScoresError(f"{name} is empty")
     ids = table.column(contract.SAMPLE_ID).to_numpy()
-    if ids.dtype == np.uint64 and ids.max() > np.iinfo(np.int64).max:  # would wrap to negative ids
-        raise ActionScoresError(f"{name}: sample ids {preview(ids[ids > np.iinfo(np.int64).max])} do not fit in int64")
     if not np.all(ids[1:] > ids[:-1]):
         table = table.sort_by(contract.SAMPLE_ID)
         ids = table.column(contract.SAMPLE_ID).to_numpy()
@@ -82,6 +131,62 @@ def read_epoch_table(
         if repeated.size:
             raise ActionScoresError(f"{name}: repeated sample ids {preview(repeated)}")
     return table
+
+
+def read_part_table(
+    path: str | Path | pa.NativeFile, name: str, threads: bool = True, skip: frozenset[str] = frozenset()
+) -> pa.Table:
+    """Read and check one part of a sharded epoch, rows in the file's order (`union_of_parts` keeps the first
+    occurrence of an id by it); the checks of `read_epoch_table` but repeats and emptiness, which are the
+    epoch's (a process may have had no share)."""
+    try:
+        # ParquetFile.read, not read_table: no dataset layer, one chunk per row group (zero-copy numpy).
+        with pq.ParquetFile(path) as parquet:
+            schema = parquet.schema_arrow
+            check_schema(schema, name)
+            table = parquet.read([column for column in schema.names if column not in skip], use_threads=threads)
+    except (pa.ArrowException, OSError) as error:
+        raise ActionScoresError(f"{name} is not a readable parquet file: {error}") from None
+    if table.column(contract.SAMPLE_ID).null_count:
+        raise ActionScoresError(f"{name}: column 'sample_id' has {table.column(contract.SAMPLE_ID).null_count} nulls")
+    ids = table.column(contract.SAMPLE_ID).to_numpy()
+    if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:  # would wrap to negative ids
+        raise ActionScoresError(f"{name}: sample ids {preview(ids[ids > np.iinfo(np.int64).max])} do not fit in int64")
+    return table
+
+
+def union_of_parts(parts: list[tuple[str, pa.Table]], name: str) -> pa.Table:
+    """One sharded epoch from its parts' tables (`read_part_table`, in part order), sorted by sample_id.
+
+    An id in several rows keeps its first occurrence in part order, then row order (a `DistributedSampler`
+    pads its last shares with copies of the first samples). The parts must have the first one's columns and
+    types; `name` (the epoch's folder) names an epoch without rows.
+    """
+    first_name, first = parts[0]
+    expected = [(field.name, field.type) for field in first.schema]
+    for part_name, table in parts[1:]:
+        found = [(field.name, field.type) for field in table.schema]
+        if found != expected:
+            raise ActionScoresError(f"{part_name}: columns {_columns(found)} differ from {first_name}'s "
+                                    f"{_columns(expected)}")
+    table = pa.concat_tables([table for _, table in parts], promote_options="default")
+    if table.num_rows == 0:
+        raise ActionScoresError(f"{name} is empty: none of its {len(parts)} parts has a row")
+    return table.take(first_occurrences(table.column(contract.SAMPLE_ID).to_numpy()))
+
+
+def first_occurrences(ids: np.ndarray) -> np.ndarray:
+    """Positions of each id's first occurrence in `ids` (parts one after the other), in id order: one stable
+    argsort, so equal ids stay in part order, then row order."""
+    order = np.argsort(ids, kind="stable")
+    ordered = ids[order]
+    first = np.ones(ids.size, dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return order[first]
+
+
+def _columns(fields: list[tuple[str, pa.DataType]]) -> str:
+    return "[" + ", ".join(f"{column}: {kind}" for column, kind in fields) + "]"
 
 
 def check_schema(schema: pa.Schema, name: str) -> None:
