@@ -44,6 +44,10 @@ MARGIN = "margin"  # float32: target logit minus the largest other logit
 EL2N = "el2n"  # float32: L2 norm of softmax minus the one-hot target
 RECORDED_COLUMNS = (CORRECT, P_TRUE, MARGIN, EL2N)  # the per-sample columns scores may read beside the losses
 PREDICTION = "prediction"  # int64: argmax of the logits; `action-scores select` suggests the most frequent as label
+# Columns of a loss per sequence (a language model's mean token NLL, tracking.integrations.huggingface): how many
+# tokens the loss averages, and their summed NLL, so that a loss per token can be had back.
+TOKENS = "tokens"
+NLL_SUM = "nll_sum"
 
 # Columns of per_sample_media/<split>/media.parquet (tracking.record.media), one row per sample.
 LABEL_NAME = "label_name"  # string: the sample's label name, for captions and per-class panels (null: none given)

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 SAMPLE_ID = contract.SAMPLE_ID
 LABELS = "labels"
 IGNORED_LABEL = -100  # labels the loss leaves out (padding, prompts), as in transformers
-TOKENS, NLL_SUM = "tokens", "nll_sum"  # the causal-LM columns beside `loss` (`loss_*` names are loss parts)
+TOKENS, NLL_SUM = contract.TOKENS, contract.NLL_SUM  # the causal-LM columns beside `loss`
 
 
 class _WithSampleIds(Dataset):

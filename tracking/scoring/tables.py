@@ -224,11 +224,12 @@ def dynamics_expected(columns: list[str]) -> bool:
 
     Not for a loss in parts (detection's `loss_loc`, `loss_pos`, `loss_neg`) with none of the
     recorded columns: those scores are classification quantities (from the logits of one label), which
-    a detector never records, so their absence is expected. A classification table without them, or
+    a detector never records, so their absence is expected. Nor for a loss per sequence (a language
+    model's, with `tokens`): its labels are tokens, not one class. A classification table without them, or
     with only some (runs recorded before them, a loop without `classification_columns`), still warns.
     """
-    has_parts = len(contract.loss_columns(columns)) > 1
-    return not has_parts or bool(set(contract.RECORDED_COLUMNS) & set(columns))
+    not_one_label = len(contract.loss_columns(columns)) > 1 or contract.TOKENS in columns
+    return not not_one_label or bool(set(contract.RECORDED_COLUMNS) & set(columns))
 
 
 def bools(column: pa.ChunkedArray, what: str) -> np.ndarray:
