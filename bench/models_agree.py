@@ -115,7 +115,7 @@ def markdown(table: pd.DataFrame, command: str, seconds: float) -> str:
              f"    {command}", "",
              f"Each dataset: {len(ARCHITECTURES)} architectures ({', '.join(ARCHITECTURES)}) x seeds, the test split "
              f"recorded every epoch; pairs of runs compared by the Spearman correlation of the action over the test "
-             f"samples and the overlap of their {TOP_K} hardest. {seconds:.0f} s in all on this machine (2 CPU cores).",
+             f"samples and the overlap of their {TOP_K} hardest. {seconds:.0f} s in all on this machine.",
              "", "## Within one architecture (seed pairs) against across architectures", "",
              "| dataset | pairs | n | Spearman mean (min-max) | top-50 overlap mean (min-max) |", "| --- | --- | --- | --- | --- |"]
     for (dataset, pair), row in grouped.iterrows():
