@@ -40,31 +40,66 @@ TWO_RANKS = ROOT / "tests" / "two_ranks.py"
 SIZES = {"train": 1437, "test": 360}  # 1437 is odd: DistributedSampler pads rank 1 with a copy
 
 
-def _record_share(rank: int, init_file: str, out_dir: str) -> None:
-    """One of two ranks: record this rank's share of a 6-sample split, then end the epoch."""
+def _record_share(rank: int, init_file: str, out_dir: str, gather: bool) -> None:
+    """One of two ranks: record this rank's share of a 6-sample split and end epoch 0; then record epoch 1 with
+    ids 4 and 5 on no rank, end it (refused), add them and end it again."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         recorder = LossRecorder("test", num_samples=6, local_dir=Path(out_dir) / f"rank{rank}")
+        recorder._gather_to_rank_0 = gather
         if rank == 0:
-            recorder.update(torch.tensor([0, 2, 4]), torch.tensor([0.0, 2.0, 4.0]), target=torch.tensor([0, 0, 0]))
+            recorder.update(torch.tensor([4, 0, 2]), torch.tensor([4.0, 0.0, 2.0]), target=torch.tensor([0, 0, 0]))
         else:  # a copy of 0, as DistributedSampler pads, and 5 twice within the rank
             recorder.update(torch.tensor([1, 3, 5]), torch.tensor([1.0, 3.0, 5.0]), target=torch.tensor([1, 1, 1]))
             recorder.update(torch.tensor([5, 0]), torch.tensor([55.0, 99.0]), target=torch.tensor([1, 1]))
-        path = recorder.end_epoch(0)
-        (Path(out_dir) / f"rank{rank}.result").write_text(str(path))
+        results = {"epoch 0": str(recorder.end_epoch(0))}
+        recorder.update(torch.tensor([0, 2]) + rank, torch.ones(2), target=torch.zeros(2, dtype=torch.int64))
+        try:
+            recorder.end_epoch(1)
+            results["missing"] = "not refused"
+        except ActionScoresError as error:
+            results["missing"] = str(error)
+        recorder.update(torch.tensor([4 + rank]), torch.ones(1), target=torch.zeros(1, dtype=torch.int64))
+        results["epoch 1"] = str(recorder.end_epoch(1))  # the refused epoch kept its batches
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
 
 
-def test_shares_are_gathered_to_rank_0_and_the_first_occurrence_in_rank_order_is_kept(tmp_path: Path) -> None:
-    mp.spawn(_record_share, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    assert (tmp_path / "rank1.result").read_text() == "None"
-    assert not (tmp_path / "rank1").exists()  # rank 1 wrote nothing
-    written = Path((tmp_path / "rank0.result").read_text())
-    table = pq.read_table(written).to_pydict()
+def _spawn_two_shares(tmp_path: Path, gather: bool) -> list[dict[str, str]]:
+    mp.spawn(_record_share, args=(str(tmp_path / "init"), str(tmp_path), gather), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_each_rank_writes_its_own_sorted_part_whose_union_keeps_the_first_occurrence_in_rank_order(
+        tmp_path: Path) -> None:
+    results = _spawn_two_shares(tmp_path, gather=False)
+    parts = [tmp_path / f"rank{rank}" / "per_sample_losses" / "test" / "epoch_0000" / f"part-0000{rank}.parquet"
+             for rank in (0, 1)]
+    assert [r["epoch 0"] for r in results] == [str(part) for part in parts]
+    assert pq.read_table(parts[0]).to_pydict() == {"sample_id": [0, 2, 4], "loss": [0.0, 2.0, 4.0],
+                                                   "target": [0, 0, 0]}
+    assert pq.read_table(parts[1]).to_pydict() == {"sample_id": [0, 1, 3, 5], "loss": [99.0, 1.0, 3.0, 5.0],
+                                                   "target": [1, 1, 1, 1]}  # its first 5; its padded copy of 0
+    union = pd.concat([pd.read_parquet(part) for part in parts]).drop_duplicates("sample_id").sort_values("sample_id")
+    assert union["loss"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # what one process recording both gets
+    for r in results:  # the same error on both ranks, naming the ids no rank recorded
+        assert r["missing"] == ("end_epoch(1) of split 'test' failed on every rank: split 'test', epoch 1: "
+                                "2 of 6 samples missing: [4, 5]")
+    assert [pd.read_parquet(r["epoch 1"])["sample_id"].tolist() for r in results] == [[0, 2, 4], [1, 3, 5]]
+
+
+def test_gathered_shares_are_written_by_rank_0_alone_keeping_the_first_occurrence_in_rank_order(
+        tmp_path: Path) -> None:
+    """The path of a W&B run (one process's folder), kept for it and selectable for the bench."""
+    results = _spawn_two_shares(tmp_path, gather=True)
+    assert [r["epoch 1"] for r in results][1] == "None" and not (tmp_path / "rank1").exists()  # rank 1 wrote nothing
+    table = pq.read_table(results[0]["epoch 0"]).to_pydict()
     assert table["sample_id"] == [0, 1, 2, 3, 4, 5]
     assert table["loss"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # rank 0's 0 beats rank 1's copy; 5's first value
     assert table["target"] == [0, 1, 0, 1, 0, 1]
+    assert [r["missing"] for r in results] == ["end_epoch(1) of split 'test' failed on rank 0 of 2: split 'test', "
+                                               "epoch 1: 2 of 6 samples missing: [4, 5]"] * 2
 
 
 def _eval_shares(rank: int, init_file: str, out_dir: str) -> None:
