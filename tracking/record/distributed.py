@@ -209,7 +209,8 @@ def finish_run(writer: RunWriter | None, failed: bool = False) -> None:
     broken = [(position, text) for position, (text, _) in enumerate(outcomes) if text is not None]
     behind = [(position, text) for position, (_, text) in enumerate(outcomes) if text]
     for position, text in behind:  # their spools hold them: `action-scores upload --spool` sends them later
-        log.warning("rank %d of %d: %s", position, len(outcomes), text)
+        log.warning("rank %d of %d: %s; upload its spool before rank 0's, whose spool ends the run", position,
+                    len(outcomes), text)
     if writer is not None:
         writer.finish(failed=bool(broken))
     if broken:
