@@ -365,11 +365,12 @@ class LossRecorder:
     def _refuse_missing(self, unique_ids: np.ndarray, epoch: int, what: str) -> None:
         """Raise, on every rank alike, if a sample of the epoch is on no rank (`distributed.all_seen`)."""
         seen = distributed.all_seen(unique_ids, self.num_samples)
-        expected = np.arange(self.num_samples) if self.sample_ids is None else self.sample_ids
-        missing = expected[seen[expected] == 0]
+        expected = self.sample_ids
+        missing = np.flatnonzero(seen == 0) if expected is None else expected[seen[expected] == 0]
         if missing.size:
+            size = self.num_samples if expected is None else expected.size
             raise ActionScoresError(f"{what} failed on every rank: split {self.split!r}, epoch {epoch}: "
-                                    f"{missing.size} of {expected.size} samples missing: {preview(missing)}")
+                                    f"{missing.size} of {size} samples missing: {preview(missing)}")
 
     def _writes_parts(self, votes: list[tuple[bool, bool, list[str]]]) -> bool:
         """Whether this epoch is written as parts, one per rank: under torch.distributed, where every rank has a
