@@ -65,11 +65,24 @@ class DetectionStep:
         return StepOutput(parts, {"num_objects": objects})
 
     def epoch_metrics(self) -> dict[str, float]:
-        """`<split>_map_50` of this epoch's eval pass, on rank 0 (every rank must call it: it gathers)."""
+        """`<split>_map_50` of this epoch's eval pass, on rank 0 (every rank must call it: it gathers, then
+        agrees, so that a failure of the metric on rank 0 stops every rank instead of leaving them in DDP)."""
         if self.metric_name is None:
             return {}
         shares = distributed.gather_shares((self.detections, self.truths)) or []  # [] on ranks other than 0
         self.detections, self.truths = [], []
+        metrics: dict[str, float] = {}
+        error = None
+        try:
+            metrics = self._map_50(shares)
+        except Exception as map_error:
+            error = map_error
+        distributed.agree(error, f"{self.metric_name}_map_50")
+        return metrics
+
+    def _map_50(self, shares: list[tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]],
+                ) -> dict[str, float]:
+        """mAP@0.5 of the gathered detections: {} where there are none (ranks other than 0)."""
         detections = [d for share in shares for d in share[0]]
         if not detections:  # not rank 0, or no eval pass this epoch
             return {}

@@ -8,8 +8,9 @@ by an evaluation pass in eval mode after each epoch (what the paper did on the t
 
 Launched with `torchrun`, the loop joins the process group, trains a
 DistributedDataParallel model on a DistributedSampler's share of every split, and lets
-only rank 0 open the run; each recorder gathers the ranks' shares to rank 0 at the end
-of every epoch (see `tracking.record.distributed`).
+only rank 0 open the run; the other ranks attach to it (MLflow) and each rank's recorders
+write that rank's part of every epoch, or, for a W&B run, the recorders gather the ranks'
+shares to rank 0 (see `tracking.record.distributed`).
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def fit(
 ) -> dict[str, float]:
     """Train for `epochs`, record every tracked split each epoch, log epoch metrics; return the last.
 
-    `tracker` is None on the ranks other than 0 of a torchrun launch: they record, rank 0 logs.
+    Under torchrun only rank 0 logs the metrics (`tracker` on the others: their writer of parts, or None).
     `epoch_metrics`: called on every rank after the tracked splits each epoch, for metrics a task
     gathers during its eval passes (detection's mAP); what it returns is logged with the rest.
     """
@@ -191,7 +192,7 @@ def fit(
             spec.recorder.end_epoch(epoch)
         if epoch_metrics is not None:
             metrics |= epoch_metrics()
-        if tracker is not None:
+        if tracker is not None and distributed.is_main():
             tracker.log_metrics_later(metrics, step=epoch)  # never waits for the network
     return metrics
 
@@ -283,8 +284,9 @@ def train_and_record(
     `run <id> finished: <last epoch's metrics>` and returns those metrics. `save_model`:
     a file for the trained weights. `epoch_metrics`: see `fit`. Under torchrun (WORLD_SIZE > 1) every rank trains on
     its share and records it, and only rank 0 opens the run, logs, saves and prints:
-    `tracker` makes the tracker, and is called on rank 0 only, so that the other ranks
-    never touch the tracking store. `sample_ids`: per split, the sorted original id of each item of
+    `tracker` makes the tracker, and is called on rank 0 only; the other ranks attach to the run
+    rank 0 opened where several processes can write it (MLflow, `distributed.share_run`) and
+    upload their own parts of each epoch. `sample_ids`: per split, the sorted original id of each item of
     a dataset that is a selection of its split (`experiments.datasets.select_samples`), so ids keep
     their meaning and left-out ids are absent from the tables. `tags`: set on the run at its start.
     `media`: per tracked split, a function of its recorder and its sample ids that records what the
@@ -318,6 +320,7 @@ def train_and_record(
                 opening_error = error
         distributed.agree(opening_error, "opening the run on rank 0")
         try:
+            run_tracker = distributed.share_run(run_tracker)
             tracked = {
                 split: TrackedSplit(loader(split, False, scored_by), _recorder(split, len(datasets[split]),
                                                                             sample_ids.get(split), run_tracker),
@@ -331,14 +334,14 @@ def train_and_record(
                           device, epoch_metrics)
             if save_model and main:
                 torch.save(model.state_dict(), save_model)
+            distributed.finish_run(run_tracker)  # rank 0 ends the run after every rank's uploads
         except BaseException:
             if run_tracker is not None:
-                run_tracker.finish(failed=True)
+                distributed.finish_run(run_tracker, failed=True)
             raise
     finally:
         if joined:
             torch.distributed.destroy_process_group()
-    if run_tracker is not None:
-        run_tracker.finish()
+    if run_tracker is not None and main:
         print(f"run {run_tracker.run_id} finished: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
     return metrics

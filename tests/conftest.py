@@ -301,6 +301,26 @@ def run_command(args: list[str], env: dict[str, str], cwd: Path = ROOT, check: b
     return result
 
 
+def sharded_epochs(client, run_id: str, split: str, dst: Path, ranks: int = 2) -> list:
+    """Every epoch of a split that `ranks` processes wrote in parts (`epoch_EEEE/part-RRRRR.parquet`), as
+    one DataFrame sorted by `sample_id`: the union of the parts, the first occurrence kept in part order.
+    Asserts that each epoch is a folder of exactly one part per rank, each part sorted with every id once."""
+    import pandas as pd
+
+    local = Path(client.download_artifacts(run_id, f"per_sample_losses/{split}", str(dst)))
+    epochs = []
+    for folder in sorted(local.iterdir()):
+        assert folder.is_dir() and folder.name.startswith("epoch_"), folder  # no single-file epoch beside parts
+        names = sorted(path.name for path in folder.iterdir())
+        assert names == [f"part-{rank:05d}.parquet" for rank in range(ranks)], names
+        parts = [pd.read_parquet(folder / name) for name in names]
+        for part in parts:
+            assert part["sample_id"].is_monotonic_increasing and part["sample_id"].is_unique
+        whole = pd.concat(parts).drop_duplicates("sample_id", keep="first")
+        epochs.append(whole.sort_values("sample_id").reset_index(drop=True))
+    return epochs
+
+
 def snapshot_run(client, run_id: str) -> dict:
     """Everything a job could change on a run: every artifact's bytes (hashed), tags, params, metric histories.
 

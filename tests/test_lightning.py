@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import ROOT, in_process_training, run_command
+from tests.conftest import ROOT, in_process_training, run_command, sharded_epochs
 from tracking.analyze import analyze_run
 from tracking.backends import MLflowTracker, WandbTracker
 from tracking.errors import ActionScoresError
@@ -149,7 +149,7 @@ def test_scores_are_the_sums_and_panels_come_from_media_alone(
         assert [i for row in read_panel_rows(panel) for i in row["sample_ids"]] == expected
 
 
-def test_ddp_two_processes_write_each_epoch_once_into_the_loggers_run(
+def test_ddp_two_processes_write_a_part_each_per_epoch_into_the_loggers_run(
         tracking_env: dict[str, str], client: mlflow.MlflowClient, tmp_path: Path) -> None:
     experiment = f"lightning-ddp-{uuid.uuid4().hex[:8]}"
     out = run_command([sys.executable, str(ROOT / "examples" / "lightning_example.py"), "--experiment", experiment,
@@ -160,10 +160,10 @@ def test_ddp_two_processes_write_each_epoch_once_into_the_loggers_run(
     run_id = runs[0].info.run_id
     assert f"run {run_id} finished" in out.stdout
     assert "train_loss_epoch" in runs[0].data.metrics or "train_loss" in runs[0].data.metrics
-    files = [f.path for f in client.list_artifacts(run_id, "per_sample_losses/test")]
-    assert files == [f"per_sample_losses/test/epoch_{e:04d}.parquet" for e in range(EPOCHS)]
-    for table in _tables(client, run_id, "test", tmp_path / "tables"):
-        assert table["sample_id"].tolist() == list(range(360))  # both ranks' shares, each sample once
+    folders = [f.path for f in client.list_artifacts(run_id, "per_sample_losses/test")]
+    assert folders == [f"per_sample_losses/test/epoch_{e:04d}" for e in range(EPOCHS)]
+    epochs = sharded_epochs(client, run_id, "test", tmp_path / "tables")  # one sorted part per rank
+    assert [table["sample_id"].tolist() for table in epochs] == [list(range(360))] * EPOCHS  # their union
 
 
 def test_wandb_logger_run_gets_the_tables(wandb_env: dict[str, str]) -> None:  # noqa: F811
@@ -287,7 +287,7 @@ def test_tracker_takes_a_name_or_a_configured_tracker(mlflow_server: str, client
     assert client.get_run(started.run_id).info.status == "FINISHED"
 
 
-def test_ddp_with_pytorch_lightning_writes_each_epoch_once(
+def test_ddp_with_pytorch_lightning_writes_a_part_per_rank_and_epoch(
         tracking_env: dict[str, str], client: mlflow.MlflowClient, tmp_path: Path) -> None:
     experiment = f"pl-ddp-{uuid.uuid4().hex[:8]}"
     out = run_command([sys.executable, str(ROOT / "tests" / "lightning_ddp.py"), "pytorch_lightning", experiment],
@@ -295,7 +295,7 @@ def test_ddp_with_pytorch_lightning_writes_each_epoch_once(
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert len(runs) == 1
     assert f"run {runs[0].info.run_id}" in out.stdout
-    tables = _tables(client, runs[0].info.run_id, "test", tmp_path / "tables")
+    tables = sharded_epochs(client, runs[0].info.run_id, "test", tmp_path / "tables")
     assert [t["sample_id"].tolist() for t in tables] == [list(range(TEST))] * 2
 
 

@@ -42,6 +42,10 @@ class RunWriter(_Run, ABC):
     """The training side: everything a loop or a callback writes to a run."""
 
     _local_uploader: Uploader | None = None  # see `_table_uploads`
+    # Whether processes other than the one that opened the run may attach and write files into it at once,
+    # each through its own spool (`shared_run`): then every torchrun rank uploads its own part of an epoch.
+    several_writers: ClassVar[bool] = False
+    writer_rank = 0  # the torchrun rank writing through this writer; ranks above 0 get spool folders of their own
 
     @property
     @abstractmethod
@@ -92,12 +96,17 @@ class RunWriter(_Run, ABC):
         such view (the PNG panels are its view), so the default does nothing.
         """
 
+    def shared_run(self) -> dict[str, Any] | None:
+        """What another process needs to attach a writer of its own to this run (`several_writers`): the
+        backend's name, its constructor's `options` and the `run_id`; None where the run is this process's alone."""
+        return None
+
     # --- writes during training: never block the loop -----------------------------------
     @property
     def spool_dir(self) -> Path:
-        """This run's local spool folder (`$ACTION_SCORES_SPOOL/<backend>-<run id>`): where the
-        recorder writes tables, kept until they are uploaded."""
-        return spool_root() / f"{self.name}-{self.run_id}"
+        """This run's local spool folder (`$ACTION_SCORES_SPOOL/<backend>-<run id>`, `...-rank<R>` for a
+        torchrun rank R above 0): where the recorder writes tables, kept until they are uploaded."""
+        return spool_root() / (f"{self.name}-{self.run_id}" + (f"-rank{self.writer_rank}" if self.writer_rank else ""))
 
     def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
         """Hand a finished file over for upload without waiting for the network.

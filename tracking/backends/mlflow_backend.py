@@ -110,6 +110,7 @@ class MLflowTracker(Tracker):
 
     name = "mlflow"
     concurrent_jobs = True  # the client is thread-safe; each job's copy attaches its own run
+    several_writers = True  # any process with the tracking URI and the run id writes files into the run
     _MAX_PARAM_LENGTH = 6000
     _MAX_PARAMS_PER_BATCH = 100
     LOCK_SETTLE_SECONDS = SETTLE_SECONDS
@@ -153,6 +154,9 @@ class MLflowTracker(Tracker):
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it at the same moment
                 raise
+
+    def shared_run(self) -> dict[str, Any] | None:
+        return {"backend": self.name, "options": {"tracking_uri": self.tracking_uri}, "run_id": self.run_id}
 
     def attach(self, run_id: str) -> None:
         from mlflow.exceptions import MlflowException

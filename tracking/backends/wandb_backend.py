@@ -135,7 +135,12 @@ class OfflineRun:
 
 class WandbTracker(Tracker):
     """W&B backend. `attach` takes an offline run folder, a bare run id (offline: found under
-    `$WANDB_DIR/wandb`), or `entity/project/run_id` with a server."""
+    `$WANDB_DIR/wandb`), or `entity/project/run_id` with a server.
+
+    A run is one process's: offline, its folder and `.wandb` records are written by the process that
+    opened it, and another process's `wandb.init(id=..., resume=...)` makes a folder of its own. So under
+    torchrun it keeps `several_writers` False: the ranks gather their shares to rank 0, which writes each
+    epoch's table whole (`tracking.record.recorder.LossRecorder.end_epoch`)."""
 
     name = "wandb"
 

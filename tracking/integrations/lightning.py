@@ -28,7 +28,9 @@ package), beside Lightning's own metrics. `tracker=` names the run otherwise: a 
 name (a run opened and ended here) or a configured `Tracker`. A trainer whose loggers are
 all of other kinds (CSV, TensorBoard) and no `tracker=` is an error: the callback never
 records into a run nobody asked for. Under DDP every rank scores its share of each dataset
-(a `DistributedSampler`) and rank 0 writes each epoch's table, whole, once.
+(a `DistributedSampler`); with an MLflow run every rank attaches to it and uploads its own part of
+each epoch (`epoch_EEEE/part-<rank>.parquet`), with a W&B run rank 0 gathers the shares and writes
+each epoch's table, whole, once.
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ class ActionScoresCallback(*(package.Callback for package in LIGHTNING)):  # typ
             except Exception as error:  # every rank learns it, instead of waiting in the DDP constructor
                 failure = error
         distributed.agree(failure, "starting the tracker on rank 0")
+        writer = distributed.share_run(writer)
         self.session = RecordingSession(writer, scored_by, self.media, finish_writer)
         self.run = self.session.run
         for split, dataset in self.splits.items():  # media checked now, before the first epoch

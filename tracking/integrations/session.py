@@ -3,8 +3,10 @@
 The callbacks in this package only translate their framework's events into calls here
 (STYLE.md: keep hooks thin). A session writes into the run the framework's own logger
 opened (`join_mlflow`, `join_wandb`), so the tables sit beside the framework's metrics,
-or opens a run of its own (`open_run`) and closes it again. Under several processes only
-rank 0 has a writer; every rank records its share and `end_epoch` gathers the shares.
+or opens a run of its own (`open_run`) and closes it again. Under several processes rank 0
+opens or joins the run; the other ranks attach writers of their own to an MLflow run
+(`distributed.share_run`) and every rank writes its part of each epoch, while for a W&B run
+only rank 0 has a writer and `end_epoch` gathers the shares to it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tracking import contract
 from tracking.backends import MLflowTracker, RunWriter, WandbTracker, make_tracker
 from tracking.backends.uploads import unwritten_error
 from tracking.errors import ActionScoresError
+from tracking.record import distributed
 from tracking.record.ids import checked_sample_ids
 from tracking.record.media import MediaSummary, record_media
 from tracking.record.recorder import LossRecorder, Losses
@@ -170,7 +173,9 @@ class RecordedRun:
 class RecordingSession:
     """One run and the recorders of its tracked splits, for the length of one training.
 
-    `writer` is None on ranks other than 0 (they record and gather, rank 0 writes).
+    Under torchrun, rank 0's writer on rank 0; on the others their own writer into the same run
+    (`distributed.share_run`: they write their parts), or None (W&B: they gather, rank 0 writes).
+    Only rank 0 logs params and media.
     `close` ends the run only if the session opened it (`open_run`); a joined run
     (`join_mlflow`, `join_wandb`) is left to the framework that opened it, and a started
     `Tracker` the user passed (`finish_writer=False`) is not finished at all.
@@ -197,7 +202,7 @@ class RecordingSession:
         recorder = self.recorders.get(split)
         if recorder is None:
             recorder = LossRecorder(split, num_samples, tracker=self.writer)
-            if split in self.media and self.writer is not None:
+            if split in self.media and self.writer is not None and distributed.is_main():
                 self._pending_media[split] = record_media(None, split, np.arange(num_samples), **self.media[split],
                                                           local_dir=self.writer.spool_dir)
             self.recorders[split] = recorder
@@ -207,10 +212,10 @@ class RecordingSession:
         return recorder
 
     def end_epoch(self, split: str, epoch: int) -> None:
-        """Write the split's table of `epoch` (rank 0, after gathering every rank's share); after the
-        first table also the params and the split's media."""
+        """Write the split's table of `epoch` (this rank's part, or rank 0's gathered table); after the
+        first table also the params and the split's media (rank 0)."""
         self.recorders[split].end_epoch(epoch)
-        if self.writer is None:
+        if self.writer is None or not distributed.is_main():
             return
         if not self._params_logged:
             self.writer.log_params_later({contract.SCORED_BY_PREFIX + name: how
@@ -221,11 +226,15 @@ class RecordingSession:
             self.writer.upload_later(media.path, contract.media_dir(split))
 
     def close(self, failed: bool = False) -> None:
-        """Wait for the queued tables; end the run only if this session opened it."""
-        if self.writer is not None:
-            if self.finish_writer:
-                self.writer.finish(failed=failed)
-            self.writer = None
+        """Wait for the queued tables; end the run only if this session opened it. Under torchrun every rank
+        closes (`distributed.finish_run`: rank 0 ends the run after the others' uploads)."""
+        writer, self.writer = self.writer, None
+        if not self.finish_writer and distributed.is_main():
+            writer = None  # the user's started tracker: they finish it (the other ranks' own writers still close)
+        if distributed.active() and not failed:
+            distributed.finish_run(writer)
+        elif writer is not None:
+            writer.finish(failed=failed)
 
 
 __all__ = ["LossFn", "RecordedRun", "RecordingSession", "TrackerChoice", "check_media", "check_sample_ids",

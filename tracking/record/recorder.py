@@ -25,11 +25,15 @@ Epochs: a recorder's first ``end_epoch`` may be any epoch (a resumed process sta
 its predecessor stopped); after it, each ``end_epoch`` ends the next one, so a skipped or
 repeated number is refused, naming the expected one.
 
-Under `torchrun` every rank records its own share of the epoch; ``end_epoch`` gathers the
-shares to rank 0, which alone writes the table and hands it to the tracker (give the
-other ranks no tracker). "First occurrence" then means rank order: rank 0's batches in
-the order received, then rank 1's, and so on. A mistake found on any rank (a rank without
-batches, a bad id) is raised on every rank, naming the rank (`distributed.agree`).
+Under `torchrun` every rank records its own share of the epoch. With an MLflow run, rank 0
+opens it and every rank gets a writer into it (`distributed.share_run`); ``end_epoch`` then
+writes each rank's share as its own sorted part, `epoch_EEEE/part-<rank>.parquet`, uploaded
+through that rank's spool, and only small collectives check the ranks together (`end_epoch`
+says what they cost). With W&B (one process's run folder), or a tracker on rank 0 only, the
+shares are gathered to rank 0, which alone writes the table. Either way "first occurrence"
+means rank order: rank 0's batches in the order received, then rank 1's, and so on (for
+parts, the reader keeps the first in part order). A mistake found on any rank (a rank
+without batches, a bad id, a sample on no rank) is raised on every rank (`distributed.agree`).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import pyarrow.parquet as pq
 import torch
 
 from tracking import contract
-from tracking.errors import ActionScoresError
+from tracking.errors import ActionScoresError, preview
 from tracking.files import write_atomically
 from tracking.record import distributed
 from tracking.record.columns import classification_outputs
@@ -103,6 +107,7 @@ class LossRecorder:
         self._parts: list[str] | None = None
         self._last_epoch: int | None = None  # the epoch the last successful `end_epoch` ended
         self._pending_media: MediaSummary | None = None  # recorded, handed to the run after the first table
+        self._gather_to_rank_0 = False  # under torch.distributed: gather even where parts could be written (bench)
         self.reset()
 
     @property
@@ -330,8 +335,24 @@ class LossRecorder:
         ids, values = self._merged(shares)
         _, unique_ids, first = checked_sample_ids(ids, f"split {self.split!r}, epoch {epoch}", self.num_samples,
                                                   complete=True, expected=self.sample_ids)
+        return self._sorted_columns(unique_ids, {name: column[first] for name, column in values.items()})
+
+    def _part_arrays(self, share: distributed.Share, epoch: int) -> dict[str, np.ndarray]:
+        """This rank's part of the epoch: its first occurrence of each id, sorted by ``sample_id``; raises if an
+        id is out of range or, for a selection, not among its ids. Completeness is the ranks' joint question
+        (`_refuse_missing`)."""
+        ids, values = share
+        what = f"split {self.split!r}, epoch {epoch}"
+        _, unique_ids, first = checked_sample_ids(ids, what, self.num_samples)
+        if self.sample_ids is not None and (unexpected := np.setdiff1d(unique_ids, self.sample_ids)).size:
+            raise ActionScoresError(f"{what}: sample ids not among the split's {self.sample_ids.size} ids: "
+                                    f"{preview(unexpected)}")
+        return self._sorted_columns(unique_ids, {name: column[first] for name, column in values.items()})
+
+    def _sorted_columns(self, unique_ids: np.ndarray, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The table's columns: `sample_id`, `loss` (the sum of the parts, for a loss in parts), the rest as
+        recorded; losses as float32."""
         arrays: dict[str, np.ndarray] = {contract.SAMPLE_ID: unique_ids}
-        values = {name: column[first] for name, column in values.items()}
         loss_names = [contract.part_column(p) for p in self._parts or []]
         if loss_names:
             arrays[contract.LOSS] = np.sum([values[n].astype(np.float64) for n in loss_names], axis=0)
@@ -340,6 +361,26 @@ class LossRecorder:
         for name in [contract.LOSS, *loss_names]:
             arrays[name] = arrays[name].astype(np.float32)
         return arrays
+
+    def _refuse_missing(self, unique_ids: np.ndarray, epoch: int, what: str) -> None:
+        """Raise, on every rank alike, if a sample of the epoch is on no rank (`distributed.all_seen`)."""
+        seen = distributed.all_seen(unique_ids, self.num_samples)
+        expected = self.sample_ids
+        missing = np.flatnonzero(seen == 0) if expected is None else expected[seen[expected] == 0]
+        if missing.size:
+            size = self.num_samples if expected is None else expected.size
+            raise ActionScoresError(f"{what} failed on every rank: split {self.split!r}, epoch {epoch}: "
+                                    f"{missing.size} of {size} samples missing: {preview(missing)}")
+
+    def _writes_parts(self, votes: list[tuple[bool, bool, list[str]]]) -> bool:
+        """Whether this epoch is written as parts, one per rank: under torch.distributed, where every rank has a
+        writer that lets several processes write the run (MLflow), or none has one; else the shares are gathered
+        to rank 0 (a W&B run, one process's folder; a tracker on rank 0 only)."""
+        if not distributed.active() or self._gather_to_rank_0:
+            return False
+        capable = [can for can, _, _ in votes]
+        trackers = [has for _, has, _ in votes]
+        return all(capable) and (all(trackers) or not any(trackers))
 
     def end_epoch(self, epoch: int) -> Path | None:
         """Check the epoch's table and hand it to the tracker, which writes and uploads it in the
@@ -350,17 +391,26 @@ class LossRecorder:
         missing ones and end it again). Returns the local parquet file, kept on disk after upload: written
         when this returns without a tracker, and by the tracker's `finish` with one. The file is replaced
         atomically, so a re-recorded epoch (resumed training) never uploads half a table.
-        Under torchrun every rank calls this; only rank 0 writes, the other ranks get None, and a mistake
-        on any rank raises the same error on every rank.
+
+        Under torchrun every rank calls this, and a mistake on any rank raises the same error on every rank.
+        With an MLflow writer on every rank (`distributed.share_run`), or no tracker on any, each rank writes
+        its own part, `<split>/epoch_EEEE/part-<rank>.parquet`, and returns it: collectives of a few bytes
+        (`distributed.agree`) and one all-reduce of a byte per sample (`distributed.all_seen`: 10 MB per
+        epoch at 10M samples), so that rank 0 costs what any rank costs. Otherwise (W&B, whose run is one
+        process's folder) the shares are gathered to rank 0, which writes the whole table; the others get None.
         """
         what = f"end_epoch({epoch}) of split {self.split!r}"
         share, error = None, None
         try:
             self._check_can_end(epoch)
             share = self._local_share()
-        except Exception as local_error:  # every rank learns it, before the gather would wait for this one
+        except Exception as local_error:  # every rank learns it, before the next collective would wait for this one
             error = local_error
-        distributed.agree(error, what)
+        vote = (self.tracker is None or self.tracker.several_writers, self.tracker is not None,
+                [] if share is None else list(share[1]))
+        votes = distributed.agree_and_exchange(error, what, vote)
+        if self._writes_parts(votes):
+            return self._end_epoch_in_parts(epoch, share, votes, what)  # type: ignore[arg-type]
         shares = distributed.gather_shares(share)
         arrays = None
         try:
@@ -368,12 +418,38 @@ class LossRecorder:
         except Exception as merge_error:
             error = merge_error
         distributed.agree(error, what)
-        self.reset()
-        self._last_epoch = epoch
+        self._epoch_ended(epoch)
         if arrays is None:
             return None
-        folder = contract.losses_dir(self.split)
-        path = self.local_dir / folder / contract.epoch_file_name(epoch)
+        return self._hand_over(arrays, contract.losses_dir(self.split), contract.epoch_file_name(epoch))
+
+    def _end_epoch_in_parts(self, epoch: int, share: distributed.Share, votes: list[tuple[bool, bool, list[str]]],
+                            what: str) -> Path:
+        """This rank's part of `epoch`, checked here and against the other ranks' (the same columns as rank 0's,
+        every sample on some rank), then handed to this rank's writer."""
+        arrays, error = None, None
+        try:
+            names = votes[0][2]
+            if sorted(votes[distributed.rank()][2]) != sorted(names):
+                raise ActionScoresError(f"split {self.split!r}: rank {distributed.rank()} recorded columns "
+                                        f"{sorted(votes[distributed.rank()][2])}, rank 0 {sorted(names)}")
+            arrays = self._part_arrays(share, epoch)
+        except Exception as part_error:
+            error = part_error
+        distributed.agree(error, what)
+        assert arrays is not None
+        self._refuse_missing(arrays[contract.SAMPLE_ID], epoch, what)
+        self._epoch_ended(epoch)
+        return self._hand_over(arrays, contract.epoch_parts_dir(self.split, epoch),
+                               contract.part_file_name(distributed.rank()))
+
+    def _epoch_ended(self, epoch: int) -> None:
+        self.reset()
+        self._last_epoch = epoch
+
+    def _hand_over(self, arrays: dict[str, np.ndarray], folder: str, name: str) -> Path:
+        """Write the table `folder/name` now (no tracker) or on the tracker's writer thread, then its media."""
+        path = self.local_dir / folder / name
         write = functools.partial(_write_arrays, arrays, path)
         if self.tracker is None:
             write()
