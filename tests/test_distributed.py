@@ -256,7 +256,6 @@ def test_torchrun_losses_equal_a_single_process_pass(
 
 
 
-@pytest.mark.xfail(reason="the post-hoc job does not read sharded epochs yet", strict=True)
 def test_torchrun_scores_equal_the_sum_of_the_parts_union(mlflow_server: str, ddp_run, tmp_path: Path) -> None:
     run_id, _, _ = ddp_run
     client = mlflow.MlflowClient(mlflow_server)
