@@ -16,7 +16,6 @@ import os
 import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ def train(uri: str, spool_root: Path, samples: int, epochs: int, keep_local: boo
     recorder = LossRecorder(SPLIT, samples, tracker)
     rng = np.random.default_rng(0)
     ids = torch.arange(samples)
-    during, started = [], time.perf_counter()
+    during = []
     for epoch in range(epochs):
         recorder.update(ids, torch.from_numpy(rng.exponential(1.0, samples).astype(np.float32)))
         recorder.end_epoch(epoch)
@@ -53,8 +52,7 @@ def train(uri: str, spool_root: Path, samples: int, epochs: int, keep_local: boo
     tracker.attach(run_id)
     uploaded = tracker.list_files(f"per_sample_losses/{SPLIT}")
     return {"keep_local": keep_local, "run_id": run_id, "during": during, "after": bytes_under(spool_root),
-            "tables_left": len(list(spool.rglob("epoch_*.parquet"))), "tables_in_run": len(uploaded),
-            "seconds": time.perf_counter() - started, "left_behind": tracker.left_behind}
+            "tables_left": len(list(spool.rglob("epoch_*.parquet"))), "tables_in_run": len(uploaded)}
 
 
 def size(count: int) -> str:
@@ -65,16 +63,18 @@ def report(runs: list[dict], samples: int, epochs: int, command: str) -> str:
     lines = [f"`{command}`", "",
              f"One split of {samples:,} samples x {epochs} epochs (a loss column), own loop, `MLflowTracker` against a "
              f"local `mlflow server` (sqlite, served artifacts) on {os.cpu_count()} CPU cores.", "",
-             "| spool | after finish | tables left in the spool | tables in the run | most after an `end_epoch` | time |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| spool | after finish | tables left in the spool | tables in the run | most after an `end_epoch` |",
+             "| --- | --- | --- | --- | --- |"]
     for run in runs:
         name = "keep_local=True" if run["keep_local"] else "default (uploaded tables deleted)"
         lines.append(f"| {name} | {size(run['after'])} | {run['tables_left']} | {run['tables_in_run']} | "
-                     f"{size(max(run['during']))} | {run['seconds']:.0f} s |")
+                     f"{size(max(run['during']))} |")
     kept = next(run for run in runs if run["keep_local"])
     lines += ["", f"Kept, the spool grows by {kept['after'] / epochs / 1e6:.1f} MB per epoch of this split "
-                  f"({kept['after'] / epochs / samples:.2f} bytes per sample per epoch); by default it holds only the "
-                  "tables not uploaded yet, and nothing once the run has them.", "", "![spool size](spool.png)"]
+                  f"({kept['after'] / epochs / samples:.2f} bytes per sample per epoch: "
+                  f"{kept['after'] / epochs * 100 / 1e9:.2f} GB for 100 epochs); by default it holds only the tables "
+                  "not uploaded yet (the most after an `end_epoch`), and nothing once the run has them (`run.json` "
+                  "stays).", "", "![spool size](spool.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -83,13 +83,15 @@ def plot(runs: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for run in runs:
         points = [*run["during"], run["after"]]
         label = "keep_local=True" if run["keep_local"] else "default"
-        axes.plot(range(1, len(points) + 1), [value / 1e6 for value in points], marker="o", markersize=3, label=label)
-    axes.set_xlabel("after end_epoch of epoch n (last point: after finish)")
+        axes.plot(range(len(points)), [value / 1e6 for value in points], marker="o", markersize=3, label=label)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel(f"after end_epoch(n); at {len(runs[0]['during'])}: after finish")
     axes.set_ylabel("spool folder (MB)")
     axes.legend()
     figure.tight_layout()
