@@ -63,6 +63,8 @@ def test_a_table_is_made_off_the_training_thread_and_reaches_every_backend(write
     writer.log_table(path, _writing(path, bytes(range(256)), threads), TABLE)
     writer.finish()
     assert threads == [f"action-scores-write-{writer.spool_dir.name}"]
+    # Gone from the spool once the run has it; `both` keeps it: MLflow's queue read it from there, later.
+    assert path.exists() is isinstance(writer, FanOutTracker)
     for member in _members(writer):
         reader = _reader(member)
         assert reader.list_files("per_sample_losses") == [f"{TABLE}/epoch_0000.parquet"]

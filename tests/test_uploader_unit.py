@@ -143,3 +143,103 @@ def test_no_thread_outlives_close(tmp_path: Path) -> None:
     assert _uploader_threads(tmp_path) == [f"action-scores-{role}-{tmp_path.name}" for role in ("upload", "write")]
     uploader.close("FINISHED", timeout=10)
     assert _uploader_threads(tmp_path) == []
+
+
+class FileTracker(Tracker):
+    """A `Tracker` that also notes, for each artifact it takes, its name and the bytes of its file then."""
+
+    def __init__(self, refuse: set[str] = frozenset()) -> None:
+        super().__init__(refuse)
+        self.seen: list[tuple[str, bytes | None]] = []
+
+    def perform(self, operation: Operation, maybe_done: bool) -> None:
+        super().perform(operation, maybe_done)
+        if operation.kind == "artifact":
+            path = Path(operation.payload["path"])
+            self.seen.append((path.name, path.read_bytes() if path.is_file() else None))
+
+
+def _spooled(spool: Path, name: str, content: bytes = b"table") -> Path:
+    path = spool / "per_sample_losses" / "t" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_an_uploaded_table_leaves_the_spool_and_a_file_from_elsewhere_stays(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    tracker = FileTracker()
+    uploader = Uploader(spool, RECORD, tracker.perform)
+    table, mine = _spooled(spool, "epoch_0000.parquet", b"epoch 0"), tmp_path / "mine.parquet"
+    mine.write_bytes(b"the user's")
+    for path in (table, mine):
+        uploader.submit("artifact", name=path.name, path=str(path), artifact_dir="per_sample_losses/t")
+    assert uploader.close("FINISHED", timeout=10) == []
+    assert tracker.seen == [("epoch_0000.parquet", b"epoch 0"), ("mine.parquet", b"the user's")]
+    assert (table.exists(), mine.read_bytes()) == (False, b"the user's")
+
+
+def test_a_refused_or_retried_write_keeps_its_file_until_it_is_done(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    tracker = FileTracker(refuse={"refused"})
+    tracker.down.set()
+    uploader = Uploader(spool, RECORD, tracker.perform)
+    refused, retried = _spooled(spool, "epoch_0000.parquet"), _spooled(spool, "epoch_0001.parquet")
+    for name, path in (("refused", refused), ("retried", retried)):
+        uploader.submit("artifact", name=name, path=str(path), artifact_dir="per_sample_losses/t")
+    time.sleep(0.3)  # the first try failed: the server is away
+    assert (refused.is_file(), retried.is_file()) == (True, True)
+    tracker.down.clear()
+    assert uploader.close("FINISHED", timeout=10) == []
+    assert [name for name, _ in tracker.seen] == ["epoch_0001.parquet"]
+    assert [op.describe for op, _ in uploader.refused] == ["per_sample_losses/t/epoch_0000.parquet"]
+    assert (refused.read_bytes(), retried.exists()) == (b"table", False)  # the refused one, for `action-scores upload`
+    assert sorted(p.name for p in (spool / FAILED).iterdir()) == ["00000001.json"]
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_keep_local_keeps_the_uploaded_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    if how == "environment":
+        monkeypatch.setenv("ACTION_SCORES_KEEP_LOCAL", "1")
+    spool = tmp_path / "spool"
+    uploader = Uploader(spool, RECORD, FileTracker().perform, keep_local=True if how == "argument" else None)
+    table = _spooled(spool, "epoch_0000.parquet", b"epoch 0")
+    uploader.submit("artifact", name="t", path=str(table), artifact_dir="per_sample_losses/t")
+    assert uploader.close("FINISHED", timeout=10) == []
+    assert table.read_bytes() == b"epoch 0"
+
+
+def test_keep_local_that_is_not_a_yes_or_no_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACTION_SCORES_KEEP_LOCAL", "sometimes")
+    with pytest.raises(ActionScoresError, match=r"^ACTION_SCORES_KEEP_LOCAL must be 1 \(keep uploaded tables in the "
+                                                r"spool\) or 0, got 'sometimes'$"):
+        Uploader(tmp_path, RECORD, FileTracker().perform)
+
+
+def test_a_table_a_later_write_names_again_stays_for_it(tmp_path: Path) -> None:
+    """A resumed process re-records an epoch whose earlier upload is still queued: the earlier upload leaves the
+    file to the later one, whether that one is queued already or still being written by the writer thread."""
+    spool = tmp_path / "spool"
+    tracker = FileTracker()
+    uploader = Uploader(spool, RECORD, tracker.perform)
+    queued, remade = _spooled(spool, "epoch_0001.parquet", b"old 1"), _spooled(spool, "epoch_0002.parquet", b"old 2")
+    uploader.submit("artifact", name="queued", path=str(queued), artifact_dir="per_sample_losses/t")
+    uploader.submit("artifact", name="queued again", path=str(queued), artifact_dir="per_sample_losses/t")
+
+    def make_again() -> dict[str, str]:  # the epoch again, written while its earlier upload is being done
+        remade.write_bytes(b"new 2")
+        while (spool / PENDING / "00000003.json").exists():  # until the earlier upload is done...
+            time.sleep(0.01)
+        time.sleep(0.2)  # ...and what follows it (its clean-up) too
+        return {"name": "remade", "path": str(remade), "artifact_dir": "per_sample_losses/t"}
+
+    tracker.down.set()  # the earlier upload of epoch 2 waits until its file is made again
+    uploader.submit("artifact", name="remade early", path=str(remade), artifact_dir="per_sample_losses/t")
+    uploader.submit_after(make_again, "artifact", "per_sample_losses/t/epoch_0002.parquet")
+    while remade.read_bytes() != b"new 2":
+        time.sleep(0.01)
+    tracker.down.clear()
+    assert uploader.close("FINISHED", timeout=20) == []
+    assert tracker.seen == [("epoch_0001.parquet", b"old 1"), ("epoch_0001.parquet", b"old 1"),
+                            ("epoch_0002.parquet", b"new 2"), ("epoch_0002.parquet", b"new 2")]
+    assert (queued.exists(), remade.exists()) == (False, False)

@@ -123,19 +123,28 @@ def _assert_finished_with_nothing_left_behind(training: subprocess.Popen, out: s
     assert "action-scores upload" not in err
 
 
+def _spooled_tables(spool: Path) -> dict[str, bytes]:
+    """The epoch tables in a spool folder now, by artifact path: what the server must get byte for byte."""
+    return {path.relative_to(spool).as_posix(): path.read_bytes()
+            for path in sorted(spool.glob("per_sample_losses/*/epoch_*.parquet"))}
+
+
 def _assert_tables_arrived_whole_and_once(server: RestartableServer, run_id: str, spool: Path, epochs: int,
-                                          tmp_path: Path) -> None:
+                                          tmp_path: Path, spooled: dict[str, bytes]) -> None:
+    """Every epoch on the server once, those `spooled` during the outage byte for byte; then gone from the spool."""
     client = mlflow.MlflowClient(server.uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     names = [info.path for info in client.list_artifacts(run_id, "per_sample_losses/test")]
     assert names == [f"per_sample_losses/test/epoch_{e:04d}.parquet" for e in range(epochs)]
-    for name in names:
+    assert spooled and set(spooled) <= set(names)
+    for name, content in spooled.items():
         downloaded = Path(client.download_artifacts(run_id, name, str(tmp_path / "down" / Path(name).stem)))
-        assert downloaded.read_bytes() == (spool / name).read_bytes(), name  # whole: byte for byte
+        assert downloaded.read_bytes() == content, name  # whole: byte for byte
     history = client.get_metric_history(run_id, "test_loss")
     assert sorted(m.step for m in history) == list(range(epochs))  # every epoch's metrics, none twice
     assert not list((spool / "pending").glob("*.json"))
+    assert sorted(path.name for path in spool.rglob("*.parquet")) == []  # uploaded tables and media leave the spool
 
 
 def test_server_stopped_mid_training_and_restarted_loses_nothing(server: RestartableServer, tmp_path: Path) -> None:
@@ -147,6 +156,8 @@ def test_server_stopped_mid_training_and_restarted_loses_nothing(server: Restart
         spool = spool_root / f"mlflow-{run_id}"
         last = spool / f"per_sample_losses/test/epoch_{epochs - 1:04d}.parquet"
         _wait_for(last.exists, "the last epoch's table in the spool folder", training)
+        spooled = _spooled_tables(spool)  # every epoch: written in order, none uploaded with the server away
+        assert len(spooled) == epochs
         # Training reached its last epoch with the server down; its writes are queued on disk.
         pending = sorted((spool / "pending").glob("*.json"))
         assert len(pending) >= 2, pending  # at least the last epoch's table and metrics
@@ -158,7 +169,7 @@ def test_server_stopped_mid_training_and_restarted_loses_nothing(server: Restart
         if training.poll() is None:
             training.kill()
     _assert_finished_with_nothing_left_behind(training, out, err, run_id)
-    _assert_tables_arrived_whole_and_once(server, run_id, spool, epochs, tmp_path)
+    _assert_tables_arrived_whole_and_once(server, run_id, spool, epochs, tmp_path, spooled)
     # Metrics queued in the outage carry the time they were measured, not the time they arrived.
     history = {m.step: m.timestamp for m in mlflow.MlflowClient(server.uri).get_metric_history(run_id, "test_loss")}
     assert measured_at and {step: history[step] for step in measured_at} == measured_at
@@ -192,6 +203,8 @@ def test_server_that_never_comes_back_names_the_spool_and_the_command_that_uploa
     command = re.search(r"^\s+(action-scores upload .*)$", err, re.MULTILINE).group(1)
     assert command == f"action-scores upload --spool {spool} --tracking-uri {server.uri}"
 
+    spooled = _spooled_tables(spool)
+    assert sorted(spooled) == [name for name in left if name.startswith("per_sample_losses/")]  # the rest: uploaded
     server.start()
     client = mlflow.MlflowClient(server.uri)
     assert client.get_run(run_id).info.status == "RUNNING"  # the server never heard of the end
@@ -201,7 +214,7 @@ def test_server_that_never_comes_back_names_the_spool_and_the_command_that_uploa
     uploaded = run_command(command.split(), env)
     # The tables left, their epochs' metrics (and any earlier metrics still queued), the end of the run.
     assert uploaded.stdout.splitlines()[-1] == f"run {run_id}: {len(pending)} pending write(s) done ({len(left)} table(s))"
-    _assert_tables_arrived_whole_and_once(server, run_id, spool, epochs, tmp_path)
+    _assert_tables_arrived_whole_and_once(server, run_id, spool, epochs, tmp_path, spooled)
     again = run_command([*command.split(), "--run-id", run_id], env)
     assert again.stdout.strip() == f"run {run_id}: nothing left to upload in {spool}"
     wrong = run_command([*command.split(), "--run-id", "0" * 32], env, check=False)

@@ -1,10 +1,13 @@
 """File writing shared by the recorder and the report, with no torch import: the one atomic file write (readers
-see the old file or the new one, never half of one) and the one PNG thumbnail encoder."""
+see the old file or the new one, never half of one), the one temporary folder, and the one PNG thumbnail encoder."""
 
 from __future__ import annotations
 
 import io
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +30,18 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def temporary_folder() -> Path:
+    """A new temporary folder (`<temp>/action-scores-*`), for files of no tracker's run; see `remove_with`."""
+    return Path(tempfile.mkdtemp(prefix="action-scores-"))
+
+
+def remove_with(owner: object, folder: Path) -> Path:
+    """`folder`, removed with everything in it once `owner` (through which its files are read) is
+    garbage-collected, or at the end of the process: a temporary folder never outlives its use."""
+    weakref.finalize(owner, shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def encode_png(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:

@@ -46,6 +46,9 @@ class RunWriter(_Run, ABC):
     # each through its own spool (`shared_run`): then every torchrun rank uploads its own part of an epoch.
     several_writers: ClassVar[bool] = False
     writer_rank = 0  # the torchrun rank writing through this writer; ranks above 0 get spool folders of their own
+    # True keeps the tables (and media) a tracker has taken in the spool folder; None: `$ACTION_SCORES_KEEP_LOCAL`
+    # (unset: deleted once uploaded, see `tracking.backends.uploads`). Set it on the tracker before `start`.
+    keep_local: bool | None = None
 
     @property
     @abstractmethod
@@ -137,9 +140,14 @@ class RunWriter(_Run, ABC):
                 uploader.close()
             record = {"backend": self.name, "run_id": self.run_id, "tracking_uri": ""}
             uploader = Uploader(self.spool_dir, record, lambda operation, maybe_done: self.upload_later(
-                operation.payload["path"], operation.payload["artifact_dir"]))
+                operation.payload["path"], operation.payload["artifact_dir"]), self._keeps_handed_over_files())
             self._local_uploader = uploader
         return uploader
+
+    def _keeps_handed_over_files(self) -> bool | None:
+        """`keep_local` of the writer thread's uploader: a backend whose `upload_later` only queues the file
+        (to another uploader, which reads it later) keeps it whatever the setting."""
+        return self.keep_local
 
     def _close_table_uploads(self) -> list[str]:
         """Wait (bounded, `$ACTION_SCORES_UPLOAD_WAIT`) for the tables handed to `log_table`; return those

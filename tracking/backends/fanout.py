@@ -65,6 +65,10 @@ class FanOutTracker(Tracker):
         for tracker in self.trackers:
             tracker.log_artifact(local_path, artifact_dir)
 
+    def _keeps_handed_over_files(self) -> bool:
+        """MLflow's uploader reads the table later, from this spool folder: keep it (MLflow deletes only its own)."""
+        return True
+
     def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
         """Each backend's own hand-over (MLflow queues it; W&B copies it): on the writer thread for `log_table`."""
         for tracker in self.trackers:

@@ -115,9 +115,11 @@ class MLflowTracker(Tracker):
     _MAX_PARAMS_PER_BATCH = 100
     LOCK_SETTLE_SECONDS = SETTLE_SECONDS
 
-    def __init__(self, tracking_uri: str | None = None) -> None:
+    def __init__(self, tracking_uri: str | None = None, keep_local: bool | None = None) -> None:
+        """`keep_local`: keep uploaded tables in the spool folder (see `RunWriter.keep_local`)."""
         import mlflow
 
+        self.keep_local = keep_local
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         self._started = False
@@ -217,7 +219,8 @@ class MLflowTracker(Tracker):
             self._close_uploads(old, None)
         if self._uploader is None:
             record = {"backend": self.name, "run_id": self.run_id, "tracking_uri": redact(self.tracking_uri)}
-            self._uploader = Uploader(self.spool_dir, record, functools.partial(self.perform, self.run_id))
+            self._uploader = Uploader(self.spool_dir, record, functools.partial(self.perform, self.run_id),
+                                      self.keep_local)
         return self._uploader
 
     def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
@@ -241,7 +244,7 @@ class MLflowTracker(Tracker):
         if run_id and run_id != record["run_id"]:
             raise ActionScoresError(f"{spool} belongs to run {record['run_id']}, not {run_id}")
         self.attach(record["run_id"])
-        return replay(spool, functools.partial(self.perform, self.run_id))
+        return replay(spool, functools.partial(self.perform, self.run_id), self.keep_local)
 
     def perform(self, run_id: str, operation: Operation, maybe_done: bool) -> None:
         """Do one queued write to `run_id`; raises on any failure.

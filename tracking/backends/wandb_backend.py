@@ -144,7 +144,10 @@ class WandbTracker(Tracker):
 
     name = "wandb"
 
-    def __init__(self, project: str | None = None, entity: str | None = None, mode: str | None = None) -> None:
+    def __init__(self, project: str | None = None, entity: str | None = None, mode: str | None = None,
+                 keep_local: bool | None = None) -> None:
+        """`keep_local`: keep the spool's copy of each table once it is in the run (see `RunWriter.keep_local`)."""
+        self.keep_local = keep_local
         self.project = project or os.environ.get("WANDB_PROJECT") or "action-scores"
         self.entity = entity or os.environ.get("WANDB_ENTITY")
         self.mode = mode or os.environ.get("WANDB_MODE") or "offline"

@@ -27,7 +27,6 @@ The job reads the table back in `tracking.report.views`.
 from __future__ import annotations
 
 import io
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import pyarrow.parquet as pq
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
-from tracking.files import THUMBNAIL_SIDE, encode_png, write_atomically  # pictures with a longer side: a thumbnail
+from tracking.files import THUMBNAIL_SIDE, encode_png, remove_with, temporary_folder, write_atomically
 from tracking.record.ids import checked_sample_ids, host_array
 from tracking.record.png import stored_pngs
 
@@ -197,8 +196,8 @@ def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, label
 
     Give `images` or `texts` (or neither), and `uris` alone or beside them as the fallback
     above `max_bytes`. Everything is checked before anything is written; the table goes to
-    `local_dir` (default: the writer's spool folder, or a temporary folder) and then to the
-    run through `writer.upload_later`. Returns what was recorded.
+    `local_dir` (default: the writer's spool folder, or without a writer a temporary folder, removed with the
+    returned summary) and then to the run through `writer.upload_later`. Returns what was recorded.
     """
     split = contract.check_name("split", split)
     if images is not None and texts is not None:
@@ -260,9 +259,13 @@ def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, label
         columns[contract.BOXES] = pa.array([box_rows[i] for i in order], BOX_TYPE)
         schema = SCHEMA.append(pa.field(contract.BOXES, BOX_TYPE))
     table = pa.table(columns, schema=schema)
+    temporary = local_dir is None and writer is None
     if local_dir is None:
-        local_dir = writer.spool_dir if writer is not None else Path(tempfile.mkdtemp(prefix="action-scores-"))
+        local_dir = writer.spool_dir if writer is not None else temporary_folder()
     path = _write(table, Path(local_dir) / contract.media_dir(split))
     if writer is not None:
         writer.upload_later(path, contract.media_dir(split))
-    return MediaSummary(split, kind, size, path.stat().st_size, path, reason)
+    summary = MediaSummary(split, kind, size, path.stat().st_size, path, reason)
+    if temporary:
+        remove_with(summary, Path(local_dir))
+    return summary

@@ -39,7 +39,6 @@ without batches, a bad id, a sample on no rank) is raised on every rank (`distri
 from __future__ import annotations
 
 import functools
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,7 +50,7 @@ import torch
 
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
-from tracking.files import write_atomically
+from tracking.files import remove_with, temporary_folder, write_atomically
 from tracking.record import distributed
 from tracking.record.columns import classification_outputs
 from tracking.record.ids import checked_sample_ids
@@ -113,10 +112,10 @@ class LossRecorder:
     @property
     def local_dir(self) -> Path:
         """Where tables are written before upload: unless given, the run's spool folder
-        (`RunWriter.spool_dir`), or a temporary folder without a tracker."""
+        (`RunWriter.spool_dir`), or without a tracker a temporary folder, removed with the recorder."""
         if self._local_dir is None:
             self._local_dir = (self.tracker.spool_dir if self.tracker is not None
-                               else Path(tempfile.mkdtemp(prefix="action-scores-")))
+                               else remove_with(self, temporary_folder()))
         return self._local_dir
 
     def reset(self) -> None:
