@@ -218,9 +218,9 @@ def score_split_spark(split: str, tables, el2n_epoch: int | None = None,  # noqa
     if label:
         checks["label"] = F.max(F.when(F.col(_KEEP) & (F.col(_EPOCH) == 0), F.col(contract.TARGET)))
     scores = rows.groupBy(contract.SAMPLE_ID).agg(*[v.alias(k) for k, v in (checks | aggregates).items()]).toPandas()
+    _check(split, scores, rows, files, epochs)  # before `done`: naming the epochs a sample lacks reads them again
     for epoch in range(epochs) if done is not None else ():
         done(epoch)
-    _check(split, scores, rows, files, epochs)
     scores = scores.sort_values(contract.SAMPLE_ID, ignore_index=True)
     scores[[contract.SAMPLE_ID, "epochs"]] = scores[[contract.SAMPLE_ID, "epochs"]].astype(np.int64)
     scores["rank"] = rank(scores, "action")
