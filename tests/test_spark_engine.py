@@ -22,6 +22,7 @@ from tests.test_sharded import SAMPLES, SPLIT, _picture, _runs_data, _scores
 from tracking import contract
 from tracking.analyze import analyze_run
 from tracking.backends import MLflowTracker
+from tracking.cli import main
 from tracking.errors import ActionScoresError
 from tracking.job import CLASS_DISTRIBUTION
 from tracking.report.panels import read_panel_rows
@@ -122,3 +123,8 @@ def test_without_java_the_spark_engine_says_to_install_java_17(
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().endswith(f"action-scores: error: {JAVA_HELP}")
     assert "Java 17" in JAVA_HELP and "openjdk-17-jre-headless" in JAVA_HELP
+
+
+def test_spark_master_goes_with_the_spark_engine_only(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["analyze", "--run-id", "any", "--spark-master", "local[1]"]) == 2
+    assert capsys.readouterr().err.strip() == "action-scores: error: --spark-master applies to --engine spark only"

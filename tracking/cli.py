@@ -282,13 +282,13 @@ def _analyze(args: argparse.Namespace) -> int:
     targets = [args.run_id, args.experiment, args.wandb_run, args.wandb_dir]
     if sum(bool(t) for t in targets) != 1:
         raise ActionScoresError("give exactly one of --run-id, --experiment, --wandb-run or --wandb-dir")
+    if args.spark_master is not None and args.engine != "spark":
+        raise ActionScoresError("--spark-master applies to --engine spark only")
     if args.wandb_run or args.wandb_dir:
         args.tracker, args.run_id = WandbTracker.name, args.wandb_run or args.wandb_dir
     tracker = _tracker(args, args.tracker, offline=True if args.wandb_dir else False if args.wandb_run else None)
     options = dict(top_k=args.top_k, force=args.force, data_root=args.data_root or None, panels=not args.no_panels,
                    engine=args.engine, el2n_epoch=args.el2n_epoch, pictures=args.pictures or None)
-    if args.spark_master is not None and args.engine != "spark":
-        raise ActionScoresError("--spark-master applies to --engine spark only")
     if args.engine == "spark":  # made here, on the master asked for; the engine then finds it active
         from tracking.scoring.spark_engine import spark_session
 
