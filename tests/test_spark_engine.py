@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from tests.conftest import ROOT, run_command
@@ -92,7 +93,7 @@ def test_spark_scores_and_panels_equal_the_arrow_engine_s(
     print(f"{form}: {len(panels['spark'])} panels, the same ids in each")
 
 
-def test_a_sample_missing_from_an_epoch_is_named(
+def test_a_sample_missing_from_an_epoch_or_repeated_in_one_table_is_named(
         client: mlflow.MlflowClient, tracker: MLflowTracker, experiment_id: str, tmp_path: Path) -> None:
     sharded, _, _ = _runs_data(seed=13)
     path = f"{contract.epoch_parts_dir(SPLIT, 1)}/{contract.part_file_name(0)}"
@@ -101,6 +102,14 @@ def test_a_sample_missing_from_an_epoch_is_named(
     run_id = _make_run(client, experiment_id, tmp_path / "made", sharded | {path: part.slice(1)})
     with pytest.raises(ActionScoresError, match=rf"^split 'test': samples \[{lost}\] are not in every epoch: "
                                                 rf"{lost} missing from per_sample_losses/test/epoch_0001/$"):
+        analyze_run(tracker, run_id, panels=False, engine="spark", progress=False)
+    # An id twice in a single-file epoch is refused, naming the table (a sharded epoch keeps the first).
+    _, single, _ = _runs_data(seed=13)
+    path = f"{contract.losses_dir(SPLIT)}/{contract.epoch_file_name(2)}"
+    twice = pa.concat_tables([single[path], single[path].slice(5, 1)])
+    run_id = _make_run(client, experiment_id, tmp_path / "made", single | {path: twice})
+    repeated = single[path].column("sample_id")[5].as_py()
+    with pytest.raises(ActionScoresError, match=rf"^split 'test': repeated sample ids \[{repeated}\] in {path}$"):
         analyze_run(tracker, run_id, panels=False, engine="spark", progress=False)
 
 

@@ -248,8 +248,12 @@ def _check(split: str, scores: pd.DataFrame, rows: DataFrame,
         raise ActionScoresError(f"split {split!r}: column 'sample_id' has nulls")
     repeated = ids[scores.pop("_repeats").to_numpy() > 0]
     if len(repeated):
+        F = _f()
+        where = (rows.filter(~F.col(_KEEP) & ~F.col(_SHARDED)).select(_EPOCH).distinct().orderBy(_EPOCH).limit(3)
+                 .toPandas()[_EPOCH].tolist())  # the error path only: which tables
+        names = {epoch: name for epoch, _, _, name, _ in files}
         raise ActionScoresError(f"split {split!r}: repeated sample ids {preview(np.sort(repeated.to_numpy()))} in "
-                                "one epoch table")
+                                f"{', '.join(names[epoch] for epoch in where)}")
     absent = ids[scores["epochs"].to_numpy() != epochs].sort_values()
     if len(absent):
         raise ActionScoresError(f"split {split!r}: samples {preview(absent.to_numpy())} are not in every epoch: "
