@@ -15,3 +15,14 @@ if [ "$extra" = "test" ] && ! command -v chromedriver >/dev/null && command -v a
   apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null \
     || { apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null; }
 fi
+# Spark (`--engine spark`, the `spark` extra and the tests) runs on Java 17 or newer: Debian's headless JRE when missing.
+if { [ "$extra" = "test" ] || [ "$extra" = "spark" ]; } && ! command -v java >/dev/null; then
+  sudo=""
+  [ "$(id -u)" != 0 ] && command -v sudo >/dev/null && sudo -n true 2>/dev/null && sudo="sudo -n"
+  if command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; }; then
+    $sudo apt-get install -y --no-install-recommends openjdk-17-jre-headless >/dev/null \
+      || { $sudo apt-get update >/dev/null && $sudo apt-get install -y --no-install-recommends openjdk-17-jre-headless >/dev/null; }
+  else
+    echo "Spark needs Java 17 or newer and 'java' is not on PATH: install it (Debian: apt-get install openjdk-17-jre-headless)" >&2
+  fi
+fi

@@ -109,9 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--pictures", default="", metavar="MODULE:FUNCTION",
                          help="for runs without recorded media or a built-in dataset: a function of a sample id "
                               "that returns a uint8 image (HxW or HxWx3), imported from the current folder")
-    analyze.add_argument("--engine", default="arrow", choices=["arrow", "duckdb"],
-                         help="scoring engine: arrow (default, one epoch at a time) or duckdb (one query; "
-                              "spills to disk when a run's sums outgrow memory)")
+    analyze.add_argument("--engine", default="arrow", choices=["arrow", "duckdb", "spark"],
+                         help="scoring engine: arrow (default, one epoch at a time), duckdb (one query; "
+                              "spills to disk when a run's sums outgrow memory) or spark (every score as Spark "
+                              "aggregations; the active SparkSession, else one on --spark-master; needs the spark "
+                              "extra and Java 17+)")
+    analyze.add_argument("--spark-master", default=None, metavar="URL",
+                         help="with --engine spark and no active SparkSession: the master of the session made "
+                              "(default local[*])")
     analyze.add_argument("--workers", type=int, default=None, metavar="N",
                          help="with --experiment: runs analysed at once (default 4; MLflow only, W&B one at a time); "
                               "a run that fails is named in the summary and the others go on")
@@ -285,11 +290,17 @@ def _analyze(args: argparse.Namespace) -> int:
     targets = [args.run_id, args.experiment, args.wandb_run, args.wandb_dir]
     if sum(bool(t) for t in targets) != 1:
         raise ActionScoresError("give exactly one of --run-id, --experiment, --wandb-run or --wandb-dir")
+    if args.spark_master is not None and args.engine != "spark":
+        raise ActionScoresError("--spark-master applies to --engine spark only")
     if args.wandb_run or args.wandb_dir:
         args.tracker, args.run_id = WandbTracker.name, args.wandb_run or args.wandb_dir
     tracker = _tracker(args, args.tracker, offline=True if args.wandb_dir else False if args.wandb_run else None)
     options = dict(top_k=args.top_k, force=args.force, data_root=args.data_root or None, panels=not args.no_panels,
                    engine=args.engine, el2n_epoch=args.el2n_epoch, pictures=args.pictures or None)
+    if args.engine == "spark":  # made here, on the master asked for; the engine then finds it active
+        from tracking.scoring.spark_engine import spark_session
+
+        spark_session(args.spark_master)
     if args.workers is not None and not args.experiment:
         raise ActionScoresError("--workers applies to --experiment only (one run is one job)")
     if args.run_id:

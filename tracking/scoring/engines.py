@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from tracking.scoring.accumulator import ActionAccumulator
+from tracking.scoring.spark_engine import score_split_spark
 from tracking.scoring.tables import dynamics_expected, files_of, read_epoch_table, read_part_table, union_of_parts
 
 log = logging.getLogger(__name__)
@@ -147,4 +148,5 @@ class Engine:
 ENGINES: dict[str, Engine] = {
     "arrow": Engine(score_split, streams=True),
     "duckdb": Engine(score_split_duckdb, streams=False),
+    "spark": Engine(score_split_spark, streams=False),
 }

@@ -6,7 +6,8 @@ in place, `reduce(state, epochs)` gives the score column. `ActionAccumulator` dr
 ranking, panels, `compare` and the CLI read `higher_is_harder` from here. The registry's
 order is the order of the score columns in the scores table of the contract.
 
-Adding a score: one entry in `SCORES`, one test in tests/test_registry.py against numpy.
+Adding a score: one entry in `SCORES`, one test in tests/test_registry.py against numpy, and its Spark
+aggregation in `tracking.scoring.spark_engine.AGGREGATIONS` (or `spark=False`: arrow-only).
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class Score:
     (False where the order is another score's). `shares`: a score with the same columns, init
     and update whose state this one reduces, so the accumulator keeps one state for both
     (mean_loss is action / epochs, confidence variability's running mean); the entry still
-    works alone.
+    works alone. `spark`: whether `--engine spark` computes it (an aggregation in
+    `tracking.scoring.spark_engine.AGGREGATIONS`); False marks it arrow-only, and the Spark engine names it
+    among the scores it leaves out.
     """
 
     name: str
@@ -56,6 +59,7 @@ class Score:
     per_loss_part: bool = False
     panels: bool = True
     shares: str | None = None
+    spark: bool = True
 
     @property
     def direction(self) -> str:
@@ -198,6 +202,11 @@ def _check_shares() -> None:
 
 
 _check_shares()
+
+
+def arrow_only(scores: dict[str, Score] | None = None) -> list[str]:
+    """Names of the scores (of the registry, or `scores`) only the arrow engine computes (`Score.spark` False)."""
+    return [score.name for score in (SCORES if scores is None else scores).values() if not score.spark]
 
 
 def get(name: str) -> Score:
