@@ -123,3 +123,38 @@ def test_large_splits_are_subsampled_the_same_way_every_time(tmp_path: Path) -> 
     assert sum(shown["regions"].values()) == 300  # counts over the whole split, not the drawn points
     with pytest.raises(ActionScoresError, match="no region"):
         data_map(scores.drop(columns="region"), tmp_path / "c.png", "x")
+
+
+def _training_tables() -> dict[str, pa.Table]:
+    """The 7 training samples of P_TRUE, one table per epoch, as a run holds them."""
+    ids = sorted(P_TRUE)
+    tables = {}
+    for epoch in range(EPOCHS):
+        p = [P_TRUE[i][epoch] for i in ids]
+        tables[f"per_sample_losses/train/epoch_{epoch:04d}.parquet"] = _table(
+            ids, [-float(np.log(x)) for x in p], target=pa.array([i % 3 for i in ids], pa.int64()),
+            p_true=pa.array(p, pa.float32()), correct=pa.array([x > 0.5 for x in p]))
+    return tables
+
+
+def test_a_wandb_run_gets_the_data_map_as_a_scatter_chart_of_the_same_points(
+        wandb_env: dict[str, str], tmp_path: Path) -> None:
+    from tests.test_analyze import _make_wandb_run
+    from tracking.backends import WandbTracker
+    from tracking.backends.wandb_backend import OfflineRun
+
+    folder = _make_wandb_run(tmp_path, _training_tables())
+    assert analyze_run(WandbTracker(), str(folder), panels=True, progress=False).status == "done"
+    run = OfflineRun(folder)
+    chart = run.config["_wandb.visualize.action_scores/train/data_map"]["panel_config"]
+    assert chart["panelDefId"] == "wandb/scatter/v0"
+    assert chart["fieldSettings"] == {"x": "variability", "y": "confidence"}
+    assert run.summary["action_scores/train/data_map_table._type"] == "table-file"
+    assert run.summary["action_scores/train/data_map_table.nrows"] == len(P_TRUE)
+    logged = json.loads(run.files("media")[run.summary["action_scores/train/data_map_table.path"]].read_text())
+    rows = pd.DataFrame(logged["data"], columns=logged["columns"]).set_index("sample_id").sort_index()
+    scores = pd.read_parquet(run.files("action_scores/train")["action_scores/train/scores.parquet"]).set_index(
+        "sample_id").sort_index()
+    assert rows["region"].to_dict() == EXPECTED
+    np.testing.assert_allclose(rows["confidence"], scores["confidence"], rtol=1e-12)
+    np.testing.assert_allclose(rows["variability"], scores["variability"], rtol=1e-12)

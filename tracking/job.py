@@ -21,7 +21,7 @@ from tracking import contract
 from tracking.backends.base import Tracker
 from tracking.errors import ActionScoresError
 from tracking.fetch import RunFiles
-from tracking.report.plots import class_distribution, data_map
+from tracking.report.plots import class_distribution, data_map, data_map_points
 from tracking.report.browse import BROWSE_FILE, write_browse_page
 from tracking.report.views import TASKS, SplitView, choose_view, load_picture_function
 from tracking.scoring.engines import ENGINES
@@ -104,6 +104,7 @@ class SplitReport:
     samples: dict[str, list[dict]] = field(default_factory=dict)  # "<objective>/<hardest|easiest>" -> rows
     source: str = ""  # where the pictures came from; empty without a view
     why_not: str = ""  # why there are no panels, where there are none
+    data_map: pd.DataFrame | None = None  # the points of the data map, for `Tracker.log_scatter`; None without one
 
 
 def run_job(tracker: Tracker, run_id: str, options: JobOptions) -> AnalysisResult:
@@ -162,7 +163,7 @@ def _analyze(tracker: Tracker, run: RunPlan, options: JobOptions) -> AnalysisRes
         if done := _skipped(tracker, run.run_id, options):  # a job may just have finished
             return done
         files.show_progress()
-        result, metrics, samples = AnalysisResult(run.run_id, "done"), {}, {}
+        result, metrics, samples, maps = AnalysisResult(run.run_id, "done"), {}, {}, {}
         for split, split_tables in tables.items():
             scores = scorer.score(split, split_tables, options.el2n_epoch,
                                   partial(_release_epoch, files, run.tables[split]), options.progress)
@@ -172,10 +173,15 @@ def _analyze(tracker: Tracker, run: RunPlan, options: JobOptions) -> AnalysisRes
                                    options, split_out) if options.panels else SplitReport())
             _record_split(result, split, scores, report, split_out)
             samples |= {f"{contract.scores_dir(split)}/{key}": rows for key, rows in report.samples.items()}
+            if report.data_map is not None:
+                maps[split] = report.data_map
             metrics |= split_metrics(split, scores)
         tracker.log_artifacts(work / "out", contract.SCORES_DIR)
         for key, rows in samples.items():
             tracker.log_samples(key, rows)
+        for split, points in maps.items():
+            tracker.log_scatter(f"{contract.scores_dir(split)}/data_map", points, "variability", "confidence",
+                                f"{split}: data map (confidence against variability)")
         tracker.log_metrics(metrics)
         tracker.set_tags({contract.STATUS_TAG: contract.STATUS_DONE})
     return result
@@ -245,6 +251,8 @@ def report_split(scores: pd.DataFrame, split: str, run: RunPlan, media: Path | N
             run.params.get(contract.SCORED_BY_PREFIX + split, ""), "")
         report.written.append(data_map(scores, split_out / contract.DATA_MAP_FILE,
                                        f"{split}: data map, {scores['epochs'].iloc[0]} epochs{how}"))
+        report.data_map = data_map_points(scores)[[column for column in (
+            contract.SAMPLE_ID, "confidence", "variability", "correctness", REGION, "label") if column in scores]]
     return report
 
 

@@ -18,10 +18,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tracking.backends.uploads import Operation, Uploader, spool_root
 from tracking.errors import ActionScoresError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class _Run:
@@ -103,6 +106,11 @@ class RunWriter(_Run, ABC):
         """What another process needs to attach a writer of its own to this run (`several_writers`): the
         backend's name, its constructor's `options` and the `run_id`; None where the run is this process's alone."""
         return None
+
+    def log_scatter(self, key: str, points: pd.DataFrame, x: str, y: str, title: str) -> None:
+        """Show a scatter of `points` (one row per sample: `x`, `y` and the columns to hover) as the backend's
+        own chart, where it has one (the data map). MLflow has none (the PNG is its view): the default does
+        nothing."""
 
     # --- writes during training: never block the loop -----------------------------------
     @property

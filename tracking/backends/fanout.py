@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tracking.backends.base import Tracker
 from tracking.backends.mlflow_backend import MLflowTracker
 from tracking.backends.uploads import unwritten_error
 from tracking.backends.wandb_backend import WandbTracker
 from tracking.errors import ActionScoresError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class FanOutTracker(Tracker):
@@ -89,6 +92,10 @@ class FanOutTracker(Tracker):
     def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
         for tracker in self.trackers:
             tracker.log_samples(key, rows)
+
+    def log_scatter(self, key: str, points: pd.DataFrame, x: str, y: str, title: str) -> None:
+        for tracker in self.trackers:
+            tracker.log_scatter(key, points, x, y, title)
 
     def params(self) -> dict[str, str]:
         return self.trackers[0].params()

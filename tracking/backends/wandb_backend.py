@@ -32,13 +32,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tracking import contract
 from tracking.backends.base import Tracker
 from tracking.backends.lock import file_lock
 from tracking.backends.uploads import Operation, unwritten_error
 from tracking.errors import ActionScoresError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STATUS_PREFIX = "action_scores."
 
@@ -349,6 +352,13 @@ class WandbTracker(Tracker):
         table = wandb.Table(columns=["image", *columns],
                             data=[[image, *(row[c] for c in columns)] for image, row in zip(images, rows)])
         self._writer().log({f"{key}/images": images, f"{key}/table": table})
+
+    def log_scatter(self, key: str, points: pd.DataFrame, x: str, y: str, title: str) -> None:
+        """A W&B scatter chart of `points` (its table is logged with it, so hovering a point shows the row)."""
+        import wandb
+
+        table = wandb.Table(dataframe=points.reset_index(drop=True))
+        self._writer().log({key: wandb.plot.scatter(table, x, y, title=title)})
 
     @contextmanager
     def job_lock(self) -> Iterator[None]:

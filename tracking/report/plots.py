@@ -76,6 +76,15 @@ DATA_MAP_SEED = 0
 DATA_MAP_KEY = "action_scores.data_map"  # PNG text chunk: what the map shows, as JSON
 
 
+def data_map_points(scores: pd.DataFrame, max_points: int = DATA_MAP_POINTS) -> pd.DataFrame:
+    """The samples a data map shows: all, or `max_points` of them drawn without replacement with DATA_MAP_SEED
+    (in the table's order), so that the PNG and a tracker's own chart of the same table show the same points."""
+    if len(scores) <= max_points:
+        return scores
+    chosen = np.random.default_rng(DATA_MAP_SEED).choice(len(scores), max_points, replace=False)
+    return scores.iloc[np.sort(chosen)]
+
+
 def data_map(scores: pd.DataFrame, path: Path, title: str, max_points: int = DATA_MAP_POINTS) -> Path:
     """Dataset Cartography's data map (Swayamdipta et al., EMNLP 2020, Fig. 1): each sample's `confidence`
     (y) against its `variability` (x), coloured by `correctness`, with the lines of the `region` rule
@@ -90,10 +99,7 @@ def data_map(scores: pd.DataFrame, path: Path, title: str, max_points: int = DAT
         raise ActionScoresError(f"no data map for {path.name}: the scores table has no {', '.join(lacking)} "
                                 "(recorded p_true is needed; see tracking.record.classification_columns)")
     total = len(scores)
-    shown = scores
-    if total > max_points:
-        chosen = np.random.default_rng(DATA_MAP_SEED).choice(total, max_points, replace=False)
-        shown = scores.iloc[np.sort(chosen)]
+    shown = data_map_points(scores, max_points)
     variability = shown["variability"].to_numpy(np.float64)
     cut = regions.variability_cut(scores["variability"].to_numpy(np.float64))
     right = max(float(scores["variability"].max()), cut) * 1.08 or 0.01  # room right of the cut, even at 0
