@@ -221,8 +221,7 @@ def test_torchrun_opens_one_run_whose_epochs_are_one_part_per_rank_holding_every
     for folder in spools:
         assert json.loads((folder / "run.json").read_text())["run_id"] == run_id
         assert list((folder / "pending").iterdir()) == []  # every write done
-        assert sorted(path.name for path in folder.rglob("part-*.parquet")) == [
-            f"part-0000{folder.name.endswith('rank1'):d}.parquet"] * (EPOCHS * len(SIZES))
+        assert list(folder.rglob("*.parquet")) == []  # each part left its rank's spool once the server had it
     for split, size in SIZES.items():
         assert _epoch_folders(client, run_id, split) == [f"per_sample_losses/{split}/epoch_{e:04d}" for e in range(EPOCHS)]
         for table in _tables(client, run_id, split, tmp_path / split):

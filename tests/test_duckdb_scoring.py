@@ -62,8 +62,9 @@ def test_duckdb_scores_equal_the_default_engine_on_a_recorded_run(
     assert result.status == "done" and result.samples == {"val": SAMPLES}
     logged = tracker.download(f"{contract.scores_dir('val')}/{contract.SCORES_FILE}", tmp_path / "out")
     pd.testing.assert_frame_equal(pd.read_parquet(logged), expected, check_exact=False, rtol=1e-12)
-    with pytest.raises(ActionScoresError, match=r"unknown scoring engine 'spark'; choose one of \['arrow', 'duckdb'\]"):
-        analyze_run(tracker, tracker.run_id, force=True, engine="spark")
+    with pytest.raises(ActionScoresError, match=r"unknown scoring engine 'polars'; choose one of \['arrow', 'duckdb', "
+                                                r"'spark'\]"):
+        analyze_run(tracker, tracker.run_id, force=True, engine="polars")
 
 
 def _write(folder: Path, epoch: int, ids: list[int], losses: list[float]) -> None:

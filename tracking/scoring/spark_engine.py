@@ -184,6 +184,7 @@ def score_split_spark(split: str, tables, el2n_epoch: int | None = None,  # noqa
     """
     from tracking.scoring.engines import _missing, default_el2n_epoch
 
+    spark = spark_session()  # first: pyspark's column functions need a session (the active one, or one made here)
     F = _f()
     files = _files(tables)
     epochs = len(tables)
@@ -206,7 +207,6 @@ def score_split_spark(split: str, tables, el2n_epoch: int | None = None,  # noqa
     label = contract.TARGET in all_columns
     columns = [contract.SAMPLE_ID, *loss_columns, *(c for c in contract.RECORDED_COLUMNS if c in sources),
                *([contract.TARGET] if label else [])]
-    spark = spark_session()
     spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
     rows = _rows(spark, files, columns)
     values = [c for c in columns if c not in (contract.SAMPLE_ID, contract.TARGET)]
