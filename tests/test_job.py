@@ -66,7 +66,8 @@ def test_a_wandb_run_the_job_resumed_is_finished_when_the_job_fails(wandb_env: d
 def test_job_options_are_checked_when_made() -> None:
     with pytest.raises(ActionScoresError, match="top_k must be positive, got 0"):
         JobOptions(top_k=0)
-    with pytest.raises(ActionScoresError, match=r"unknown scoring engine 'spark'; choose one of \['arrow', 'duckdb'\]"):
-        JobOptions(engine="spark")
+    with pytest.raises(ActionScoresError, match=r"unknown scoring engine 'polars'; choose one of \['arrow', 'duckdb', "
+                                                r"'spark'\]"):
+        JobOptions(engine="polars")
     named = JobOptions(pictures=len).picture_function
     assert named == ("len", len)
