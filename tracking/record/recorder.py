@@ -387,8 +387,9 @@ class LossRecorder:
 
         Here, in the caller: the one host copy of the epoch and every check (the epoch's number, its ids,
         targets on a device); the writer gets host arrays only. A refused epoch keeps its batches (add the
-        missing ones and end it again). Returns the local parquet file, kept on disk after upload: written
-        when this returns without a tracker, and by the tracker's `finish` with one. The file is replaced
+        missing ones and end it again). Returns the local parquet file: written when this returns without a
+        tracker (kept while the recorder lives), and by the tracker's writer thread with one, which deletes it once
+        the tracker has it unless the tracker keeps local copies (`keep_local`). The file is replaced
         atomically, so a re-recorded epoch (resumed training) never uploads half a table.
 
         Under torchrun every rank calls this, and a mistake on any rank raises the same error on every rank.
