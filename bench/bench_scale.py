@@ -125,7 +125,8 @@ def markdown(table: pd.DataFrame, command: str, cores: int) -> str:
     lines = ["# Scoring at scale: time and memory against N x E", "", f"    {command}", "",
              f"On this machine ({cores} CPU cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} "
              "GiB): each (engine, N) scored in a fresh process, start to scores.parquet written; peak RSS of the "
-             "process tree (Spark's JVM included).", "",
+             "process tree (Spark's JVM included). arrow and spark compute every registered score; duckdb the loss "
+             "sums only (action, mean_loss).", "",
              "| engine | samples | epochs | rows | seconds | peak RSS (GB) | rows/s/core |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in table.itertuples():
         lines.append(f"| {row.engine} | {row.samples:,} | {row.epochs} | {row.rows:,} | {row.seconds:.1f} | "
