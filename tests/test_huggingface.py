@@ -301,7 +301,8 @@ def _epoch_tables(client: mlflow.MlflowClient, run_id: str, split: str, dst: Pat
 
 def test_ddp_under_torchrun_records_every_sample_of_both_passes_once(
         tracking_env: dict[str, str], client: mlflow.MlflowClient, tmp_path: Path) -> None:
-    """2 gloo processes: each evaluates and trains on its share (the training shares padded with repeats);
+    """2 gloo processes: each evaluates and trains on its share (the training shares padded with repeats) and
+    writes its own part of each epoch;
     every epoch of both splits holds each sample once, and the last test epoch is the trained model's loss."""
     experiment = f"hf-ddp-{uuid.uuid4().hex[:8]}"
     out = run_command([str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2",
@@ -310,6 +311,10 @@ def test_ddp_under_torchrun_records_every_sample_of_both_passes_once(
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert len(runs) == 1 and f"run {runs[0].info.run_id}" in out.stdout
     run_id = runs[0].info.run_id
+    for split in ("test", "train"):  # every rank wrote its own part: no gather to rank 0
+        assert [file.path for file in client.list_artifacts(run_id, f"per_sample_losses/{split}/epoch_0001")] == [
+            f"per_sample_losses/{split}/epoch_0001/part-00000.parquet",
+            f"per_sample_losses/{split}/epoch_0001/part-00001.parquet"]
     test = _epoch_tables(client, run_id, "test", tmp_path / "test")
     train = _epoch_tables(client, run_id, "train", tmp_path / "train")
     assert [t["sample_id"].tolist() for t in test] == [list(range(len(TEST_TEXTS)))] * 2

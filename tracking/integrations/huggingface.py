@@ -29,6 +29,10 @@ The training pass is recorded too with `ActionScoresCallback(train_split="train"
 has each training batch's outputs; its per-sample losses are taken from them (without a graph), and one
 table is written at the end of each epoch. An epoch cut short (`max_steps` reached mid-epoch) has
 samples it never saw, so its table is not written (a warning says so).
+
+Under DDP (`torchrun`, `ddp_backend="gloo"` or `"nccl"`) every rank scores its share; with an MLflow run
+every rank attaches to it and uploads its own part of each epoch (`epoch_EEEE/part-<rank>.parquet`), with
+a W&B run rank 0 gathers the shares and writes each epoch's table, whole, once.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from tracking import contract
 from tracking.backends import RunWriter
 from tracking.errors import ActionScoresError
 from tracking.integrations.session import (LossFn, RecordedRun, RecordingSession, check_media, check_sample_ids,
-                                           deprecated, join_mlflow, join_wandb, open_run)
+                                           deprecated, join_mlflow, join_wandb, open_run, writer_on_every_rank)
 from tracking.record.recorder import LossRecorder
 
 log = logging.getLogger(__name__)
@@ -267,7 +271,7 @@ class ActionScoresCallback(TrainerCallback):
             raise ActionScoresError(f"no eval dataset for tracked splits {missing or '(any)'}: give the "
                                     "ActionScoresTrainer eval_dataset={name: add_sample_ids(dataset)}")
         check_media(self.media, self.sizes)  # media named for a split that has no eval dataset
-        writer, finish_writer = self._writer(args) if state.is_world_process_zero else (None, True)
+        writer, finish_writer = writer_on_every_rank(lambda: self._writer(args), state.is_world_process_zero)
         self.session = RecordingSession(writer, self.scored_by, self.media, finish_writer)
         self.run = self.session.run
         for split, size in self.sizes.items():  # media checked and encoded now, before the first epoch

@@ -46,8 +46,7 @@ from tracking import contract
 from tracking.backends import RunWriter
 from tracking.errors import ActionScoresError
 from tracking.integrations.session import (LossFn, RecordedRun, RecordingSession, TrackerChoice, check_media,
-                                           deprecated, join_mlflow, join_wandb, open_run)
-from tracking.record import distributed
+                                           deprecated, join_mlflow, join_wandb, open_run, writer_on_every_rank)
 from tracking.record.recorder import Losses
 
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")  # the modern namespace first
@@ -166,14 +165,7 @@ class ActionScoresCallback(*(package.Callback for package in LIGHTNING)):  # typ
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         scored_by = {**{split: "eval" for split in self.splits},
                      **({self.train_split: "train"} if self.train_split else {})}
-        writer, finish_writer, failure = None, True, None
-        if trainer.is_global_zero:
-            try:
-                writer, finish_writer = self._writer(trainer)
-            except Exception as error:  # every rank learns it, instead of waiting in the DDP constructor
-                failure = error
-        distributed.agree(failure, "starting the tracker on rank 0")
-        writer = distributed.share_run(writer)
+        writer, finish_writer = writer_on_every_rank(lambda: self._writer(trainer), trainer.is_global_zero)
         self.session = RecordingSession(writer, scored_by, self.media, finish_writer)
         self.run = self.session.run
         for split, dataset in self.splits.items():  # media checked now, before the first epoch

@@ -170,6 +170,24 @@ class RecordedRun:
         return result
 
 
+def writer_on_every_rank(open_on_rank0: Callable[[], tuple[RunWriter, bool]],
+                         is_rank0: bool) -> tuple[RunWriter | None, bool]:
+    """A callback's writer, and whether its session finishes it, on every rank of a DDP training.
+
+    Rank 0 opens (or joins) the run with `open_on_rank0`; every rank learns if that failed, instead of
+    waiting in the framework's next collective (`distributed.agree`); then the other ranks attach writers
+    of their own to the same run and write their parts (`distributed.share_run`), or get None and gather
+    their shares to rank 0 (W&B). Without a process group: `open_on_rank0()`'s writer, errors unchanged."""
+    writer, finish_writer, failure = None, True, None
+    if is_rank0:
+        try:
+            writer, finish_writer = open_on_rank0()
+        except Exception as error:
+            failure = error
+    distributed.agree(failure, "starting the tracker on rank 0")
+    return distributed.share_run(writer), finish_writer
+
+
 class RecordingSession:
     """One run and the recorders of its tracked splits, for the length of one training.
 
@@ -239,4 +257,4 @@ class RecordingSession:
 
 __all__ = ["LossFn", "RecordedRun", "RecordingSession", "TrackerChoice", "check_media", "check_sample_ids",
            "deprecated", "join_mlflow", "join_wandb",
-           "open_run"]
+           "open_run", "writer_on_every_rank"]
