@@ -23,10 +23,11 @@ Cases (`--cases`, comma separated):
 - `wandb`: a W&B offline run of `--wandb-samples` x `--epochs` written by the project's writer
   (`analyze --wandb-dir`); the floor is the read alone;
 - `experiment`: `--experiment-runs` small runs (`--experiment-samples` x `--experiment-epochs`) in one
-  experiment, `analyze --experiment` with each of `--workers` (default 1 and 4; runs per minute);
+  experiment, `analyze --experiment` with each of `--workers` (default 1 and 4; runs per minute, and the CPU
+  seconds a run costs the job and the server: wall time on shared cores says how busy they were);
 - `panels`: a digits-sized run (`--panel-samples` x `--panel-epochs`, default 1,437 x 20, with the media
   training records: scikit-learn's 8x8 digits and their label names), the job with panels against the
-  same job with `--no-panels` (target <= 1.5x);
+  same job with `--no-panels` (target <= 1.5x; wall and CPU seconds);
 - `experiment-panels`: as `experiment`, each run with its digits media, analyzed with panels
   (target >= 100 runs a minute, peak RSS < 400 MB).
 The job's result is checked: exit 0, "done", and its `action_mean` metric against the files' own sum.
@@ -145,6 +146,7 @@ class Job:
     seconds: float
     peak_mb: float
     stdout: str
+    cpu_seconds: float = 0.0  # the job process's user + system CPU (its threads included)
 
 
 # Times a command and reads its peak RSS from a small launcher: Linux keeps, across exec, the peak RSS of the
@@ -155,7 +157,7 @@ start = time.perf_counter()
 process = subprocess.Popen(sys.argv[2:], stdout=open(sys.argv[1] + ".out", "wb"), stderr=open(sys.argv[1] + ".err", "wb"))
 _, status, usage = os.wait4(process.pid, 0)
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": usage.ru_maxrss / 1024,
-                  "code": os.waitstatus_to_exitcode(status)}))
+                  "cpu_seconds": usage.ru_utime + usage.ru_stime, "code": os.waitstatus_to_exitcode(status)}))
 """
 
 
@@ -170,7 +172,7 @@ def run_job(args: list[str], code: Path, env: dict[str, str] | None = None) -> J
         stdout, stderr = Path(f"{tmp}/job.out").read_text(), Path(f"{tmp}/job.err").read_text()
     if figures["code"] not in (0, 1):
         raise RuntimeError(f"action-scores {' '.join(args)} exited {figures['code']}:\n{stdout}\n{stderr[-3000:]}")
-    return Job(figures["seconds"], figures["peak_mb"], stdout)
+    return Job(figures["seconds"], figures["peak_mb"], stdout, figures["cpu_seconds"])
 
 
 def raw_download(uri: str, artifact_root: str, paths: list[str], dst: Path) -> float:
@@ -284,13 +286,15 @@ def panels_case(uri: str, run_id: str, code: Path, samples: int, epochs: int) ->
     checked(drawn, run_id)
     checked(bare, run_id)
     return (f"| digits-sized run, media recorded | {samples:,} x {epochs} | {drawn.seconds:.2f} s | {bare.seconds:.2f} s | "
-            f"{drawn.seconds / bare.seconds:.2f}x | {drawn.peak_mb:.0f} MB | {bare.peak_mb:.0f} MB |")
+            f"{drawn.seconds / bare.seconds:.2f}x | {drawn.cpu_seconds:.2f} s | {bare.cpu_seconds:.2f} s | "
+            f"{drawn.cpu_seconds / bare.cpu_seconds:.2f}x | {drawn.peak_mb:.0f} MB | {bare.peak_mb:.0f} MB |")
 
 
-def experiment_case(uri: str, experiment: str, runs: int, code: Path, workers: list[int],
+def experiment_case(uri: str, experiment: str, runs: int, code: Path, workers: list[int], server: subprocess.Popen,
                     panels: bool = False) -> list[str]:
     """`analyze --experiment` over every run, with each of `workers` (if the checkout has `--workers`), with
-    panels or without."""
+    panels or without; the CPU a run costs, the job's and the server's: on cores that others share, wall time
+    says how busy they were, CPU what the job needs."""
     helped = subprocess.run([str(BIN / "action-scores"), "analyze", "--help"], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=str(code))).stdout
     counts = workers if "--workers" in helped else [None]
@@ -298,14 +302,17 @@ def experiment_case(uri: str, experiment: str, runs: int, code: Path, workers: l
     for count in counts:
         extra = ["--workers", str(count)] if count else []
         drawing = [] if panels else ["--no-panels"]
+        before = server_cpu_seconds(server)
         job = run_job(["analyze", "--experiment", experiment, *drawing, "--force", "--tracking-uri", uri, *extra],
                       code)
+        server_s = server_cpu_seconds(server) - before
         done = job.stdout.count(": done")
         if done != runs:
             raise RuntimeError(f"experiment: {done} of {runs} runs done:\n{job.stdout[-3000:]}")
         lines.append(f"| analyze --experiment{'' if panels else ' --no-panels'}, "
                      f"{count or 'serial (no --workers)'} worker(s) | {runs} runs | "
-                     f"{job.seconds:.1f} s | {runs / job.seconds * 60:.0f} runs/min | {job.peak_mb:.0f} MB |")
+                     f"{job.seconds:.1f} s | {runs / job.seconds * 60:.0f} runs/min | {job.peak_mb:.0f} MB | "
+                     f"{job.cpu_seconds / runs:.2f} s + {server_s / runs:.2f} s |")
         print(lines[-1], flush=True)
     return lines
 
@@ -369,7 +376,9 @@ def main() -> None:
             print(f"built {case} in {time.perf_counter() - start:.1f}s", flush=True)
         load = os.getloadavg()
         lines = [f"job from {args.code}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the start, "
-                 f"{os.cpu_count()} cores", "", HEADER]
+                 f"{os.cpu_count()} cores"]
+        if any(case in (*WRITERS, "sqlite", "wandb") for case in cases):  # the cases against a floor
+            lines += ["", HEADER]
         for case in cases:
             if case in WRITERS:
                 lines.append(mlflow_case(case, uri, manifest[f"{case}/{size}"], args.code, work, args.samples,
@@ -385,8 +394,9 @@ def main() -> None:
                 continue
             print(lines[-1], flush=True)
         if "panels" in cases:
-            lines += ["", "| case | samples x epochs | job with panels | with --no-panels | ratio | peak RSS with | "
-                      "peak RSS without |", "| --- | --- | --- | --- | --- | --- | --- |",
+            lines += ["", "| case | samples x epochs | job with panels | with --no-panels | ratio | job CPU with | "
+                      "CPU without | CPU ratio | peak RSS with | peak RSS without |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
                       panels_case(uri, manifest[f"panels/{args.panel_samples}x{args.panel_epochs}"], args.code,
                                   args.panel_samples, args.panel_epochs)]
             print(lines[-1], flush=True)
@@ -396,9 +406,10 @@ def main() -> None:
             key = f"{case}/{args.experiment_runs}x{args.experiment_samples}x{args.experiment_epochs}"
             lines += ["", f"{args.experiment_runs} runs of {args.experiment_samples:,} samples x "
                       f"{args.experiment_epochs} epochs{', media recorded' if case != 'experiment' else ''}:", "",
-                      "| job | runs | wall | throughput | peak RSS |", "| --- | --- | --- | --- | --- |"]
+                      "| job | runs | wall | throughput | peak RSS | CPU a run: job + server |",
+                      "| --- | --- | --- | --- | --- | --- |"]
             lines += experiment_case(uri, manifest[key], args.experiment_runs, args.code,
-                                     [int(count) for count in args.workers.split(",")],
+                                     [int(count) for count in args.workers.split(",")], process,
                                      panels=case == "experiment-panels")
         load = os.getloadavg()
         lines.append(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")

@@ -399,3 +399,34 @@ def test_analyze_experiment_goes_on_after_a_run_with_a_stray_file(
     stray = _make_run(client, experiment_id, tmp_path, {**_good_files(n=4, epochs=1), "per_sample_losses/notes.txt": b"x"})
     results = {result.run_id: result.status for result in analyze_experiment(tracker, name, panels=False)}
     assert results == {good: "done", stray: "failed"}
+
+
+class CountingTracker(MLflowTracker):
+    """The real MLflow tracker, counting the job's reads of the run's tags and listings of its tables."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        super().__init__(tracking_uri)
+        self.tag_reads = self.table_listings = 0
+
+    def tags(self) -> dict[str, str]:
+        self.tag_reads += 1
+        return super().tags()
+
+    def list_files(self, artifact_dir: str) -> list[str]:
+        self.table_listings += artifact_dir == "per_sample_losses"
+        return super().list_files(artifact_dir)
+
+
+def test_an_experiments_job_lists_each_runs_tables_once_and_force_reads_no_status(
+    client: mlflow.MlflowClient, mlflow_server: str, experiment_id: str, tmp_path: Path
+) -> None:
+    name = client.get_experiment(experiment_id).name
+    runs = [_make_run(client, experiment_id, tmp_path, _good_files(n=4, epochs=2)) for _ in range(2)]
+    first = CountingTracker(mlflow_server)
+    assert {r.status for r in analyze_experiment(first, name, workers=1, panels=False)} == {"done"}
+    assert first.table_listings == len(runs)  # one listing of each run's tables, not one to look and one to plan
+    forced = CountingTracker(mlflow_server)
+    assert {r.status for r in analyze_experiment(forced, name, workers=1, panels=False, force=True)} == {"done"}
+    # The status is read twice a run without force (before the lock, then holding it), never with force: what
+    # is left are the lock's own reads, the same in both passes.
+    assert first.tag_reads - forced.tag_reads == 2 * len(runs)

@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 
 from tests.conftest import ROOT, run_command
+from tracking import contract
 from tracking.errors import ActionScoresError
 from tracking.record.media import encode_png
 from tracking.report.browse import BROWSE_FILE, write_browse_page
-from tracking.report.views import SplitView
+from tracking.report.views import SplitView, decode_png
 
 SHOTS = ROOT / "bench" / "results" / "browse"
 
@@ -65,6 +66,27 @@ def test_a_split_over_the_limit_keeps_the_hardest_and_easiest_of_each_score_and_
         expected |= set(ordered[:per_score]) | set(ordered[-per_score:])
     assert {s["id"] for s in data["samples"]} == expected
     assert data["note"].startswith(f"{len(expected)} of 200 samples: the {per_score} hardest and {per_score} easiest")
+
+
+def test_recorded_thumbnails_are_embedded_as_recorded_and_other_pictures_encoded(tmp_path: Path) -> None:
+    from tracking.record import record_media
+    from tracking.report.views import media_view, read_media
+
+    rng = np.random.default_rng(1)
+    digits = rng.integers(0, 256, (6, 8, 8), dtype=np.uint8)
+    recorded = read_media(record_media(None, "test", np.arange(6), labels=list("abcdef"), images=digits,
+                                       local_dir=tmp_path / "media").path, "test")
+    large = rng.integers(0, 256, (100, 80, 3), dtype=np.uint8)  # a table written by hand: a PNG over 64 px
+    media = pd.concat([recorded, pd.DataFrame({contract.MEDIA_KIND: ["image"], contract.LABEL_NAME: ["g"],
+                                               contract.IMAGE_PNG: [encode_png(large, side=1000)]},
+                                              index=pd.Index([6], name=contract.SAMPLE_ID))])
+    scores = _scores(7)
+    view = media_view(scores, media)
+    data = _page_data(write_browse_page(view.frame(scores), view, tmp_path / BROWSE_FILE, "t"))
+    shown = {s["id"]: base64.b64decode(s["img"].split(",", 1)[1]) for s in data["samples"]}
+    assert [shown[i] for i in range(6)] == list(recorded["image_png"])  # the table's own bytes, not re-encoded
+    assert [s["label"] for s in data["samples"]] == list("abcdefg")
+    assert shown[6] == encode_png(large) and decode_png(shown[6]).shape == (64, 51, 3)  # thumbnailed, as before
 
 
 def test_a_table_without_scores_is_refused(tmp_path: Path) -> None:
@@ -117,8 +139,9 @@ def test_page_inside_the_mlflow_ui_shows_the_clicked_sample_and_fetches_nothing(
         assert int(detail.get_attribute("data-sample-id")) == sample_id
         assert detail.find_element(By.CSS_SELECTOR, ".sid").text == str(sample_id)
         picture = load_split("digits", "test").picture(sample_id)
-        expected = "data:image/png;base64," + base64.b64encode(encode_png(np.ascontiguousarray(picture))).decode()
-        assert detail.find_element(By.TAG_NAME, "img").get_attribute("src") == expected
+        shown = detail.find_element(By.TAG_NAME, "img").get_attribute("src")
+        assert shown.startswith("data:image/png;base64,")  # the recorded thumbnail, embedded as it is
+        assert np.array_equal(decode_png(base64.b64decode(shown.split(",", 1)[1])), picture)
         point = browser.find_element(By.CSS_SELECTOR, f'#map circle[data-sample-id="{sample_id}"]')
         assert "sel" in point.get_attribute("class")  # the scatter marks the same sample
         assert tile.get_attribute("data-sample-id")  # every grid element names its sample

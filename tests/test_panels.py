@@ -49,6 +49,24 @@ def _ranked(records: list[tuple[int, float]], k: int, hardest_first: bool) -> li
     return [sample_id for sample_id, _ in sorted(records, key=key)[:k]]
 
 
+def test_a_panel_of_grey_pictures_is_saved_grey_with_the_pixels_of_the_rgb_drawing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    grey = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(7)]
+
+    def rows(pictures: list[np.ndarray]) -> list[tuple[str, list[PanelItem]]]:
+        items = [PanelItem(i, picture, f"action {i * 1.234:.3g}\nclass {i}") for i, picture in enumerate(pictures)]
+        return [("hardest", items), ("easiest", items[::-1])]
+
+    as_grey = render_panel(rows(grey), tmp_path / "grey.png", "seven digits, hardest and easiest")
+    as_rgb = render_panel(rows([np.stack([g] * 3, axis=-1) for g in grey]), tmp_path / "rgb.png",
+                          "seven digits, hardest and easiest")
+    with Image.open(as_grey) as saved_grey, Image.open(as_rgb) as saved_rgb:
+        assert (saved_grey.mode, saved_rgb.mode) == ("L", "RGB")
+        pixels, reference = np.asarray(saved_grey), np.asarray(saved_rgb)
+    assert (reference == pixels[..., None]).all()  # the same picture, one channel instead of three
+    assert read_panel_rows(as_grey) == read_panel_rows(as_rgb)
+
+
 def test_hardest_easiest_and_by_class_rows(tmp_path: Path, digits: SplitData) -> None:
     scores = _scores(digits)
     written = classification_panels(scores, digits, "action", 5, tmp_path)

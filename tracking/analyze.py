@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from tracking import contract
 from tracking.backends.base import Tracker
 from tracking.errors import ActionScoresError
-from tracking.job import AnalysisResult, JobOptions, PictureFunction, run_job
+from tracking.job import AnalysisResult, JobOptions, NoTables, PictureFunction, run_job
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,9 @@ def analyze_experiment(tracker: Tracker, experiment: str, workers: int = DEFAULT
 def _analyze_one(tracker: Tracker, run_id: str, options: JobOptions) -> AnalysisResult | None:
     """One run of an experiment: None when it has no tables; a failure becomes a failed result naming why."""
     try:
-        tracker.attach(run_id)
-        if not tracker.list_files(contract.LOSSES_DIR):
-            return None
         return run_job(tracker, run_id, options)
+    except NoTables:
+        return None
     except ActionScoresError as error:
         return AnalysisResult(run_id, "failed", message=str(error))
     except Exception as error:  # a server error, a bug: this run fails, the others go on

@@ -120,8 +120,13 @@ def run_job(tracker: Tracker, run_id: str, options: JobOptions) -> AnalysisResul
     return _analyze(tracker, plan(tracker, run_id, options), options)
 
 
+class NoTables(ActionScoresError):
+    """A run without per-sample tables: `analyze_experiment` leaves it out, `analyze_run` fails with this."""
+
+
 def _skipped(tracker: Tracker, run_id: str, options: JobOptions) -> AnalysisResult | None:
-    if tracker.tags().get(contract.STATUS_TAG) == contract.STATUS_DONE and not options.force:
+    """A skipped result for a run already done, unless `options.force` (which needs no request to the tracker)."""
+    if not options.force and tracker.tags().get(contract.STATUS_TAG) == contract.STATUS_DONE:
         return AnalysisResult(run_id, "skipped", message="already analysed (use force to redo)")
     return None
 
@@ -130,7 +135,7 @@ def plan(tracker: Tracker, run_id: str, options: JobOptions) -> RunPlan:
     """The run's tables, media and params, checked: a run without tables or of an unknown task is refused."""
     by_split = epoch_files(tracker.list_files(contract.LOSSES_DIR))
     if not by_split:
-        raise ActionScoresError(
+        raise NoTables(
             f"run {run_id} has no per-sample tables under {contract.LOSSES_DIR}/<split>/epoch_EEEE.parquet (or "
             "epoch_EEEE/part-RRRRR.parquet); "
             "record them during training with tracking.LossRecorder"

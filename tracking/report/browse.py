@@ -1,9 +1,9 @@
 """`browse.html`: one self-contained page to browse a split's samples inside the run (MLflow's artifact
 view shows an HTML artifact in a sandboxed iframe with scripts allowed, up to 50 MiB).
 
-The scores, the thumbnails (PNG data URIs) or texts are embedded as one JSON object; nothing is fetched
-at view time. Hand-written JS and inline SVG (~6 KB of code) instead of an inlined plotting library
-(plotly's bundle alone is ~4.6 MB). The page holds a scatter (the data map, confidence against
+The scores, the thumbnails (PNG data URIs: recorded media's own PNGs as they are, other pictures encoded)
+or texts are embedded as one JSON object; nothing is fetched at view time. Hand-written JS and inline SVG
+(~6 KB of code) instead of an inlined plotting library (plotly's bundle alone is ~4.6 MB). The page holds a scatter (the data map, confidence against
 variability, where the split has dynamics; else action against its rank), a grid of the hardest or
 easiest by any registered score in its own direction, filters by class and region, and a detail pane;
 every element that shows a sample carries `data-sample-id`. Above `MAX_BYTES` (or `MAX_SAMPLES`) the
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,19 +38,22 @@ def score_columns(scores: pd.DataFrame) -> list[str]:
     return [column for column in scores.columns if score_of_column(column) is not None]
 
 
-def _payload(scores: pd.DataFrame, columns: list[str], picture: Callable[[int], np.ndarray],
-             label: Callable[[pd.Series], str], text: Callable[[int], str] | None) -> list[dict]:
-    """One JSON-able record per row: id, label, region, every score, and its picture or text."""
+def _payload(scores: pd.DataFrame, columns: list[str], view: SplitView) -> list[dict]:
+    """One JSON-able record per row: id, label, region, every score, and its picture (the view's recorded
+    thumbnail as it is, else its pixels encoded) or text."""
+    ids = scores[SAMPLE_ID].astype(np.int64).tolist()
+    regions = [str(region) for region in scores[REGION]] if REGION in scores else [""] * len(scores)
+    values = scores[columns].to_numpy(dtype=np.float64, na_value=np.nan)
     records = []
-    for _, row in scores.iterrows():
-        sample_id = int(row[SAMPLE_ID])
-        record = {"id": sample_id, "label": label(row),
-                  "region": str(row[REGION]) if REGION in scores else "",
-                  "s": {column: (None if pd.isna(row[column]) else float(row[column])) for column in columns}}
-        if text is not None:
-            record["text"] = text(sample_id)
+    for (_, row), sample_id, region, row_values in zip(scores.iterrows(), ids, regions, values.tolist()):
+        record = {"id": sample_id, "label": view.label(row), "region": region,
+                  "s": {column: (None if value != value else value) for column, value in zip(columns, row_values)}}
+        if view.text is not None:
+            record["text"] = view.text(sample_id)
         else:
-            png = encode_png(np.ascontiguousarray(picture(sample_id)))
+            png = view.thumbnail(sample_id) if view.thumbnail is not None else None
+            if png is None:
+                png = encode_png(np.ascontiguousarray(view.picture(sample_id)))
             record["img"] = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         records.append(record)
     return records
@@ -70,12 +72,11 @@ def write_browse_page(scores: pd.DataFrame, view: SplitView, out_path: Path, tit
     """Write the page for one split's `scores` (the job's table: sample_id, the score columns, region when the
     split has dynamics), its samples shown by `view`: its pictures, or its texts where it has them. Returns
     `out_path`."""
-    picture, label, text = view.picture, view.label, view.text
     columns = score_columns(scores)
     if scores.empty or not columns:
         raise ActionScoresError(f"{out_path}: no samples or no registered score columns to browse; "
                                 "pass the job's scores table (tracking.scoring)")
-    probe = _payload(scores.head(ESTIMATE_FROM), columns, picture, label, text)
+    probe = _payload(scores.head(ESTIMATE_FROM), columns, view)
     per_sample = len(json.dumps(probe)) / len(probe) + 1
     fits = min(max_samples, int(max_bytes / per_sample))
     note = ""
@@ -85,8 +86,9 @@ def write_browse_page(scores: pd.DataFrame, view: SplitView, out_path: Path, tit
         rows = kept_rows(scores, columns, per_score)
         note = (f"{len(rows)} of {len(scores)} samples: the {per_score} hardest and {per_score} easiest by each "
                 f"score (the whole split would pass {max_bytes // 2**20} MiB or {max_samples} points)")
-    records = probe if rows is scores and len(scores) <= ESTIMATE_FROM else _payload(rows, columns, picture, label,
-                                                                                      text)
+    # The whole split: the probe's records are its first ones; a cut: the kept rows, wherever they are.
+    records = probe + _payload(scores.iloc[len(probe):], columns, view) if rows is scores else _payload(rows, columns,
+                                                                                                       view)
     dynamics = "confidence" in columns and "variability" in columns
     data = {
         "title": title, "note": note, "total": len(scores),

@@ -37,7 +37,7 @@ GAP = 8
 CAPTION_PIXELS_FONT = 13  # ~10 pt at 100 dpi
 LINE_PIXELS = 17
 CAPTION_PIXELS = 2 * LINE_PIXELS + 6  # under each picture: its two caption lines
-INK, FRAME = (20, 20, 20), (200, 200, 200)
+INK, FRAME = (20, 20, 20), (200, 200, 200)  # greys: a grey panel draws them as they are
 # Kept for the plots drawn with matplotlib beside the panels (the data map): the same size and letters.
 DPI = 100
 PANEL_WIDTH = 5.8  # inches at DPI
@@ -59,11 +59,12 @@ def grid_shape(count: int, max_columns: int) -> tuple[int, int]:
     return rows, max(1, -(-count // rows))
 
 
-def _fitted(image: np.ndarray, width: int, height: int) -> Image.Image:
-    """The picture, small ones upscaled (nearest neighbour), scaled down to fit a `width` x `height` tile."""
+def _fitted(image: np.ndarray, width: int, height: int, mode: str) -> Image.Image:
+    """The picture in the canvas' `mode`, small ones upscaled (nearest neighbour), scaled down to fit a
+    `width` x `height` tile."""
     from PIL import Image
 
-    picture = Image.fromarray(upscale(image)).convert("RGB")
+    picture = Image.fromarray(upscale(image)).convert(mode)
     shrink = min(1.0, width / picture.width, height / picture.height)
     if shrink < 1.0:
         picture = picture.resize((max(1, round(picture.width * shrink)), max(1, round(picture.height * shrink))),
@@ -85,7 +86,8 @@ def render_panel(rows: Sequence[tuple[str, Sequence[PanelItem]]], path: Path, ti
     another, to a PNG with the shown ids, in order, in its metadata (`read_panel_rows`).
 
     Composed from the pictures directly (one PIL image, captions in DejaVu Sans): a few milliseconds
-    a panel. Sized for where people look: at most ~650 px wide, what MLflow's artifact pane shows
+    a panel. A panel of grey pictures (HxW) is drawn and saved grey ("L"): every colour it uses is a grey,
+    so its pixels are those of the RGB drawing, at a third of the bytes to filter and deflate. Sized for where people look: at most ~650 px wide, what MLflow's artifact pane shows
     unscaled in a 1600-px window, so the captions stay readable there. Tiles show pictures at about
     their pixel size (small ones upscaled), so large tiles (text cards, detection scenes) get fewer columns.
     """
@@ -109,23 +111,25 @@ def render_panel(rows: Sequence[tuple[str, Sequence[PanelItem]]], path: Path, ti
     title_lines = wrap_to_width(title, lambda line: bold.getlength(line) <= width - 2 * GAP)
     top = GAP + len(title_lines) * LINE_PIXELS + GAP
     height = top + sum(LINE_PIXELS + max(1, -(-len(items) // columns)) * cell_height for _, items in rows) + GAP
-    canvas = Image.new("RGB", (width, height), "white")
+    mode = "L" if all(item.image.ndim == 2 for _, items in rows for item in items) else "RGB"
+    ink, frame = (INK[0], FRAME[0]) if mode == "L" else (INK, FRAME)
+    canvas = Image.new(mode, (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     for number, line in enumerate(title_lines):
-        draw.text((width / 2, GAP + number * LINE_PIXELS), line, font=bold, fill=INK, anchor="ma")
+        draw.text((width / 2, GAP + number * LINE_PIXELS), line, font=bold, fill=ink, anchor="ma")
     y = top
     for row_title, items in rows:
-        draw.text((GAP, y), row_title, font=bold, fill=INK)
+        draw.text((GAP, y), row_title, font=bold, fill=ink)
         y += LINE_PIXELS
         for position, item in enumerate(items):
             x0, y0 = GAP + (position % columns) * cell_width, y + (position // columns) * cell_height
-            picture = _fitted(item.image, tile_width, tile_height)
+            picture = _fitted(item.image, tile_width, tile_height, mode)
             left, upper = x0 + (tile_width - picture.width) // 2, y0 + (tile_height - picture.height) // 2
             canvas.paste(picture, (left, upper))
-            draw.rectangle([left - 1, upper - 1, left + picture.width, upper + picture.height], outline=FRAME)
+            draw.rectangle([left - 1, upper - 1, left + picture.width, upper + picture.height], outline=frame)
             for number, line in enumerate(item.caption.split("\n")):
                 draw.text((x0 + tile_width / 2, y0 + tile_height + 3 + number * LINE_PIXELS),
-                          _cut_to(line, cell_width - 2, caption), font=caption, fill=INK, anchor="ma")
+                          _cut_to(line, cell_width - 2, caption), font=caption, fill=ink, anchor="ma")
         y += max(1, -(-len(items) // columns)) * cell_height
     path.parent.mkdir(parents=True, exist_ok=True)
     described = [{"title": t, "sample_ids": [int(i.sample_id) for i in items], "captions": [i.caption for i in items]}

@@ -36,14 +36,17 @@ def class_distribution(scores: pd.DataFrame, column: str, group: str, path: Path
     easy or hard as a whole, or a class with a long tail of hard samples, stands out."""
     grouped = scores.groupby(group)[column]
     order = grouped.median().sort_values(ascending=False).index.tolist()
-    figure = agg_figure(max(6.0, 0.6 * len(order) + 2), 4.5)
+    width, height = max(6.0, 0.6 * len(order) + 2), 4.5
+    figure = agg_figure(width, height)
+    # Margins in inches, fixed (room for the title, two-line class labels and 7-digit values): `tight_layout`
+    # would lay every label out once more before the drawing, 40% of the figure's time.
+    figure.subplots_adjust(left=0.8 / width, right=1 - 0.15 / width, bottom=0.6 / height, top=1 - 0.4 / height)
     axes = figure.add_subplot()
     axes.boxplot([grouped.get_group(name).to_numpy() for name in order], showfliers=True)
     axes.set_xticks(range(1, len(order) + 1), [f"{name}\n(n={len(grouped.get_group(name))})" for name in order],
                     fontsize=8)
     axes.set_ylabel(column)
     axes.set_title(title)
-    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return path
