@@ -18,6 +18,7 @@ from __future__ import annotations
 import operator
 import os
 import shutil
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import reduce
@@ -134,6 +135,7 @@ class SparkScores:
     frame: DataFrame
     samples: int
     epochs: int
+    action: dict[str, float]  # mean, max, min of `action` over the split, for the run's metrics
     attrs: dict[str, str] = field(default_factory=dict)  # as a pandas frame's: "missing", for the job's summary
 
     def __len__(self) -> int:
@@ -147,8 +149,9 @@ class SparkScores:
         above = int(self.frame.sparkSession.conf.get(PARTS_ABOVE_CONF, str(SCORES_PARTS_ABOVE)))
         staging = split_out / "_spark_write"
         parts = -(-self.samples // max(above, 1))
-        (self.frame.repartitionByRange(parts, F.col(contract.SAMPLE_ID)).sortWithinPartitions(contract.SAMPLE_ID)
-         .write.parquet(str(staging)))
+        spread = (self.frame.coalesce(1) if parts == 1 else  # one file: no shuffle, one task sorts it
+                  self.frame.repartitionByRange(parts, F.col(contract.SAMPLE_ID)))
+        spread.sortWithinPartitions(contract.SAMPLE_ID).write.parquet(str(staging))
         written = sorted(staging.glob("part-*.parquet"), key=lambda path: int(path.name.split("-")[1]))
         if parts == 1:
             target = split_out / contract.SCORES_FILE
@@ -162,28 +165,31 @@ class SparkScores:
         return target
 
     def metrics(self, split: str) -> dict[str, float]:
-        """`job.split_metrics`, aggregated in Spark."""
-        F = _f()
-        found = self.frame.agg(F.mean("action"), F.max("action"), F.min("action")).first()
+        """`job.split_metrics`, from the checks' aggregation (`_check`)."""
         return {f"action_scores.{split}.samples": self.samples, f"action_scores.{split}.epochs": self.epochs,
-                f"action_scores.{split}.action_mean": float(found[0]),
-                f"action_scores.{split}.action_max": float(found[1]),
-                f"action_scores.{split}.action_min": float(found[2])}
+                **{f"action_scores.{split}.action_{name}": value for name, value in self.action.items()}}
 
     def report(self, split: str, run, media: Path | None, options, split_out: Path):  # noqa: ANN001, ANN201
         """`job.report_split` from the panels' rows only: the `top_k` hardest and easiest samples by each score
-        in its direction and, for the per-loss-part scores of a view with groups, per recorded `label`, all in
-        one collect; the split's and each group's size are counted in Spark. The data map, the per-class
-        distribution and the browse page plot every sample: with this engine they are not drawn."""
+        in its direction (one collect) and, where the view has groups (classes), for the per-loss-part scores
+        per recorded `label` (a second collect; the view is then made again with those rows); the split's and
+        each group's size are counted in Spark. The data map, the per-class distribution and the browse page
+        plot every sample: with this engine they are not drawn."""
         from tracking.job import SplitReport, objectives, render_split, write_text_tables
         from tracking.report.views import choose_view
 
-        kept = self._top_rows(options.top_k, list(objectives(self.frame.limit(0).toPandas()).values()))
-        rows = kept.drop(columns=[_COLUMN, _WHICH, _GROUP]).drop_duplicates(contract.SAMPLE_ID, ignore_index=True)
-        view, why_not = choose_view(rows, split, media=media, task=run.task,
-                                    dataset=run.params.get(contract.DATASET_PARAM),
-                                    data_root=options.data_root or run.params.get(contract.DATA_ROOT_PARAM) or None,
-                                    pictures=options.picture_function)
+        def view_of(rows: pd.DataFrame):  # noqa: ANN202 - a SplitView or None, and why not
+            return choose_view(rows, split, media=media, task=run.task, dataset=run.params.get(contract.DATASET_PARAM),
+                               data_root=options.data_root or run.params.get(contract.DATA_ROOT_PARAM) or None,
+                               pictures=options.picture_function)
+
+        columns = list(objectives(pd.DataFrame(columns=self.frame.columns)).values())
+        kept = self._top_rows(options.top_k, columns, by_label=False)
+        view, why_not = view_of(_rows_of(kept))
+        if view is not None and view.groups is not None and "label" in self.frame.columns:
+            kept = pd.concat([kept, self._top_rows(options.top_k, columns, by_label=True)], ignore_index=True)
+            view, why_not = view_of(_rows_of(kept))
+        rows = _rows_of(kept)
         report = SplitReport(why_not=why_not)
         if view is None:
             return report
@@ -214,25 +220,27 @@ class SparkScores:
         report.source = view.source
         return report
 
-    def _top_rows(self, top_k: int, columns: list[str]) -> pd.DataFrame:
-        """One collect of the `top_k` hardest and easiest rows by each of `columns` (`_COLUMN`, `_WHICH`), and per
-        recorded `label` (`_GROUP`, null for the split's own) for the per-loss-part ones."""
+    def _top_rows(self, top_k: int, columns: list[str], by_label: bool) -> pd.DataFrame:
+        """One collect of the `top_k` hardest and easiest rows by each of `columns` (tagged `_COLUMN`, `_WHICH`;
+        `_GROUP` null), or with `by_label` of each recorded `label`'s (`_GROUP`) for the per-loss-part ones."""
         from pyspark.sql import Window
 
         F = _f()
-        label = "label" in self.frame.columns
+        kind = self.frame.schema["label"].dataType if "label" in self.frame.columns else "long"
         queries = []
-        for column in columns:
+        for column in columns if not by_label else [c for c in columns if score_of_column(c).per_loss_part]:
             for which, harder_first in (("hardest", registered_direction(column)),
                                         ("easiest", not registered_direction(column))):
                 tags = [F.lit(column).alias(_COLUMN), F.lit(which).alias(_WHICH)]
                 order = _order(column, harder_first)
-                no_group = F.lit(None).cast(self.frame.schema["label"].dataType if label else "long").alias(_GROUP)
-                queries.append(self.frame.orderBy(*order).limit(top_k).select("*", *tags, no_group))
-                if label and score_of_column(column).per_loss_part:
+                if not by_label:
+                    queries.append(self.frame.orderBy(*order).limit(top_k).select("*", *tags,
+                                                                                  F.lit(None).cast(kind).alias(_GROUP)))
+                else:
                     within = F.row_number().over(Window.partitionBy("label").orderBy(*order))
                     queries.append(self.frame.withColumn(_AT, within).filter(F.col(_AT) <= top_k).drop(_AT)
                                    .select("*", *tags, F.col("label").alias(_GROUP)))
+        self.frame.sparkSession.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
         return reduce(lambda one, other: one.unionByName(other), queries).toPandas()
 
 
@@ -341,18 +349,19 @@ def score_split_spark(split: str, tables, el2n_epoch: int | None = None,  # noqa
         checks["label"] = F.max(F.when(F.col(_KEEP) & (F.col(_EPOCH) == 0), F.col(contract.TARGET)))
     per_sample = rows.groupBy(contract.SAMPLE_ID).agg(
         *[v.alias(k) for k, v in (checks | aggregates).items()]).persist()
-    samples = _check(split, per_sample, list(aggregates), rows, files, epochs)
+    cached = [per_sample]  # every persisted frame, unpersisted when the SparkScores goes
+    samples, action = _check(split, per_sample, list(aggregates), rows, files, epochs)
     for epoch in range(epochs) if done is not None else ():
         done(epoch)
     scored = per_sample.withColumn("epochs", F.col("epochs").cast("long"))
     if all(name in aggregates for name in regions.NEEDS):
-        scored = scored.withColumn(regions.REGION, _region(scored, samples))
-    scored = _positions(scored, _order("action", registered_direction("action")), "rank")
+        scored = scored.withColumn(regions.REGION, _region(scored, samples, cached))
+    scored = _positions(scored, _order("action", registered_direction("action")), "rank", cached)
     ordered = [contract.SAMPLE_ID, "epochs", *aggregates, "rank", *(["label"] if label else []),
                *([regions.REGION] if regions.REGION in scored.columns else [])]
-    scores = SparkScores(scored.select(*ordered).persist(), samples, epochs)
-    scores.frame.count()  # materialised once: every later query (write, metrics, panels) reads the cache
-    per_sample.unpersist()
+    scores = SparkScores(scored.select(*ordered).persist(), samples, epochs, action)  # computed once, by the write
+    cached.append(scores.frame)
+    weakref.finalize(scores, _unpersist, cached)
     if missing and dynamics_expected(all_columns):
         reasons: dict[str, list[str]] = {}
         for score, why in missing.items():
@@ -361,22 +370,34 @@ def score_split_spark(split: str, tables, el2n_epoch: int | None = None,  # noqa
     return scores
 
 
+def _rows_of(kept: pd.DataFrame) -> pd.DataFrame:
+    """The distinct sample rows of `SparkScores._top_rows`' tagged rows."""
+    return kept.drop(columns=[_COLUMN, _WHICH, _GROUP]).drop_duplicates(contract.SAMPLE_ID, ignore_index=True)
+
+
+def _unpersist(frames: list[DataFrame]) -> None:
+    """Free Spark's cache of a split once its `SparkScores` is gone (the job moves on to the next split)."""
+    for frame in frames:
+        frame.unpersist()
+
+
 def _order(column: str, harder_first: bool) -> list[Column]:
     """`rank.py`'s order in Spark: `column` highest first when `harder_first`, ties by ascending sample_id."""
     F = _f()
     return [F.col(column).desc() if harder_first else F.col(column).asc(), F.col(contract.SAMPLE_ID).asc()]
 
 
-def _positions(frame: DataFrame, order: list[Column], name: str) -> DataFrame:
+def _positions(frame: DataFrame, order: list[Column], name: str, cached: list[DataFrame]) -> DataFrame:
     """`frame` with `name`: each row's 1-based position in `order` (a total order), computed without a
     window over one partition: rows are range-partitioned and sorted within each partition, numbered there
     (`monotonically_increasing_id` counts rows per partition in its low 33 bits), and each partition's offset
-    comes from its row count (one small collect)."""
+    comes from its row count (one small collect). The numbered rows are persisted, and added to `cached`."""
     F = _f()
     numbered = (frame.repartitionByRange(*order).sortWithinPartitions(*order)
                 .withColumn(_PARTITION, F.spark_partition_id())
                 .withColumn(_LOCAL, F.monotonically_increasing_id().bitwiseAND((1 << 33) - 1))
                 .persist())  # one evaluation: the counts and the positions see the same partitions
+    cached.append(numbered)
     counts = sorted((row[_PARTITION], row["count"]) for row in numbered.groupBy(_PARTITION).count().collect())
     offsets, total = [], 0
     for partition, count in counts:
@@ -386,22 +407,24 @@ def _positions(frame: DataFrame, order: list[Column], name: str) -> DataFrame:
     return numbered.withColumn(name, (offset + F.col(_LOCAL) + 1).cast("long")).drop(_PARTITION, _LOCAL)
 
 
-def _region(scores: DataFrame, samples: int) -> Column:
+def _region(scores: DataFrame, samples: int, cached: list[DataFrame]) -> Column:
     """`regions.assign` in Spark: the variability cut is the (n // 3 + 1)-th largest variability, found by
     its position in ascending order (`_positions`), then one expression per row."""
     F = _f()
     position = samples - samples // regions.AMBIGUOUS_SHARE  # 1-based, ascending
-    by_variability = _positions(scores.select(contract.SAMPLE_ID, "variability"), _order("variability", False), "_at")
+    by_variability = _positions(scores.select(contract.SAMPLE_ID, "variability"), _order("variability", False), "_at",
+                                cached)
     cut = by_variability.filter(F.col("_at") == position).first()["variability"]
     return (F.when(F.col("variability") > F.lit(cut), regions.AMBIGUOUS)
             .when(F.col("confidence") >= regions.EASY_CONFIDENCE, regions.EASY).otherwise(regions.HARD))
 
 
 def _check(split: str, per_sample: DataFrame, scores: list[str], rows: DataFrame,
-           files: list[tuple[int, int, bool, str, Path]], epochs: int) -> int:
+           files: list[tuple[int, int, bool, str, Path]], epochs: int) -> tuple[int, dict[str, float]]:
     """The arrow engine's refusals, as one aggregation over the per-sample rows (the ids named come from small
     queries, on the error path only): an empty split, an id repeated in a single-file epoch, a sample not in
-    every epoch (naming the epochs it lacks), nulls, NaN or infinite values. Returns the number of samples."""
+    every epoch (naming the epochs it lacks), nulls, NaN or infinite values. Returns the number of samples and
+    the mean, max and min of `action` (the run's metrics, from the same pass)."""
     F = _f()
     floats = [c for c, kind in per_sample.dtypes if c in scores and kind == "double"]
     finite = reduce(operator.and_, [~F.isnan(c) & (F.abs(c) != float("inf")) for c in floats], F.lit(True))
@@ -412,7 +435,8 @@ def _check(split: str, per_sample: DataFrame, scores: list[str], rows: DataFrame
         "nulls": F.col(_NULLS) > 0,
         "non_finite": ~finite,
     }
-    found = per_sample.agg(F.count(F.lit(1)).alias("samples"),
+    action = {"mean": F.mean("action"), "max": F.max("action"), "min": F.min("action")}
+    found = per_sample.agg(F.count(F.lit(1)).alias("samples"), *[v.alias(k) for k, v in action.items()],
                            *[F.sum(test.cast("long")).alias(name) for name, test in problems.items()]).first()
     if not found["samples"]:
         raise ActionScoresError(f"split {split!r}: the epoch tables have no rows")
@@ -443,7 +467,7 @@ def _check(split: str, per_sample: DataFrame, scores: list[str], rows: DataFrame
     if found["non_finite"]:
         raise ActionScoresError(f"split {split!r} has NaN or infinite values, which would corrupt the sums, in "
                                 f"samples {some('non_finite')}")
-    return int(found["samples"])
+    return int(found["samples"]), {name: float(found[name]) for name in action}
 def _absent_from(rows: DataFrame, ids: np.ndarray, files: list[tuple[int, int, bool, str, Path]],
                  epochs: int) -> str:
     """Which epochs (by their table or folder) lack each of a few samples: a small query, on the error path only."""
