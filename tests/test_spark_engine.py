@@ -156,7 +156,7 @@ def _assert_parts_read_as_the_single_file(tracker: MLflowTracker, runs: dict[str
                                   chosen["arrow"][[contract.SAMPLE_ID, "rank", "label", "suggested_label"]])
     compared = compare_runs(tracker, [runs["arrow"], runs["spark"]], top_k=5, score="forgetting")
     assert len(compared.combined) == SAMPLES
-    assert compared.combined[runs["arrow"]].tolist() == compared.combined[runs["spark"]].tolist()
+    assert compared.combined[f"rank_{runs['arrow']}"].tolist() == compared.combined[f"rank_{runs['spark']}"].tolist()
     assert compared.overlap.to_numpy().tolist() == [[1.0, 1.0], [1.0, 1.0]]
     print(f"parts read back: select {len(chosen['spark'])} samples and compare's ranks equal the single file's")
 
