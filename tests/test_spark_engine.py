@@ -94,8 +94,9 @@ def test_spark_scores_and_panels_equal_the_arrow_engine_s(
     assert max(len(rows) for rows in collected["collect"]) <= 4 < len(shown)
     tracker.attach(runs["spark"])
     written = scores_files(tracker.list_files(contract.SCORES_DIR))[SPLIT]
-    expected_files = ([f"{contract.scores_dir(SPLIT)}/{contract.SCORES_PARTS_DIR}/{contract.part_file_name(r)}"
-                       for r in range(3)] if form == "sharded" else [f"{contract.scores_dir(SPLIT)}/{contract.SCORES_FILE}"])
+    folder = contract.scores_dir(SPLIT)
+    expected_files = ([f"{folder}/{contract.SCORES_PARTS_DIR}/{contract.part_file_name(r)}" for r in range(3)]
+                      if form == "sharded" else [f"{folder}/{contract.SCORES_FILE}"])
     assert written == expected_files
     assert not [p for p in tracker.list_files(contract.scores_dir(SPLIT)) if "_SUCCESS" in p or p.endswith(".crc")]
     got, expected = _read(tracker, runs["spark"], tmp_path), _read(tracker, runs["arrow"], tmp_path)
@@ -171,7 +172,7 @@ def test_scores_files_take_one_form_per_split_with_parts_in_order() -> None:
     with pytest.raises(ActionScoresError, match=r"^split 'train': scores parts missing: \[action_scores/train/scores/"
                                                 r"part-00001.parquet\] \(found 2 of parts 0..2\)$"):
         scores_files(gap)
-    with pytest.raises(ActionScoresError, match="^split 'train' has its scores twice: action_scores/train/scores.parquet"):
+    with pytest.raises(ActionScoresError, match="^split 'train' has its scores twice: action_scores/train/scores.pa"):
         scores_files([*parts, f"{contract.scores_dir('train')}/{contract.SCORES_FILE}"])
 
 

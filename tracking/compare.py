@@ -77,7 +77,8 @@ def _read_scores(tracker: Tracker, run_ids: list[str], split: str, score: str, w
         except ScoresColumnMissing as error:
             raise ActionScoresError(
                 f"run {run_id} has no {score!r} in {contract.scores_dir(split)}/{contract.SCORES_FILE} "
-                f"(its columns: {error.columns}): its tables lack what the score needs; compare another score with --score"
+                f"(its columns: {error.columns}): its tables lack what the score needs; compare another score with "
+                "--score"
             ) from None
         columns[run_id] = table.to_pandas().set_index(contract.SAMPLE_ID)[score]
     reference = next(iter(columns.values())).index

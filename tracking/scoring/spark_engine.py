@@ -204,7 +204,8 @@ class SparkScores:
 
             def top(which: str, label: object = None, column: str = column, harder: bool = harder,
                     mine: pd.DataFrame = mine) -> pd.DataFrame:
-                chosen = mine[(mine[_WHICH] == which) & (mine[_GROUP].isna() if label is None else mine[_GROUP] == label)]
+                group = mine[_GROUP].isna() if label is None else mine[_GROUP] == label
+                chosen = mine[(mine[_WHICH] == which) & group]
                 frame = shown.loc[chosen[contract.SAMPLE_ID].to_numpy()]
                 return (hardest if which == "hardest" else easiest)(frame, column, options.top_k, harder)
 
