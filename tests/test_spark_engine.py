@@ -106,6 +106,10 @@ def test_spark_scores_and_panels_equal_the_arrow_engine_s(
     worst = max(float(np.max(np.abs(got[c] - expected[c]) / np.abs(expected[c]).clip(1e-300))) for c in floats)
     print(f"{form}: spark == arrow on {list(got.columns)}: {[c for c in EXACT if c in got]} exactly, "
           f"{floats} within {worst:.1e} relative; spark's scores in {len(written)} file(s)")
+    metrics = {engine: {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("action_scores.")}
+               for engine, run_id in runs.items()}
+    assert metrics["spark"].keys() == metrics["arrow"].keys() and len(metrics["spark"]) == 5
+    assert metrics["spark"] == pytest.approx(metrics["arrow"], rel=1e-12, abs=0)
     # Not trivially equal: forgetting from the first rows only (the padded copies flip `correct`).
     correct = np.stack([columns["correct"] for columns in truth])
     forgotten = (correct[:-1] & ~correct[1:]).sum(axis=0)
