@@ -76,7 +76,10 @@ def worker(engine: str, folder: Path, out: Path, master: str) -> None:
 
         spark_session(master)
     scores = ENGINES[engine].score("train", tables, None, None, False)
-    scores.to_parquet(out, index=False)
+    if engine == "spark":  # the scores stay in Spark, which writes them (`SparkScores.write`)
+        scores.write(out.with_suffix(""))
+    else:
+        scores.to_parquet(out, index=False)
 
 
 def measured(engine: str, folder: Path, master: str) -> tuple[float, int]:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from tracking import contract
@@ -22,6 +21,7 @@ from tracking.errors import ActionScoresError, preview
 from tracking.report.plots import matrices
 from tracking.scoring.rank import hardest, rank
 from tracking.scoring.registry import direction_text, get, score_of_column
+from tracking.scoring.tables import ScoresColumnMissing, read_scores, scores_files
 from tracking.backends import Tracker
 
 COMPARE_DIR = "action_scores_compare"
@@ -46,9 +46,7 @@ class Comparison:
 def _scored_splits(tracker: Tracker, run_id: str) -> set[str]:
     """Splits of a run that the job has scored."""
     tracker.attach(run_id)
-    suffix = f"/{contract.SCORES_FILE}"
-    return {path[len(contract.SCORES_DIR) + 1:-len(suffix)] for path in tracker.list_files(contract.SCORES_DIR)
-            if path.endswith(suffix) and path.count("/") == 2}
+    return set(scores_files(tracker.list_files(contract.SCORES_DIR)))
 
 
 def _pick_split(tracker: Tracker, run_ids: list[str], split: str | None) -> str:
@@ -74,14 +72,15 @@ def _read_scores(tracker: Tracker, run_ids: list[str], split: str, score: str, w
     columns = {}
     for run_id in tqdm(run_ids, desc="read scores", unit="run"):
         tracker.attach(run_id)
-        local = tracker.download(f"{contract.scores_dir(split)}/{contract.SCORES_FILE}", work / run_id)
-        names = pq.read_schema(local).names
-        if score not in names:
+        try:
+            table = read_scores(tracker, split, work / run_id, [contract.SAMPLE_ID, score])
+        except ScoresColumnMissing as error:
             raise ActionScoresError(
                 f"run {run_id} has no {score!r} in {contract.scores_dir(split)}/{contract.SCORES_FILE} "
-                f"(its columns: {names}): its tables lack what the score needs; compare another score with --score"
-            )
-        columns[run_id] = pd.read_parquet(local, columns=[contract.SAMPLE_ID, score]).set_index(contract.SAMPLE_ID)[score]
+                f"(its columns: {error.columns}): its tables lack what the score needs; compare another score with "
+                "--score"
+            ) from None
+        columns[run_id] = table.to_pandas().set_index(contract.SAMPLE_ID)[score]
     reference = next(iter(columns.values())).index
     for run_id, column in columns.items():
         if not column.index.sort_values().equals(reference.sort_values()):

@@ -18,6 +18,7 @@ MEDIA_DIR = "per_sample_media"  # per_sample_media/<split>/media.parquet: what a
 MEDIA_FILE = "media.parquet"
 SCORES_DIR = "action_scores"
 SCORES_FILE = "scores.parquet"
+SCORES_PARTS_DIR = "scores"  # action_scores/<split>/scores/part-RRRRR.parquet: a large split's scores in parts
 DATA_MAP_FILE = "data_map.png"  # action_scores/<split>/data_map.png: Cartography's map, where the split has its scores
 STATUS_TAG = "action_scores.status"
 STATUS_DONE = "done"

@@ -174,8 +174,13 @@ def _analyze(tracker: Tracker, run: RunPlan, options: JobOptions) -> AnalysisRes
                                   partial(_release_epoch, files, run.tables[split]), options.progress)
             split_out = work / "out" / split
             write_scores(scores, split_out)
-            report = (report_split(scores.copy(), split, run, media[split].result() if split in media else None,
-                                   options, split_out) if options.panels else SplitReport())
+            held_media = media[split].result() if split in media else None
+            if not options.panels:
+                report = SplitReport()
+            elif isinstance(scores, pd.DataFrame):
+                report = report_split(scores.copy(), split, run, held_media, options, split_out)
+            else:  # --engine spark: the scores stay in Spark, only the panels' rows come back
+                report = scores.report(split, run, held_media, options, split_out)
             _record_split(result, split, scores, report, split_out)
             samples |= {f"{contract.scores_dir(split)}/{key}": rows for key, rows in report.samples.items()}
             if report.data_map is not None:
@@ -199,7 +204,9 @@ def _release_epoch(files: RunFiles, epochs: list[Epoch], epoch: int) -> None:
 
 
 def write_scores(scores: pd.DataFrame, split_out: Path) -> Path:
-    """The split's `scores.parquet`, written before its report stage runs."""
+    """The split's `scores.parquet`, written before its report stage runs (by Spark for `SparkScores`)."""
+    if not isinstance(scores, pd.DataFrame):
+        return scores.write(split_out)
     split_out.mkdir(parents=True)
     path = split_out / contract.SCORES_FILE
     scores.to_parquet(path, index=False)
@@ -208,6 +215,8 @@ def write_scores(scores: pd.DataFrame, split_out: Path) -> Path:
 
 def split_metrics(split: str, scores: pd.DataFrame) -> dict[str, float]:
     """The run's summary metrics of one split."""
+    if not isinstance(scores, pd.DataFrame):
+        return scores.metrics(split)
     return {
         f"action_scores.{split}.samples": len(scores),
         f"action_scores.{split}.epochs": int(scores["epochs"].iloc[0]),
@@ -230,7 +239,7 @@ def _record_split(result: AnalysisResult, split: str, scores: pd.DataFrame, repo
     result.panels += [f"{contract.scores_dir(split)}/{p.relative_to(split_out).as_posix()}" for p in report.written
                       if p.suffix == ".png"]
     result.samples[split] = len(scores)
-    result.epochs[split] = int(scores["epochs"].iloc[0])
+    result.epochs[split] = int(scores["epochs"].iloc[0]) if isinstance(scores, pd.DataFrame) else scores.epochs
 
 
 def report_split(scores: pd.DataFrame, split: str, run: RunPlan, media: Path | None, options: JobOptions,
@@ -278,10 +287,11 @@ def objectives(scores: pd.DataFrame) -> dict[str, str]:
     return found
 
 
-def render_split(scores: pd.DataFrame, view: SplitView, top_k: int, out_dir: Path
+def render_split(scores: pd.DataFrame, view: SplitView, top_k: int, out_dir: Path, picks: dict | None = None
                  ) -> tuple[list[Path], dict[str, list[dict]]]:
     """Panels for every objective, each ranked once in its score's direction, and the same hardest and
-    easiest samples as rows for `Tracker.log_samples`. Per-class panels for the loss objectives."""
+    easiest samples as rows for `Tracker.log_samples`. Per-class panels for the loss objectives. `picks`:
+    each column's `Picked`, ranked elsewhere (`SparkScores.report`; `scores` then holds only their rows)."""
     from tracking.report.panels import ranked_panels
     from tracking.scoring.rank import pick
     from tracking.scoring.registry import score_of_column
@@ -290,7 +300,7 @@ def render_split(scores: pd.DataFrame, view: SplitView, top_k: int, out_dir: Pat
     samples: dict[str, list[dict]] = {}
     for objective, column in objectives(scores).items():
         groups = view.groups if score_of_column(column).per_loss_part else None
-        picked = pick(scores, column, top_k, groups)
+        picked = picks[column] if picks is not None else pick(scores, column, top_k, groups)
         pngs, items = ranked_panels(picked, out_dir / objective, view.picture, view.label, split_size=view.size)
         written += pngs
         for which, rows in (("hardest", picked.hardest), ("easiest", picked.easiest)):

@@ -30,7 +30,7 @@ from tracking.errors import ActionScoresError
 from tracking.scoring import fused as fused_score
 from tracking.scoring.rank import rank
 from tracking.scoring.registry import SCORES, direction_text, get
-from tracking.scoring.tables import epoch_files, epoch_name, files_of, union_of_parts
+from tracking.scoring.tables import epoch_files, epoch_name, files_of, read_scores, scores_files, union_of_parts
 
 SELECTIONS = "selections"
 CONTEXT = "selection"  # the MLflow dataset input's context
@@ -142,9 +142,7 @@ def suggested_labels(chosen: pd.DataFrame, labels: pd.Series, predictions: pd.Se
 
 def _scored(tracker: Tracker, run_id: str, split: str | None) -> str:
     """The split to select from: the one named, or the only one the job scored."""
-    suffix = f"/{contract.SCORES_FILE}"
-    scored = sorted(path[len(contract.SCORES_DIR) + 1:-len(suffix)] for path in tracker.list_files(contract.SCORES_DIR)
-                    if path.endswith(suffix) and path.count("/") == 2)
+    scored = list(scores_files(tracker.list_files(contract.SCORES_DIR)))
     if split:
         if split not in scored:
             raise ActionScoresError(f"run {run_id} has no scores of split {split!r} (scored: {scored}); "
@@ -188,8 +186,7 @@ def select_run(tracker: Tracker, run_id: str, *, by: str, split: str | None = No
                                 f"run `action-scores analyze --run-id {run_id}` first")
     chosen_split = _scored(tracker, run_id, split)
     with tempfile.TemporaryDirectory(prefix="action-scores-select-") as work:
-        scores = pd.read_parquet(tracker.download(f"{contract.scores_dir(chosen_split)}/{contract.SCORES_FILE}",
-                                                  Path(work) / "in"))
+        scores = read_scores(tracker, chosen_split, Path(work) / "in").to_pandas()
         if by == fused_score.NAME:
             scores[by] = fused_score.fused(scores)
         chosen = choose(scores, by, fraction, threshold)

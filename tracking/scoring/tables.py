@@ -11,7 +11,7 @@ import itertools
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 from tracking import contract
 from tracking.errors import ActionScoresError, preview
 
+if TYPE_CHECKING:
+    from tracking.backends.base import Tracker
 
 T = TypeVar("T")
 Epoch = str | list[str]
@@ -240,3 +242,64 @@ def bools(column: pa.ChunkedArray, what: str) -> np.ndarray:
     array = column.combine_chunks()  # one chunk per row group: usually already one, no copy
     bits = np.frombuffer(array.buffers()[1], dtype=np.uint8)
     return np.unpackbits(bits, count=array.offset + len(array), bitorder="little")[array.offset:].view(bool)
+
+
+def scores_files(paths: list[str]) -> dict[str, list[str]]:
+    """Split -> the artifact paths of its scores among a run's `action_scores/` paths: `<split>/scores.parquet`,
+    or the parts `<split>/scores/part-RRRRR.parquet` in part order (`--engine spark` above a size). Parts with a
+    gap, or a split with both forms, are refused, naming the files."""
+    single, parts = {}, defaultdict(dict)
+    for path in paths:
+        pieces = path.split("/")
+        if len(pieces) == 3 and pieces[0] == contract.SCORES_DIR and pieces[2] == contract.SCORES_FILE:
+            single[pieces[1]] = path
+        elif (len(pieces) == 4 and pieces[0] == contract.SCORES_DIR and pieces[2] == contract.SCORES_PARTS_DIR
+              and (number := _part_number(pieces[3])) is not None):
+            parts[pieces[1]][number] = path
+    both = sorted(set(single) & set(parts))
+    if both:
+        split = both[0]
+        raise ActionScoresError(f"split {split!r} has its scores twice: {single[split]} and "
+                                f"{contract.scores_dir(split)}/{contract.SCORES_PARTS_DIR}/; delete the older form")
+    found = {split: [path] for split, path in single.items()}
+    for split, numbered in parts.items():
+        folder = f"{contract.scores_dir(split)}/{contract.SCORES_PARTS_DIR}"
+        _refuse_gaps(numbered, lambda r, folder=folder: f"{folder}/{contract.part_file_name(r)}",
+                     f"split {split!r}: scores parts missing", "parts")
+        found[split] = [numbered[r] for r in sorted(numbered)]
+    return dict(sorted(found.items()))
+
+
+def _part_number(name: str) -> int | None:
+    """R of `part-RRRRR.parquet` (the contract's name for part R), None for another name."""
+    digits = name[len("part-"):-len(".parquet")]
+    if not (name.startswith("part-") and name.endswith(".parquet") and digits.isdigit()):
+        return None
+    return int(digits) if contract.part_file_name(int(digits)) == name else None
+
+
+def read_scores(tracker: Tracker, split: str, work: Path, columns: list[str] | None = None) -> pa.Table:
+    """A split's scores from the attached run, in either form (`scores_files`): the single file, or its parts
+    concatenated in part order (ranges of sample ids, so sorted as the single file). `columns`: only those;
+    a column the scores lack is an error naming their columns, raised before any part but the first is read."""
+    paths = scores_files(tracker.list_files(contract.scores_dir(split))).get(split)
+    if not paths:
+        raise ActionScoresError(f"the run has no {contract.scores_dir(split)}/{contract.SCORES_FILE} (nor "
+                                f"{contract.SCORES_PARTS_DIR}/part-RRRRR.parquet): run `action-scores analyze` on it")
+    tables = []
+    for path in paths:
+        local = tracker.download(path, work)
+        if columns is not None and not tables:
+            names = pq.read_schema(local).names
+            if lacking := [column for column in columns if column not in names]:
+                raise ScoresColumnMissing(f"{paths[0]} has no {lacking[0]!r} (its columns: {names})", names)
+        tables.append(pq.read_table(local, columns=columns))
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+class ScoresColumnMissing(ActionScoresError):
+    """`read_scores` was asked for a column the scores lack; `columns` are the ones they have."""
+
+    def __init__(self, message: str, columns: list[str]) -> None:
+        super().__init__(message)
+        self.columns = columns
