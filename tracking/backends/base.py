@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tracking.backends.uploads import Operation, Uploader, spool_root
+from tracking.backends.uploads import Operation, SpoolClaim, Uploader, claim_spool, spool_root
 from tracking.errors import ActionScoresError
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class RunWriter(_Run, ABC):
     """The training side: everything a loop or a callback writes to a run."""
 
     _local_uploader: Uploader | None = None  # see `_table_uploads`
+    _spool_claim: SpoolClaim | None = None  # see `spool_dir`
     # Whether processes other than the one that opened the run may attach and write files into it at once,
     # each through its own spool (`shared_run`): then every torchrun rank uploads its own part of an epoch.
     several_writers: ClassVar[bool] = False
@@ -115,9 +116,27 @@ class RunWriter(_Run, ABC):
     # --- writes during training: never block the loop -----------------------------------
     @property
     def spool_dir(self) -> Path:
-        """This run's local spool folder (`$ACTION_SCORES_SPOOL/<backend>-<run id>`, `...-rank<R>` for a
-        torchrun rank R above 0): where the recorder writes tables, kept until they are uploaded."""
-        return spool_root() / (f"{self.name}-{self.run_id}" + (f"-rank{self.writer_rank}" if self.writer_rank else ""))
+        """This writer's local spool folder for its run: where the recorder writes tables, kept until they are
+        uploaded. `$ACTION_SCORES_SPOOL/<backend>-<run id>` (`...-rank<R>` for a torchrun rank R above 0),
+        claimed on first use (`tracking.backends.uploads.claim_spool`) and held until `finish`: while another
+        writer of the run holds that (a second callback in this process, another process), `...-writer<N>`."""
+        return self._claimed_spool().path
+
+    def _claimed_spool(self) -> SpoolClaim:
+        """This writer's claim of its run's spool folder (see `spool_dir`), taken now if it holds none."""
+        base = spool_root() / (f"{self.name}-{self.run_id}" + (f"-rank{self.writer_rank}" if self.writer_rank else ""))
+        claim = self._spool_claim
+        if claim is None or claim.released or claim.base != base:
+            if claim is not None and not claim.owned:  # another run's, never used (an uploader releases its own)
+                claim.release()
+            claim = self._spool_claim = claim_spool(base)
+        return claim
+
+    def _release_spool(self) -> None:
+        """Let the run's next writer take this writer's spool folder, and replay what is left there."""
+        claim, self._spool_claim = self._spool_claim, None
+        if claim is not None:
+            claim.release()
 
     def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
         """Hand a finished file over for upload without waiting for the network.
@@ -147,7 +166,7 @@ class RunWriter(_Run, ABC):
             if uploader is not None:
                 uploader.close()
             record = {"backend": self.name, "run_id": self.run_id, "tracking_uri": ""}
-            uploader = Uploader(self.spool_dir, record, lambda operation, maybe_done: self.upload_later(
+            uploader = Uploader(self._claimed_spool(), record, lambda operation, maybe_done: self.upload_later(
                 operation.payload["path"], operation.payload["artifact_dir"]), self._keeps_handed_over_files())
             self._local_uploader = uploader
         return uploader
@@ -162,8 +181,10 @@ class RunWriter(_Run, ABC):
         that could not be made or handed on, each with its reason (the run then ends FAILED)."""
         uploader, self._local_uploader = self._local_uploader, None
         if uploader is None:
+            self._release_spool()
             return []
         left = uploader.close()
+        self._release_spool()
         return uploader.unwritten + [f"{op.describe}: {uploader.last_error}" for op in left] + [
             f"{op.describe}: {why}" for op, why in uploader.refused]
 

@@ -191,12 +191,14 @@ class MLflowTracker(Tracker):
         if self._uploader is not None:
             uploader, self._uploader = self._uploader, None
             status = self._close_uploads(uploader, status if self._started else None) or status
+            self._release_spool()
             if self._started:  # the spooled `end` ends the run on the server (or will, by upload)
                 self._started = False
                 _end_run_without_waiting(status)
             if uploader.unwritten and not failed:
                 raise unwritten_error(self.run_id, uploader.unwritten)
             return
+        self._release_spool()
         if self._started:
             mlflow.end_run(status=status)
             self._started = False
@@ -219,7 +221,7 @@ class MLflowTracker(Tracker):
             self._close_uploads(old, None)
         if self._uploader is None:
             record = {"backend": self.name, "run_id": self.run_id, "tracking_uri": redact(self.tracking_uri)}
-            self._uploader = Uploader(self.spool_dir, record, functools.partial(self.perform, self.run_id),
+            self._uploader = Uploader(self._claimed_spool(), record, functools.partial(self.perform, self.run_id),
                                       self.keep_local)
         return self._uploader
 
