@@ -134,7 +134,7 @@ def build_wandb_run(wandb_dir: Path, work: Path, samples: int, epochs: int) -> s
     tracker = WandbTracker(project="bench-job", mode="offline")
     tracker.start()
     for _, path in write_epochs(work, samples, epochs, "recorder"):
-        tracker.log_artifact(path, contract.losses_dir(SPLIT))
+        tracker.write_artifact(path, contract.losses_dir(SPLIT))
         path.unlink()
     folder = tracker.offline_folder
     tracker.finish()

@@ -69,7 +69,7 @@ def write_run(uri: str, experiment: str, name: str, samples: int, epochs: int, s
         before = time.perf_counter()
         paths.append(recorder.end_epoch(epoch))
         latencies.append(time.perf_counter() - before)
-        tracker.log_metrics_later({"loss_mean": float(losses.mean())}, step=epoch)
+        tracker.log_metrics({"loss_mean": float(losses.mean())}, step=epoch)
     before = time.perf_counter()
     tracker.finish()  # the tables are written (in the background) by now
     hashes = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in paths}

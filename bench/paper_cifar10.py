@@ -55,17 +55,17 @@ class FolderTracker(Tracker):
         current = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**current, **{k: str(v) for k, v in values.items()}}, indent=1))
 
-    def log_params(self, params: Mapping[str, object]) -> None:
+    def write_params(self, params: Mapping[str, object]) -> None:
         self._update("params.json", params)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._update("tags.json", tags)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def write_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         with (self.root / "metrics.jsonl").open("a") as lines:
             lines.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
 
-    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+    def write_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
         target = self.root / "artifacts" / artifact_dir
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy2(local_path, target / Path(local_path).name)
@@ -112,14 +112,14 @@ def replay(args: argparse.Namespace) -> None:
     params[contract.DATA_ROOT_PARAM] = str(Path(args.data_root).resolve())  # where the images are here
     tracker = make_tracker(args.tracker)
     tracker.start(experiment=args.experiment, run_name="classify-cifar10-paper")
-    tracker.log_params(params)
+    tracker.write_params(params)
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         step = record.pop("step")
         record.pop("time")
-        tracker.log_metrics(record, step=step)
+        tracker.write_metrics(record, step=step)
     for top in sorted((folder / "artifacts").iterdir()):
-        tracker.log_artifacts(top, top.name)
+        tracker.write_artifacts(top, top.name)
     tracker.finish()
     print(f"imported as run {tracker.run_id}")
 

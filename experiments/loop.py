@@ -193,7 +193,7 @@ def fit(
         if epoch_metrics is not None:
             metrics |= epoch_metrics()
         if tracker is not None and distributed.is_main():
-            tracker.log_metrics_later(metrics, step=epoch)  # never waits for the network
+            tracker.log_metrics(metrics, step=epoch)  # never waits for the network
     return metrics
 
 
@@ -245,7 +245,7 @@ def _open_run(make: Callable[[], Tracker], experiment: str | None, run_name: str
     run_tracker = make()
     run_tracker.start(experiment=experiment, run_name=run_name)
     try:
-        run_tracker.log_params(params)
+        run_tracker.write_params(params)
         run_tracker.set_tags(tags)
     except BaseException:
         run_tracker.finish(failed=True)

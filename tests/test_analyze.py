@@ -62,7 +62,7 @@ def _make_wandb_run(tmp: Path, files: dict[str, pa.Table]) -> Path:
         local = root / artifact_path
         local.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, local)
-        tracker.log_artifact(local, artifact_path.rsplit("/", 1)[0])
+        tracker.write_artifact(local, artifact_path.rsplit("/", 1)[0])
     folder = tracker.offline_folder
     tracker.finish()
     return folder

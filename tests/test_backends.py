@@ -62,19 +62,19 @@ def test_a_written_run_reads_back(new_tracker: Callable[[], Tracker], tmp_path: 
     writer = new_tracker()
     run_id = writer.start(experiment=_experiment(), run_name="written")
     assert writer.run_id == run_id
-    writer.log_params({"lr": 0.1, "epochs": 3, "dataset": "digits"})
+    writer.write_params({"lr": 0.1, "epochs": 3, "dataset": "digits"})
     for step, loss in enumerate([0.5, 0.25]):
-        writer.log_metrics({"loss": loss}, step=step)
-    writer.log_metrics({"final": 7.0})
+        writer.write_metrics({"loss": loss}, step=step)
+    writer.write_metrics({"final": 7.0})
     writer.set_tags({"action_scores.status": "running"})
     writer.set_tags({"action_scores.status": "done", "action_scores.owner": "me"})  # tags are mutable
     _write_files(tmp_path / "src")
-    writer.log_artifacts(tmp_path / "src", "")
+    writer.write_artifacts(tmp_path / "src", "")
     replaced = tmp_path / "f.txt"
     replaced.write_text("first")
-    writer.log_artifact(replaced, "d")
+    writer.write_artifact(replaced, "d")
     replaced.write_text("second")
-    writer.log_artifact(replaced, "d")  # a file of the same name is replaced
+    writer.write_artifact(replaced, "d")  # a file of the same name is replaced
     writer.finish()
 
     reader = new_tracker()
@@ -131,13 +131,13 @@ def test_find_runs_gives_the_finished_runs_newest_first(new_tracker: Callable[[]
     assert found == [started[1], started[0]]
 
 
-def test_upload_later_arrives_when_the_run_finishes(new_tracker: Callable[[], Tracker], tmp_path: Path) -> None:
+def test_non_blocking_writes_arrive_when_the_run_finishes(new_tracker: Callable[[], Tracker], tmp_path: Path) -> None:
     writer = new_tracker()
     run_id = writer.start(experiment=_experiment())
     table = tmp_path / "epoch_0000.parquet"
     table.write_bytes(bytes(range(200)) * 3)
-    writer.upload_later(table, "per_sample_losses/train")
-    writer.log_metrics_later({"loss": 0.5}, step=0)
+    writer.log_artifact(table, "per_sample_losses/train")
+    writer.log_metrics({"loss": 0.5}, step=0)
     writer.finish()
     assert not list((writer.spool_dir / "pending").glob("*"))  # nothing left behind to upload
 
@@ -162,10 +162,10 @@ def test_a_new_run_closes_the_uploader_of_the_last_one_and_no_thread_outlives_fi
     first = tracker.start(experiment=experiment)
     table = tmp_path / "epoch_0000.parquet"
     table.write_bytes(b"first run's table")
-    tracker.upload_later(table, "per_sample_losses/train")
+    tracker.log_artifact(table, "per_sample_losses/train")
     mlflow.end_run()  # the first run left open on the server, as a restart in one process leaves it
     second = tracker.start(experiment=experiment)
-    tracker.upload_later(table, "per_sample_losses/train")  # the second run's uploader replaces the first's
+    tracker.log_artifact(table, "per_sample_losses/train")  # the second run's uploader replaces the first's
     assert not [t for t in threading.enumerate() if t.name.endswith(f"-mlflow-{first}")]
     assert [info.path for info in client.list_artifacts(first, "per_sample_losses/train")] == [
         "per_sample_losses/train/epoch_0000.parquet"]  # the first run's write was done before its uploader closed
@@ -254,7 +254,7 @@ def test_start_resumes_the_run_a_launcher_exported(
 def test_log_params_many_and_long_values_are_accepted(mlflow_run: MLflowTracker, client: mlflow.MlflowClient) -> None:
     params = {f"p{i:03d}": i * 3 for i in range(250)}  # more than MLflow's 100 params per batch
     long_value = "".join(chr(ord("a") + i % 26) for i in range(7500))  # longer than MLflow's 6000 chars
-    mlflow_run.log_params({**params, "long": long_value})
+    mlflow_run.write_params({**params, "long": long_value})
     stored = client.get_run(mlflow_run.run_id).data.params
     assert len(stored) == 251
     assert {key: stored[key] for key in params} == {key: str(value) for key, value in params.items()}
@@ -263,15 +263,15 @@ def test_log_params_many_and_long_values_are_accepted(mlflow_run: MLflowTracker,
 
 
 def test_log_params_keeps_the_first_value_of_an_existing_key(mlflow_run: MLflowTracker, client: mlflow.MlflowClient) -> None:
-    mlflow_run.log_params({"lr": 0.1, "epochs": 3})
-    mlflow_run.log_params({"lr": "0.10", "batch": 64})  # reformatted value, as `mlflow run` may have logged
+    mlflow_run.write_params({"lr": 0.1, "epochs": 3})
+    mlflow_run.write_params({"lr": "0.10", "batch": 64})  # reformatted value, as `mlflow run` may have logged
     assert client.get_run(mlflow_run.run_id).data.params == {"lr": "0.1", "epochs": "3", "batch": "64"}
 
 
 def test_log_metrics_with_steps(mlflow_run: MLflowTracker, client: mlflow.MlflowClient) -> None:
     for step, value in enumerate([0.9, 0.5, 0.25]):
-        mlflow_run.log_metrics({"loss": value, "acc": 1 - value}, step=step)
-    mlflow_run.log_metrics({"final": 7})
+        mlflow_run.write_metrics({"loss": value, "acc": 1 - value}, step=step)
+    mlflow_run.write_metrics({"final": 7})
     history = [(m.step, m.value) for m in client.get_metric_history(mlflow_run.run_id, "loss")]
     assert sorted(history) == [(0, 0.9), (1, 0.5), (2, 0.25)]
     acc = sorted((m.step, m.value) for m in client.get_metric_history(mlflow_run.run_id, "acc"))

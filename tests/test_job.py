@@ -45,7 +45,7 @@ def test_scores_parquet_is_the_same_with_and_without_panels(
 class _FailsAfterResuming(WandbTracker):
     """A real W&B offline tracker whose summary write fails, after the job has resumed the run to write."""
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def write_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         raise RuntimeError("the summary could not be written")
 
 

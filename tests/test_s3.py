@@ -215,7 +215,7 @@ def test_a_bucket_that_does_not_exist_is_refused_at_once_instead_of_retried(
     recorder = LossRecorder("test", 4, tracker)
     recorder.update(torch.arange(4), torch.rand(4))
     recorder.end_epoch(0)
-    tracker.log_metrics_later({"test_loss": 0.5}, step=0)
+    tracker.log_metrics({"test_loss": 0.5}, step=0)
     started = time.monotonic()
     tracker.finish()
     assert time.monotonic() - started < 60

@@ -278,7 +278,7 @@ def test_a_sharded_w_and_b_offline_run_is_read_in_place_and_scores_as_its_single
     tracker = WandbTracker()
     run_id = tracker.start()
     for path in sharded:
-        tracker.log_artifact(written / path, path.rsplit("/", 1)[0])
+        tracker.write_artifact(written / path, path.rsplit("/", 1)[0])
     tracker.finish()
     folder = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))[0]
     assert analyze_run(WandbTracker(), str(folder), panels=False, progress=False).status == "done"

@@ -67,7 +67,7 @@ def test_the_run_has_every_table_and_the_spool_none_but_the_users_own_file(
         tracker = MLflowTracker(mlflow_server)
         run_id = tracker.start(experiment=f"spool-{uuid.uuid4().hex[:8]}")
         _record(tracker, losses, range(EPOCHS))
-        tracker.upload_later(mine, "notes")
+        tracker.log_artifact(mine, "notes")
         tracker.finish()
     assert tracker.left_behind == ""
     spool = spool_root / f"mlflow-{run_id}"

@@ -1,16 +1,22 @@
 """`Uploader` on its own, with a plain-Python `perform` (no server): numbering across processes,
-ordering, refusals, bounded waits, abandoning, the bounded writer queue and its threads."""
+ordering, refusals, bounded waits, abandoning, the bounded writer queue and its threads, and the one
+writer per spool folder (two writers of one run, in one process or two)."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tracking.backends.uploads import FAILED, PENDING, Operation, Uploader, UploadRefused
+from tracking.backends.uploads import (FAILED, PENDING, Operation, SpoolInUse, Uploader, UploadRefused, claim_spool,
+                                      replay)
 from tracking.errors import ActionScoresError
 
 RECORD = {"backend": "plain", "run_id": "r1", "tracking_uri": "none"}
@@ -243,3 +249,104 @@ def test_a_table_a_later_write_names_again_stays_for_it(tmp_path: Path) -> None:
     assert tracker.seen == [("epoch_0001.parquet", b"old 1"), ("epoch_0001.parquet", b"old 1"),
                             ("epoch_0002.parquet", b"new 2"), ("epoch_0002.parquet", b"new 2")]
     assert (queued.exists(), remade.exists()) == (False, False)
+
+
+# --- one writer per spool folder ---------------------------------------------------------------
+def _names(spool: Path) -> dict[str, str]:
+    """The pending operations of `spool` by file: their `name`, or their kind."""
+    return {p.name: (record := json.loads(p.read_text())).get("name", record["kind"])
+            for p in sorted((spool / PENDING).glob("*.json"))}
+
+
+def test_a_second_uploader_on_a_folder_another_one_holds_is_refused_and_takes_over_once_it_is_closed(
+        tmp_path: Path) -> None:
+    """Two queues numbering their operations in one folder overwrite each other's files: the second is refused,
+    naming the holder. Once the first is closed (given up, the server away), the next one replays its writes."""
+    tracker = Tracker()
+    tracker.down.set()
+    first = Uploader(tmp_path, RECORD, tracker.perform)
+    first.submit("metrics", name="a0", step=0)
+    with pytest.raises(SpoolInUse, match=rf"^{tmp_path} is held by a writer that is still running "
+                                         rf"\({socket.gethostname()}:{os.getpid()}, writer.lock\)"):
+        Uploader(tmp_path, RECORD, tracker.perform)
+    assert [op.kind for op in first.close(timeout=0.5)] == ["metrics"]
+    tracker.down.clear()
+    again = Uploader(tmp_path, RECORD, tracker.perform)
+    again.submit("metrics", name="a1", step=1)
+    assert again.close("FINISHED", timeout=10) == []
+    assert tracker.done == ["a0", "a1", "end"]
+
+
+def test_two_writers_of_one_run_in_one_process_get_folders_of_their_own_and_lose_no_write(tmp_path: Path) -> None:
+    """Two callbacks, one per split, on one run: each claims a folder (the second `-writer2`) and numbers its own
+    writes there. Left behind by an outage, `replay` of the run's folder performs both, the end of the run last."""
+    tracker = Tracker()
+    tracker.down.set()
+    base = tmp_path / "mlflow-r1"
+    first, second = Uploader(claim_spool(base), RECORD, tracker.perform), Uploader(claim_spool(base), RECORD,
+                                                                                   tracker.perform)
+    assert (first.spool, second.spool) == (base, tmp_path / "mlflow-r1-writer2")
+    for epoch in range(2):
+        first.submit("metrics", name=f"first{epoch}", step=epoch)
+        second.submit("metrics", name=f"second{epoch}", step=epoch)
+    first.close("FINISHED", timeout=0.5)
+    second.close(timeout=0.5)
+    assert _names(base) == {"00000001.json": "first0", "00000002.json": "first1", "00000003.json": "end"}
+    assert _names(second.spool) == {"00000001.json": "second0", "00000002.json": "second1"}
+    tracker.down.clear()
+    assert [op.payload.get("name", op.kind) for op in replay(base, tracker.perform)] == [
+        "first0", "first1", "second0", "second1", "end"]
+    assert tracker.done == ["first0", "first1", "second0", "second1", "end"]
+    assert (_names(base), _names(second.spool)) == ({}, {})
+
+
+def test_the_runs_own_folder_takes_over_what_a_second_writer_left_unless_that_writer_still_runs(
+        tmp_path: Path) -> None:
+    """A resumed process with one writer: the leftovers of the earlier process's second writer are performed
+    after its own (its end of run dropped); a `-writer<N>` folder that a live writer holds is left to it."""
+    tracker, live = Tracker(), Tracker()
+    tracker.down.set()
+    live.down.set()
+    base = tmp_path / "mlflow-r1"
+    earlier = [Uploader(claim_spool(base), RECORD, (tracker if number < 2 else live).perform) for number in range(3)]
+    for number, uploader in enumerate(earlier):
+        uploader.submit("metrics", name=f"writer{number + 1}", step=0)
+    earlier[0].close(timeout=0.5)
+    earlier[1].close("FINISHED", timeout=0.5)
+    tracker.down.clear()
+    claim = claim_spool(base)
+    resumed = Uploader(claim, RECORD, tracker.perform)  # writer3 still runs: not taken over
+    resumed.submit("metrics", name="resumed", step=1)
+    assert resumed.close("FINISHED", timeout=10) == []
+    assert tracker.done == ["writer1", "writer2", "resumed", "end"]
+    assert (_names(base), _names(tmp_path / "mlflow-r1-writer2")) == ({}, {})
+    assert _names(tmp_path / "mlflow-r1-writer3") == {"00000001.json": "writer3"}
+    live.down.clear()
+    assert earlier[2].close(timeout=10) == []  # its own queue performs it once its server is back
+    assert live.done == ["writer3"]
+    with pytest.raises(ActionScoresError, match=r"claim of its spool folder was released"):
+        Uploader(claim, RECORD, tracker.perform)  # a claim serves one uploader: its close lets the next writer in
+
+
+def test_another_process_holding_the_folder_gets_it_to_itself_until_it_exits(tmp_path: Path) -> None:
+    """A second process on the same run never shares the first one's folder; the kernel frees it when the
+    holder exits, however it exits (here SIGKILL), so a claim never goes stale."""
+    base = tmp_path / "mlflow-r1"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from tracking.backends.uploads import "
+         "claim_spool; claim = claim_spool(Path(sys.argv[1])); print(claim.path, flush=True); sys.stdin.read()",
+         str(base)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == str(base)
+        mine = claim_spool(base)
+        assert mine.path == tmp_path / "mlflow-r1-writer2"
+        with pytest.raises(SpoolInUse, match=rf"\({socket.gethostname()}:{holder.pid}, writer.lock\)"):
+            claim_spool(base, exact=True)
+        with pytest.raises(SpoolInUse):
+            replay(base, Tracker().perform)  # `action-scores upload` leaves a running writer's folder alone
+    finally:
+        holder.kill()
+        holder.wait()
+    assert claim_spool(base).path == base
+    mine.release()
+    assert claim_spool(base, exact=True).path == base  # released (the claim above was collected)

@@ -233,7 +233,7 @@ def test_resumed_training_replaces_the_epochs_it_repeats(
         for epoch in epochs:
             recorder.update(torch.arange(6), torch.from_numpy(losses[epoch]))
             recorder.end_epoch(epoch)
-            tracker.log_metrics_later({"test_loss": float(losses[epoch].mean())}, step=epoch)
+            tracker.log_metrics({"test_loss": float(losses[epoch].mean())}, step=epoch)
         tracker.finish()
 
     tracker = MLflowTracker(mlflow_server)
@@ -268,9 +268,9 @@ def test_writes_the_server_refuses_are_set_aside_and_the_rest_go_on(
     run_id = tracker.start(experiment=f"refused-{uuid.uuid4().hex[:8]}")
     gone, kept = tmp_path / "epoch_0000.parquet", tmp_path / "epoch_0001.parquet"
     kept.write_bytes(b"table 1")
-    tracker.upload_later(gone, "per_sample_losses/test")
-    tracker.log_metrics_later({"test_loss": 0.5}, step=0)
-    tracker.upload_later(kept, "per_sample_losses/test")
+    tracker.log_artifact(gone, "per_sample_losses/test")
+    tracker.log_metrics({"test_loss": 0.5}, step=0)
+    tracker.log_artifact(kept, "per_sample_losses/test")
     tracker.finish()
     spool = spool_root / f"mlflow-{run_id}"
     assert (spool / "failed" / "00000001.json").is_file()
@@ -294,7 +294,7 @@ def test_writes_the_server_refuses_are_set_aside_and_the_rest_go_on(
     tracker = MLflowTracker(mlflow_server)
     run_id = tracker.start(experiment=f"deleted-{uuid.uuid4().hex[:8]}")
     client.delete_run(run_id)
-    tracker.log_metrics_later({"test_loss": 0.5}, step=0)
+    tracker.log_metrics({"test_loss": 0.5}, step=0)
     started = time.monotonic()
     tracker.finish()
     assert time.monotonic() - started < 60
@@ -322,7 +322,7 @@ def test_resumed_process_sets_unreadable_leftovers_aside_and_ends_the_run_itself
         monkeypatch.setenv("MLFLOW_RUN_ID", run_id)  # resuming, as `mlflow run` does
         tracker = MLflowTracker(mlflow_server)
         assert tracker.start() == run_id
-        tracker.log_metrics_later({"test_loss": 0.125}, step=1)
+        tracker.log_metrics({"test_loss": 0.125}, step=1)
         _wait_for(lambda: len(client.get_metric_history(run_id, "test_loss")) == 2, "the new metrics")
         # The old process's end came before the new metrics in the queue: it must not have run.
         assert client.get_run(run_id).info.status == "RUNNING"
@@ -352,7 +352,7 @@ def test_tables_written_off_the_training_thread_arrive_and_a_failed_write_is_nam
     for epoch in range(3):
         recorder.update(torch.arange(4), torch.from_numpy(losses[epoch]))
         recorder.end_epoch(epoch)  # returns at once; epoch 1's failure happens on the writer thread
-    tracker.log_params_later({"lr": 0.1})
+    tracker.log_params({"lr": 0.1})
     with pytest.raises(ActionScoresError, match=rf"run {run_id} ended FAILED: 1 table\(s\) could not be written "
                                                 r"\(per_sample_losses/test/epoch_0001.parquet: IsADirectoryError"):
         tracker.finish()
@@ -363,3 +363,35 @@ def test_tables_written_off_the_training_thread_arrive_and_a_failed_write_is_nam
     for epoch in (0, 2):
         table = pd.read_parquet(client.download_artifacts(run_id, names[epoch // 2], str(spool_root / f"d{epoch}")))
         assert table["loss"].tolist() == losses[epoch].tolist()
+
+
+def test_the_log_family_never_waits_for_a_server_that_is_away_and_the_write_family_raises(
+    server: RestartableServer, spool_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One name per write: training's `log_params`, `log_metrics` and `log_artifact` return at once with the
+    server gone and land, in order, once it is back (`finish` waits); the job's `write_metrics` raises at once."""
+    for variable, value in {"ACTION_SCORES_UPLOAD_BACKOFF": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}.items():
+        monkeypatch.setenv(variable, value)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's own file")
+    with in_process_training(server.uri):
+        tracker = MLflowTracker(server.uri)
+        run_id = tracker.start(experiment=f"away-{uuid.uuid4().hex[:8]}")
+        server.stop()
+        started = time.monotonic()
+        tracker.log_params({"lr": 0.1})
+        tracker.log_metrics({"test_loss": 0.5}, step=0)
+        tracker.log_artifact(notes, "notes")
+        assert time.monotonic() - started < 1
+        with pytest.raises(Exception, match="failed with exception"):
+            tracker.write_metrics({"test_loss": 0.25}, step=1)
+        server.start()
+        tracker.finish()
+    assert tracker.left_behind == ""
+    client = mlflow.MlflowClient(server.uri)
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.params) == ("FINISHED", {"lr": "0.1"})
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "test_loss")] == [(0, 0.5)]
+    assert [info.path for info in client.list_artifacts(run_id, "notes")] == ["notes/notes.txt"]
+    assert notes.read_text() == "the user's own file"  # a file from outside the spool stays

@@ -34,7 +34,7 @@ def _train(tracker: MLflowTracker | WandbTracker, tmp: Path, media: dict | None,
     run_id = tracker.start(experiment=f"views-{uuid.uuid4().hex[:8]}" if isinstance(tracker, MLflowTracker) else None)
     try:
         if params:
-            tracker.log_params(params)
+            tracker.write_params(params)
         recorder = LossRecorder("test", num_samples=N, tracker=tracker, local_dir=tmp / "spool")
         if media is not None:
             recorder.record_media(np.arange(N), **media)

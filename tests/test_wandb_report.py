@@ -68,7 +68,7 @@ def test_publish_without_a_server_names_what_it_needs_and_keeps_the_spec(
     run_id = tracker.start()
     rows = [{"image": np.full((8, 8, 3), 40 * i, dtype=np.uint8), "caption": f"action {i}", "sample_id": i}
             for i in range(3)]
-    tracker.log_samples(HARDEST, rows)  # what the job logs: a real offline run's summary gets the keys
+    tracker.write_samples(HARDEST, rows)  # what the job logs: a real offline run's summary gets the keys
     folder = tracker.offline_folder
     tracker.finish()
     out = tmp_path / "spec.json"

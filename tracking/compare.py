@@ -148,13 +148,13 @@ def compare_runs(tracker: Tracker, run_ids: list[str], *, split: str | None = No
         off_diagonal = ~np.eye(len(run_ids), dtype=bool)
         tracker.start(experiment=experiment, run_name=f"compare-{chosen}")
         try:
-            tracker.log_params({"split": chosen, "top_k": top_k, "runs": len(run_ids), "score": score})
+            tracker.write_params({"split": chosen, "top_k": top_k, "runs": len(run_ids), "score": score})
             tracker.set_tags({SOURCES_TAG: ",".join(run_ids),
                               **{SOURCE_TAG.format(index=i): run_id for i, run_id in enumerate(run_ids)}})
-            tracker.log_metrics({"spearman_mean": float(correlation.to_numpy()[off_diagonal].mean()),
+            tracker.write_metrics({"spearman_mean": float(correlation.to_numpy()[off_diagonal].mean()),
                                  "spearman_min": float(correlation.to_numpy()[off_diagonal].min()),
                                  "top_k_overlap_mean": float(overlap.to_numpy()[off_diagonal].mean())})
-            tracker.log_artifacts(out, f"{COMPARE_DIR}/{chosen}")
+            tracker.write_artifacts(out, f"{COMPARE_DIR}/{chosen}")
         except BaseException:
             tracker.finish(failed=True)
             raise

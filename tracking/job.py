@@ -186,13 +186,13 @@ def _analyze(tracker: Tracker, run: RunPlan, options: JobOptions) -> AnalysisRes
             if report.data_map is not None:
                 maps[split] = report.data_map
             metrics |= split_metrics(split, scores)
-        tracker.log_artifacts(work / "out", contract.SCORES_DIR)
+        tracker.write_artifacts(work / "out", contract.SCORES_DIR)
         for key, rows in samples.items():
-            tracker.log_samples(key, rows)
+            tracker.write_samples(key, rows)
         for split, points in maps.items():
-            tracker.log_scatter(f"{contract.scores_dir(split)}/data_map", points, "variability", "confidence",
+            tracker.write_scatter(f"{contract.scores_dir(split)}/data_map", points, "variability", "confidence",
                                 f"{split}: data map (confidence against variability)")
-        tracker.log_metrics(metrics)
+        tracker.write_metrics(metrics)
         tracker.set_tags({contract.STATUS_TAG: contract.STATUS_DONE})
     return result
 

@@ -203,7 +203,7 @@ def select_run(tracker: Tracker, run_id: str, *, by: str, split: str | None = No
                 local = Path(work) / "out" / name
                 local.parent.mkdir(parents=True)
                 table.to_parquet(local, index=False)
-                tracker.log_dataset(local, folder, name=f"{chosen_split}-{by}-{Path(name).stem}", context=CONTEXT)
+                tracker.write_dataset(local, folder, name=f"{chosen_split}-{by}-{Path(name).stem}", context=CONTEXT)
                 tracker.set_tags({LATEST_TAG.format(split=chosen_split): f"{folder}/{name}"})
             finally:
                 tracker.finish()  # whatever happens: closes a resumed W&B run; a no-op for an attached MLflow run

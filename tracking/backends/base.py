@@ -2,6 +2,16 @@
 
 - `RunWriter`: what a training loop needs and nothing more: start (or join) a run, log
   params and metrics, hand a finished file over for upload, finish.
+
+  Two families of writes, one name per thing. `log_params`, `log_metrics`, `log_artifact` and
+  `log_table` never wait for the network: each backend hides its own asynchrony behind them (MLflow
+  queues them, in order, through the run's spool folder, so an outage costs no write; W&B offline
+  writes to local disk), and `finish` waits for them, bounded, and raises or warns naming what did not
+  land. Training (recorders, callbacks, loops) writes through them. `write_params`, `write_metrics`,
+  `write_artifact`, `write_artifacts`, `write_dataset`, `write_samples`, `write_scatter` and `set_tags`
+  return once the backend has the write and raise when it does not: the post-hoc job and commands
+  (`analyze`, `compare`, `select`) use them, since their files are temporary and the job may mark a
+  run done only once its scores are there.
 - `RunReader`: what the post-hoc job reads back: attach to a run, list and download its
   files, read its params and tags, find an experiment's runs.
 - `Tracker`: one backend, both halves, plus `job_lock` (see `tracking.backends.lock`).
@@ -20,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tracking.backends.uploads import Operation, Uploader, spool_root
+from tracking.backends.uploads import Operation, SpoolClaim, Uploader, claim_spool, spool_root
 from tracking.errors import ActionScoresError
 
 if TYPE_CHECKING:
@@ -45,6 +55,7 @@ class RunWriter(_Run, ABC):
     """The training side: everything a loop or a callback writes to a run."""
 
     _local_uploader: Uploader | None = None  # see `_table_uploads`
+    _spool_claim: SpoolClaim | None = None  # see `spool_dir`
     # Whether processes other than the one that opened the run may attach and write files into it at once,
     # each through its own spool (`shared_run`): then every torchrun rank uploads its own part of an epoch.
     several_writers: ClassVar[bool] = False
@@ -64,38 +75,38 @@ class RunWriter(_Run, ABC):
 
     @abstractmethod
     def finish(self, failed: bool = False) -> None:
-        """Close the run that `start` opened (after queued writes, see `upload_later`)."""
+        """Close the run that `start` opened, after the writes of the `log_*` family (bounded wait)."""
 
     @abstractmethod
-    def log_params(self, params: Mapping[str, object]) -> None:
-        """Record settings of the run (values become strings)."""
+    def write_params(self, params: Mapping[str, object]) -> None:
+        """Record settings of the run (values become strings) now; raises when the backend does not take them."""
 
     @abstractmethod
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Record numeric results."""
+    def write_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record numeric results now (`step` None: the run's summary values)."""
 
     @abstractmethod
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Record mutable labels of the run (the job's status lives here)."""
 
     @abstractmethod
-    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
-        """Upload one file into `artifact_dir` of the run, replacing a file of the same name."""
+    def write_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+        """Upload one file into `artifact_dir` of the run now, replacing a file of the same name."""
 
-    def log_artifacts(self, local_dir: str | Path, artifact_dir: str) -> None:
+    def write_artifacts(self, local_dir: str | Path, artifact_dir: str) -> None:
         """Upload every file under `local_dir`, keeping the folder layout (`artifact_dir` "": the run's root)."""
         root = Path(local_dir)
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             relative = path.parent.relative_to(root).as_posix()
-            self.log_artifact(path, "/".join(part for part in (artifact_dir, relative) if part not in ("", ".")))
+            self.write_artifact(path, "/".join(part for part in (artifact_dir, relative) if part not in ("", ".")))
 
-    def log_dataset(self, local_path: str | Path, artifact_dir: str, name: str, context: str) -> None:
+    def write_dataset(self, local_path: str | Path, artifact_dir: str, name: str, context: str) -> None:
         """Upload a parquet table the run made for other runs to use (a selection of samples) into
         `artifact_dir`, and register it where the backend has a record of datasets: `name` names it,
         `context` says what it is for. The default uploads the file only."""
-        self.log_artifact(local_path, artifact_dir)
+        self.write_artifact(local_path, artifact_dir)
 
-    def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
+    def write_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
         """Show a ranked set of samples natively where the backend has a view for it.
 
         Each row holds `image` (uint8 array), `caption` and plain columns. MLflow has no
@@ -107,7 +118,7 @@ class RunWriter(_Run, ABC):
         backend's name, its constructor's `options` and the `run_id`; None where the run is this process's alone."""
         return None
 
-    def log_scatter(self, key: str, points: pd.DataFrame, x: str, y: str, title: str) -> None:
+    def write_scatter(self, key: str, points: pd.DataFrame, x: str, y: str, title: str) -> None:
         """Show a scatter of `points` (one row per sample: `x`, `y` and the columns to hover) as the backend's
         own chart, where it has one (the data map). MLflow has none (the PNG is its view): the default does
         nothing."""
@@ -115,21 +126,39 @@ class RunWriter(_Run, ABC):
     # --- writes during training: never block the loop -----------------------------------
     @property
     def spool_dir(self) -> Path:
-        """This run's local spool folder (`$ACTION_SCORES_SPOOL/<backend>-<run id>`, `...-rank<R>` for a
-        torchrun rank R above 0): where the recorder writes tables, kept until they are uploaded."""
-        return spool_root() / (f"{self.name}-{self.run_id}" + (f"-rank{self.writer_rank}" if self.writer_rank else ""))
+        """This writer's local spool folder for its run: where the recorder writes tables, kept until they are
+        uploaded. `$ACTION_SCORES_SPOOL/<backend>-<run id>` (`...-rank<R>` for a torchrun rank R above 0),
+        claimed on first use (`tracking.backends.uploads.claim_spool`) and held until `finish`: while another
+        writer of the run holds that (a second callback in this process, another process), `...-writer<N>`."""
+        return self._claimed_spool().path
 
-    def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
-        """Hand a finished file over for upload without waiting for the network.
+    def _claimed_spool(self) -> SpoolClaim:
+        """This writer's claim of its run's spool folder (see `spool_dir`), taken now if it holds none."""
+        base = spool_root() / (f"{self.name}-{self.run_id}" + (f"-rank{self.writer_rank}" if self.writer_rank else ""))
+        claim = self._spool_claim
+        if claim is None or claim.released or claim.base != base:
+            if claim is not None and not claim.owned:  # another run's, never used (an uploader releases its own)
+                claim.release()
+            claim = self._spool_claim = claim_spool(base)
+        return claim
 
-        Backends that write to local disk (W&B offline, a folder) just log it now; a
+    def _release_spool(self) -> None:
+        """Let the run's next writer take this writer's spool folder, and replay what is left there."""
+        claim, self._spool_claim = self._spool_claim, None
+        if claim is not None:
+            claim.release()
+
+    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+        """Hand a finished file over for upload without waiting for the network (`write_artifact` waits).
+
+        Backends that write to local disk (W&B offline, a folder) just write it now; a
         network backend queues it (see `tracking.backends.uploads`) and `finish` waits for it.
         """
-        self.log_artifact(local_path, artifact_dir)
+        self.write_artifact(local_path, artifact_dir)
 
     def log_table(self, path: Path, write: Callable[[], object], artifact_dir: str) -> None:
         """Hand a table over without waiting for the disk or the network: `write()` makes the file at `path`
-        on the run's writer thread, which then hands it to `upload_later` (`finish` waits for both, bounded).
+        on the run's writer thread, which then hands it to `log_artifact` (`finish` waits for both, bounded).
         Raises `ActionScoresError` for a table handed over earlier that could not be written."""
         path = Path(path).resolve()
 
@@ -147,13 +176,13 @@ class RunWriter(_Run, ABC):
             if uploader is not None:
                 uploader.close()
             record = {"backend": self.name, "run_id": self.run_id, "tracking_uri": ""}
-            uploader = Uploader(self.spool_dir, record, lambda operation, maybe_done: self.upload_later(
+            uploader = Uploader(self._claimed_spool(), record, lambda operation, maybe_done: self.log_artifact(
                 operation.payload["path"], operation.payload["artifact_dir"]), self._keeps_handed_over_files())
             self._local_uploader = uploader
         return uploader
 
     def _keeps_handed_over_files(self) -> bool | None:
-        """`keep_local` of the writer thread's uploader: a backend whose `upload_later` only queues the file
+        """`keep_local` of the writer thread's uploader: a backend whose `log_artifact` only queues the file
         (to another uploader, which reads it later) keeps it whatever the setting."""
         return self.keep_local
 
@@ -162,24 +191,26 @@ class RunWriter(_Run, ABC):
         that could not be made or handed on, each with its reason (the run then ends FAILED)."""
         uploader, self._local_uploader = self._local_uploader, None
         if uploader is None:
+            self._release_spool()
             return []
         left = uploader.close()
+        self._release_spool()
         return uploader.unwritten + [f"{op.describe}: {uploader.last_error}" for op in left] + [
             f"{op.describe}: {why}" for op, why in uploader.refused]
 
-    def log_params_later(self, params: Mapping[str, object]) -> None:
-        """`log_params` without waiting for the network (a network backend queues it with its uploads)."""
-        self.log_params(params)
+    def log_params(self, params: Mapping[str, object]) -> None:
+        """`write_params` without waiting for the network (a network backend queues it with its uploads)."""
+        self.write_params(params)
 
-    def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
-        """`log_metrics` without waiting for the network, in order with `upload_later`."""
-        self.log_metrics(metrics, step)
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """`write_metrics` of epoch `step` without waiting for the network, in order with `log_artifact`."""
+        self.write_metrics(metrics, step)
 
     def upload_spool(self, spool: Path, run_id: str | None = None) -> list[Operation]:
         """Perform the writes a training process left in `spool` (`action-scores upload`), attached
         to the spool's run (`run_id`: refuse a spool of another run); returns what was done.
 
-        Only a backend whose `upload_later` queues writes leaves a spool; the others say so.
+        Only a backend whose `log_*` family queues writes leaves a spool; the others say so.
         """
         raise ActionScoresError(
             f"{spool}: the {self.name} tracker writes straight to its runs and spools nothing, "

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 
 class FanOutTracker(Tracker):
-    """Several backends as one (`--tracker both`): every write goes to each, reads come from the first."""
+    """Several backends as one (`--tracker both`): every write goes to each, reads come from the first.
+
+    Each family goes to the same family of each backend, so training's `log_*` writes wait for neither."""
 
     name = "both"
 
@@ -52,50 +54,50 @@ class FanOutTracker(Tracker):
         if unwritten and not failed:
             raise unwritten_error(self.run_id, unwritten)
 
-    def log_params(self, params: Mapping[str, object]) -> None:
+    def write_params(self, params: Mapping[str, object]) -> None:
         for tracker in self.trackers:
-            tracker.log_params(params)
+            tracker.write_params(params)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def write_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         for tracker in self.trackers:
-            tracker.log_metrics(metrics, step)
+            tracker.write_metrics(metrics, step)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for tracker in self.trackers:
             tracker.set_tags(tags)
 
-    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+    def write_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
         for tracker in self.trackers:
-            tracker.log_artifact(local_path, artifact_dir)
+            tracker.write_artifact(local_path, artifact_dir)
 
     def _keeps_handed_over_files(self) -> bool:
         """MLflow's uploader reads the table later, from this spool folder: keep it (MLflow deletes only its own)."""
         return True
 
-    def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
+    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
         """Each backend's own hand-over (MLflow queues it; W&B copies it): on the writer thread for `log_table`."""
         for tracker in self.trackers:
-            tracker.upload_later(local_path, artifact_dir)
+            tracker.log_artifact(local_path, artifact_dir)
 
-    def log_params_later(self, params: Mapping[str, object]) -> None:
+    def log_params(self, params: Mapping[str, object]) -> None:
         for tracker in self.trackers:
-            tracker.log_params_later(params)
+            tracker.log_params(params)
 
-    def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         for tracker in self.trackers:
-            tracker.log_metrics_later(metrics, step)
+            tracker.log_metrics(metrics, step)
 
-    def log_dataset(self, local_path: str | Path, artifact_dir: str, name: str, context: str) -> None:
+    def write_dataset(self, local_path: str | Path, artifact_dir: str, name: str, context: str) -> None:
         for tracker in self.trackers:
-            tracker.log_dataset(local_path, artifact_dir, name, context)
+            tracker.write_dataset(local_path, artifact_dir, name, context)
 
-    def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
+    def write_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
         for tracker in self.trackers:
-            tracker.log_samples(key, rows)
+            tracker.write_samples(key, rows)
 
-    def log_scatter(self, key: str, points: pd.DataFrame, x: str, y: str, title: str) -> None:
+    def write_scatter(self, key: str, points: pd.DataFrame, x: str, y: str, title: str) -> None:
         for tracker in self.trackers:
-            tracker.log_scatter(key, points, x, y, title)
+            tracker.write_scatter(key, points, x, y, title)
 
     def params(self) -> dict[str, str]:
         return self.trackers[0].params()

@@ -104,8 +104,9 @@ def _run_artifact_source(uri: str) -> Any:
 class MLflowTracker(Tracker):
     """MLflow backend; any tracking URI works (sqlite file, server, Databricks).
 
-    Writes made during training through `upload_later` and `log_metrics_later` go through
-    one background `Uploader` per run, so a server outage never blocks or kills training.
+    The `log_*` family (training's writes: `log_params`, `log_metrics`, `log_artifact`, `log_table`) goes
+    through one background `Uploader` per run, so a server outage never blocks or kills training; the
+    `write_*` family (the job's) calls the server at once.
     """
 
     name = "mlflow"
@@ -191,12 +192,14 @@ class MLflowTracker(Tracker):
         if self._uploader is not None:
             uploader, self._uploader = self._uploader, None
             status = self._close_uploads(uploader, status if self._started else None) or status
+            self._release_spool()
             if self._started:  # the spooled `end` ends the run on the server (or will, by upload)
                 self._started = False
                 _end_run_without_waiting(status)
             if uploader.unwritten and not failed:
                 raise unwritten_error(self.run_id, uploader.unwritten)
             return
+        self._release_spool()
         if self._started:
             mlflow.end_run(status=status)
             self._started = False
@@ -219,20 +222,20 @@ class MLflowTracker(Tracker):
             self._close_uploads(old, None)
         if self._uploader is None:
             record = {"backend": self.name, "run_id": self.run_id, "tracking_uri": redact(self.tracking_uri)}
-            self._uploader = Uploader(self.spool_dir, record, functools.partial(self.perform, self.run_id),
+            self._uploader = Uploader(self._claimed_spool(), record, functools.partial(self.perform, self.run_id),
                                       self.keep_local)
         return self._uploader
 
-    def upload_later(self, local_path: str | Path, artifact_dir: str) -> None:
+    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
         self._uploads().submit("artifact", path=str(Path(local_path).resolve()), artifact_dir=artifact_dir)
 
     def _table_uploads(self) -> Uploader:
         return self._uploads()  # one queue: a table's upload keeps its place among the run's other writes
 
-    def log_params_later(self, params: Mapping[str, object]) -> None:
+    def log_params(self, params: Mapping[str, object]) -> None:
         self._uploads().submit("params", params={key: str(value) for key, value in params.items()})
 
-    def log_metrics_later(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self._uploads().submit("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=int(step),
                                timestamp_ms=int(time.time() * 1000))  # the history shows when, not when uploaded
 
@@ -307,7 +310,7 @@ class MLflowTracker(Tracker):
                 ) from None
             raise
 
-    def log_params(self, params: Mapping[str, object]) -> None:
+    def write_params(self, params: Mapping[str, object]) -> None:
         self._log_params(self.run_id, params)
 
     def _log_params(self, run_id: str, params: Mapping[str, object]) -> None:
@@ -324,7 +327,7 @@ class MLflowTracker(Tracker):
         for start in range(0, len(fresh), self._MAX_PARAMS_PER_BATCH):
             self._client.log_batch(run_id, params=fresh[start : start + self._MAX_PARAMS_PER_BATCH])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def write_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self._log_metrics(self.run_id, metrics, step)
 
     def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None,
@@ -341,10 +344,10 @@ class MLflowTracker(Tracker):
         for key, value in tags.items():
             self._client.set_tag(self.run_id, key, value)
 
-    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+    def write_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
         self._client.log_artifact(self.run_id, str(local_path), artifact_dir)
 
-    def log_dataset(self, local_path: str | Path, artifact_dir: str, name: str, context: str) -> None:
+    def write_dataset(self, local_path: str | Path, artifact_dir: str, name: str, context: str) -> None:
         """The file, then a dataset input of the run (the run page's "Datasets used"), its source the
         uploaded file, its digest MLflow's hash of the table, tagged with `context`."""
         import mlflow.data
@@ -352,7 +355,7 @@ class MLflowTracker(Tracker):
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        self.log_artifact(local_path, artifact_dir)
+        self.write_artifact(local_path, artifact_dir)
         source = _run_artifact_source(f"runs:/{self.run_id}/{artifact_dir}/{Path(local_path).name}")
         dataset = mlflow.data.from_pandas(pd.read_parquet(local_path), source=source, name=name)
         self._client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),

@@ -40,17 +40,26 @@ run's spool folder are deleted, never a file handed over from elsewhere, and not
 (a re-recorded epoch) still names it; a refused or failed write keeps its file.
 
 Spool folder: `$ACTION_SCORES_SPOOL/<backend>-<run id>/`, by default under the system's
-temporary folder (`/tmp/action-scores-spool/...`).
+temporary folder (`/tmp/action-scores-spool/...`). One writer holds a spool folder at a time (`claim_spool`:
+an exclusive `flock` on its `writer.lock`, which the kernel frees when the holder exits, however it exits):
+a second writer on the same run, in this process (two callbacks, one per split) or in another, gets
+`<backend>-<run id>-writer<N>/` of its own, so that no two queues number their operations in one folder.
+The run's own folder, when claimed, takes over the leftovers of the `-writer<N>` folders beside it that no
+writer holds (a resumed process), and `action-scores upload` performs them with its own.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import re
+import socket
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +78,8 @@ MAX_QUEUED_TABLES = 4  # each holds an epoch's arrays: past this, a hand-over wa
 PENDING = "pending"
 FAILED = "failed"  # refused writes and unreadable operation files, set aside
 RUN_FILE = "run.json"
+CLAIM_FILE = "writer.lock"  # flock'ed by the one writer that holds the spool folder; names it
+WRITER_SUFFIX = "-writer"  # `<backend>-<run id>-writer<N>`: the folder of a run's N-th writer at once
 
 
 class UploadRefused(ActionScoresError):
@@ -78,6 +89,73 @@ class UploadRefused(ActionScoresError):
 def spool_root() -> Path:
     """Where every run's spool folder lives: `$ACTION_SCORES_SPOOL`, else `<temp>/action-scores-spool`."""
     return Path(os.environ.get(SPOOL_ENV) or Path(tempfile.gettempdir()) / "action-scores-spool")
+
+
+class SpoolInUse(ActionScoresError):
+    """A spool folder that another writer holds (`claim_spool(..., exact=True)`)."""
+
+
+class SpoolClaim:
+    """One writer's hold on one spool folder: an open, exclusively `flock`ed `writer.lock` inside it.
+
+    `flock` belongs to the open file, so a second claim of the folder fails in this process as in any other,
+    and the kernel frees it when the process exits. `release` (idempotent; also when the claim is garbage
+    collected) lets the next writer take the folder and replay what is left in it."""
+
+    def __init__(self, base: Path, path: Path, descriptor: int) -> None:
+        self.base = base  # the run's own folder, `<backend>-<run id>[-rank<R>]`
+        self.path = path  # the folder held: `base`, or `base-writer<N>` when another writer holds `base`
+        self.owned = False  # an `Uploader` works in it: that uploader's `close` releases it
+        self._finalizer = weakref.finalize(self, os.close, descriptor)
+
+    @property
+    def released(self) -> bool:
+        return not self._finalizer.alive
+
+    @property
+    def is_base(self) -> bool:
+        """Whether this is the run's own folder, which also takes over its free `-writer<N>` siblings."""
+        return self.path == self.base
+
+    def release(self) -> None:
+        self._finalizer()
+
+
+def writer_folders(base: Path) -> list[Path]:
+    """The `base-writer<N>` folders beside `base`, by N: where other writers of its run put their writes."""
+    pattern = re.compile(re.escape(base.name + WRITER_SUFFIX) + r"(\d+)")
+    found = [(int(match.group(1)), folder) for folder in base.parent.glob(base.name + WRITER_SUFFIX + "*")
+             if (match := pattern.fullmatch(folder.name)) and folder.is_dir()]
+    return [folder for _, folder in sorted(found)]
+
+
+def claim_spool(base: Path, exact: bool = False) -> SpoolClaim:
+    """Hold the spool folder `base` for one writer, or, while another writer holds it (in this process or
+    another), the first free `base-writer<N>` (N = 2, 3, ...); the folder is made if missing.
+
+    `exact`: hold `base` itself or raise `SpoolInUse` naming the holder (`<host>:<pid>`)."""
+    import fcntl
+
+    for number in itertools.count(1):
+        folder = base if number == 1 else base.with_name(f"{base.name}{WRITER_SUFFIX}{number}")
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(folder / CLAIM_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "a writer"
+            os.close(descriptor)
+            if exact:
+                raise SpoolInUse(f"{folder} is held by a writer that is still running ({holder}, {CLAIM_FILE}); "
+                                 "run this again once it has finished") from None
+            continue
+        except BaseException:
+            os.close(descriptor)
+            raise
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{socket.gethostname()}:{os.getpid()}\n".encode(), 0)
+        return SpoolClaim(base, folder, descriptor)
+    raise AssertionError("unreachable")
 
 
 def _seconds(env: str, default: float) -> float:
@@ -116,6 +194,11 @@ class Operation:
     file: Path
     kind: str  # "artifact", "params", "metrics" or "end"
     payload: dict[str, Any]
+
+    @property
+    def spool(self) -> Path:
+        """The spool folder the operation's file lies in (`<spool>/pending/` or `<spool>/failed/`)."""
+        return self.file.parent.parent
 
     @property
     def describe(self) -> str:
@@ -195,29 +278,38 @@ class Uploader:
     holds its epoch's arrays.
     """
 
-    def __init__(self, spool: Path, run_record: Mapping[str, str],
+    def __init__(self, spool: Path | SpoolClaim, run_record: Mapping[str, str],
                  perform: Callable[[Operation, bool], None], keep_local: bool | None = None) -> None:
-        """`perform` must leave the tracker holding the file of an artifact write when it returns: the file is
-        then deleted from the spool, unless `keep_local` (None: `$ACTION_SCORES_KEEP_LOCAL`)."""
-        self.spool = spool
-        self.keep_local = keeps_local(keep_local)
-        (spool / PENDING).mkdir(parents=True, exist_ok=True)
-        (spool / RUN_FILE).write_text(json.dumps(dict(run_record), indent=1))
+        """`spool`: a writer's claim (`claim_spool`), which this uploader then holds until `close`, or a folder,
+        claimed here (`SpoolInUse` when another writer holds it: two queues in one folder would overwrite each
+        other's operation files). `perform` must leave the tracker holding the file of an artifact write when it
+        returns: the file is then deleted from the spool, unless `keep_local` (None: `$ACTION_SCORES_KEEP_LOCAL`)."""
+        keep = keeps_local(keep_local)  # a bad value is an error before anything is claimed
+        self._claim = spool if isinstance(spool, SpoolClaim) else claim_spool(spool, exact=True)
+        if self._claim.released:
+            raise ActionScoresError(f"{self._claim.path}: this writer's claim of its spool folder was released")
+        self._claim.owned = True
+        self.spool = self._claim.path
+        self.keep_local = keep
+        (self.spool / PENDING).mkdir(parents=True, exist_ok=True)
+        (self.spool / RUN_FILE).write_text(json.dumps(dict(run_record), indent=1))
         self._perform = perform
         self._max_backoff = _seconds(BACKOFF_ENV, 30.0)
         self._wait = _seconds(WAIT_ENV, 300.0)  # read now: a bad value is an error at the start, not the end
         self._max_tables = _count(WRITE_QUEUE_ENV, MAX_QUEUED_TABLES)
         self._lock = threading.Condition()
-        self._queue = pending_operations(spool)  # leftovers of an earlier process on this run come first...
+        self._queue = pending_operations(self.spool)  # leftovers of an earlier process on this run come first,
+        self._adopted = self._adopt_free_writer_folders()  # with those of its other writers' folders...
+        self._queue += [op for claim in self._adopted for op in pending_operations(claim.path)]
         for stale in [op for op in self._queue if op.kind == "end"]:  # ...but this process ends the run
             self._queue.remove(stale)
             stale.file.unlink(missing_ok=True)
-            log.info("dropped the earlier process's %s from %s: this process ends the run", stale.describe, spool)
+            log.info("dropped the earlier process's %s from %s: this process ends the run", stale.describe, stale.spool)
         self.refused: list[tuple[Operation, str]] = []  # set aside in failed/, with the tracker's reason
         self._replayed = {op.file for op in self._queue}
         # Numbered after every file an earlier process left, refused ones included: none is ever overwritten.
         self._next = max((int(file.stem.split(".")[0]) for folder in (PENDING, FAILED)
-                          for file in (spool / folder).glob("*.json*") if file.stem.split(".")[0].isdigit()),
+                          for file in (self.spool / folder).glob("*.json*") if file.stem.split(".")[0].isdigit()),
                          default=0) + 1
         self._closing = False
         self._abandoned = False  # set by close() on timeout: both threads stop at once
@@ -228,11 +320,28 @@ class Uploader:
         self._writing = ""  # the table the writer thread is making now
         self.end_status = ""  # the status `close` queued for the run's end
         self.table_waits = 0  # hand-overs that found the writer queue full and waited
-        self._writer = threading.Thread(target=self._write_tables, name=f"action-scores-write-{spool.name}",
+        self._writer = threading.Thread(target=self._write_tables, name=f"action-scores-write-{self.spool.name}",
                                         daemon=True)
-        self._thread = threading.Thread(target=self._work, name=f"action-scores-upload-{spool.name}", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=f"action-scores-upload-{self.spool.name}",
+                                        daemon=True)
         self._writer.start()
         self._thread.start()
+
+    def _adopt_free_writer_folders(self) -> list[SpoolClaim]:
+        """The claims of the `-writer<N>` folders beside the run's own folder that no writer holds and that
+        still hold writes (an earlier process's second writer): this queue performs them after its own."""
+        if not self._claim.is_base:
+            return []
+        adopted = []
+        for folder in writer_folders(self.spool):
+            if not any((folder / PENDING).glob("*.json")):
+                continue
+            try:
+                adopted.append(claim_spool(folder, exact=True))
+            except SpoolInUse:  # a writer of this run still running: its own queue does them
+                continue
+            log.info("taking over the writes left in %s", folder)
+        return adopted
 
     def submit(self, kind: str, **payload: Any) -> None:
         """Persist one operation, then queue it; returns at once."""
@@ -321,7 +430,7 @@ class Uploader:
                     uploaded = True
                     break
                 except UploadRefused as error:  # retrying cannot help; the writes behind it go on
-                    where = set_aside(self.spool, operation.file)
+                    where = set_aside(operation.spool, operation.file)
                     self.refused.append((operation, str(error)))
                     log.warning("%s: %s; set aside in %s", operation.describe, error, where)
                     break
@@ -338,7 +447,7 @@ class Uploader:
                     pause = min(pause * 2, self._max_backoff)
             with self._lock:
                 if uploaded and not self.keep_local:  # the writer thread may be making it again (a resumed epoch)
-                    delete_uploaded(self.spool, operation, self._queue[1:],
+                    delete_uploaded(operation.spool, operation, self._queue[1:],
                                     {self._writing, *(table[2] for table in self._tables)})
                 self._queue.pop(0)
                 self._lock.notify_all()
@@ -370,6 +479,8 @@ class Uploader:
             left = list(self._queue)
         for thread in (self._thread, self._writer):  # a write already in flight ends with its own timeout
             thread.join(timeout=max(0.0, deadline - time.monotonic()) + 0.1)
+        for claim in (self._claim, *self._adopted):  # the next writer of the run takes the folders, leftovers too
+            claim.release()
         return left
 
 
@@ -406,27 +517,38 @@ def left_behind_message(spool: Path, operations: list[Operation], last_error: st
 
 
 def replay(spool: Path, perform: Callable[[Operation, bool], None], keep_local: bool | None = None) -> list[Operation]:
-    """Perform a spool folder's pending and set-aside operations in order, once each
+    """Perform a spool folder's pending and set-aside operations in order, once each, with those of its
+    `-writer<N>` folders (the run's other writers) after them and the end of the run last
     (`action-scores upload`).
 
-    Stops at the first failure, naming it; what was done is removed from the spool (its uploaded files too,
-    unless `keep_local`, None: `$ACTION_SCORES_KEEP_LOCAL`), so running it again goes on from there.
+    Every folder is claimed first: one that a running writer holds is refused (`SpoolInUse`), since its
+    queue is still at work. Stops at the first failure, naming it; what was done is removed from the spool
+    (its uploaded files too, unless `keep_local`, None: `$ACTION_SCORES_KEEP_LOCAL`), so running it again
+    goes on from there.
     """
     keep = keeps_local(keep_local)
-    done = []
-    operations = pending_operations(spool, include_failed=True)
-    for position, operation in enumerate(operations):
-        try:
-            perform(operation, True)
-        except ActionScoresError as error:
-            raise ActionScoresError(f"{operation.describe} from {spool}: {error}") from None
-        except Exception as error:  # the tracker's own connection and HTTP errors
-            raise ActionScoresError(
-                f"could not upload {operation.describe} from {spool} ({type(error).__name__}: {str(error)[:300]}); "
-                f"{len(done)} write(s) done, the rest kept: run the command again"
-            ) from None
-        operation.file.unlink(missing_ok=True)
-        if not keep:
-            delete_uploaded(spool, operation, operations[position + 1:])
-        done.append(operation)
+    done: list[Operation] = []
+    claims: list[SpoolClaim] = []
+    try:
+        for folder in [spool, *writer_folders(spool)]:
+            claims.append(claim_spool(folder, exact=True))
+        found = [op for claim in claims for op in pending_operations(claim.path, include_failed=True)]
+        operations = [op for op in found if op.kind != "end"] + [op for op in found if op.kind == "end"]
+        for position, operation in enumerate(operations):
+            try:
+                perform(operation, True)
+            except ActionScoresError as error:
+                raise ActionScoresError(f"{operation.describe} from {operation.spool}: {error}") from None
+            except Exception as error:  # the tracker's own connection and HTTP errors
+                raise ActionScoresError(
+                    f"could not upload {operation.describe} from {operation.spool} ({type(error).__name__}: "
+                    f"{str(error)[:300]}); {len(done)} write(s) done, the rest kept: run the command again"
+                ) from None
+            operation.file.unlink(missing_ok=True)
+            if not keep:
+                delete_uploaded(operation.spool, operation, operations[position + 1:])
+            done.append(operation)
+    finally:
+        for claim in claims:
+            claim.release()
     return done

@@ -237,10 +237,10 @@ class WandbTracker(Tracker):
         if unwritten and not failed:
             raise unwritten_error(self.run_id, unwritten)
 
-    def log_params(self, params: Mapping[str, object]) -> None:
+    def write_params(self, params: Mapping[str, object]) -> None:
         self._writer().config.update({key: value for key, value in params.items()}, allow_val_change=True)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def write_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if step is None:
             self._writer().summary.update(dict(metrics))
         else:
@@ -251,7 +251,7 @@ class WandbTracker(Tracker):
         run.summary.update(dict(tags))
         run.tags = tuple(sorted(set(run.tags or ()) | {f"{k}={v}"[:64] for k, v in tags.items()}))
 
-    def log_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
+    def write_artifact(self, local_path: str | Path, artifact_dir: str) -> None:
         import wandb
 
         run = self._writer()
@@ -264,12 +264,12 @@ class WandbTracker(Tracker):
             artifact.add_file(str(local_path), name=f"{artifact_dir}/{Path(local_path).name}")
             run.log_artifact(artifact)
 
-    def log_dataset(self, local_path: str | Path, artifact_dir: str, name: str, context: str) -> None:
+    def write_dataset(self, local_path: str | Path, artifact_dir: str, name: str, context: str) -> None:
         """The file among the run's files, and a `dataset` artifact `name` (a new version per call),
         its metadata saying `context`."""
         import wandb
 
-        self.log_artifact(local_path, artifact_dir)
+        self.write_artifact(local_path, artifact_dir)
         artifact = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]", "-", name), type="dataset", metadata={"context": context})
         artifact.add_file(str(local_path), name=f"{artifact_dir}/{Path(local_path).name}")
         self._writer().log_artifact(artifact)
@@ -343,7 +343,7 @@ class WandbTracker(Tracker):
             f"`action-scores upload`; to send the run to a W&B server, use `wandb sync {folder}`"
         )
 
-    def log_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
+    def write_samples(self, key: str, rows: list[dict[str, Any]]) -> None:
         """W&B-native view of a ranked panel: captioned `wandb.Image`s and a table with the images."""
         import wandb
 
@@ -353,7 +353,7 @@ class WandbTracker(Tracker):
                             data=[[image, *(row[c] for c in columns)] for image, row in zip(images, rows)])
         self._writer().log({f"{key}/images": images, f"{key}/table": table})
 
-    def log_scatter(self, key: str, points: pd.DataFrame, x: str, y: str, title: str) -> None:
+    def write_scatter(self, key: str, points: pd.DataFrame, x: str, y: str, title: str) -> None:
         """A W&B scatter chart of `points` (its table is logged with it, so hovering a point shows the row)."""
         import wandb
 

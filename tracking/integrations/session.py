@@ -236,12 +236,12 @@ class RecordingSession:
         if self.writer is None or not distributed.is_main():
             return
         if not self._params_logged:
-            self.writer.log_params_later({contract.SCORED_BY_PREFIX + name: how
+            self.writer.log_params({contract.SCORED_BY_PREFIX + name: how
                                           for name, how in self.scored_by.items()})
             self._params_logged = True
         media = self._pending_media.pop(split, None)
         if media is not None and media.path is not None:
-            self.writer.upload_later(media.path, contract.media_dir(split))
+            self.writer.log_artifact(media.path, contract.media_dir(split))
 
     def close(self, failed: bool = False) -> None:
         """Wait for the queued tables; end the run only if this session opened it. Under torchrun every rank

@@ -197,7 +197,7 @@ def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, label
     Give `images` or `texts` (or neither), and `uris` alone or beside them as the fallback
     above `max_bytes`. Everything is checked before anything is written; the table goes to
     `local_dir` (default: the writer's spool folder, or without a writer a temporary folder, removed with the
-    returned summary) and then to the run through `writer.upload_later`. Returns what was recorded.
+    returned summary) and then to the run through `writer.log_artifact`. Returns what was recorded.
     """
     split = contract.check_name("split", split)
     if images is not None and texts is not None:
@@ -264,7 +264,7 @@ def record_media(writer: RunWriter | None, split: str, sample_ids: Any, *, label
         local_dir = writer.spool_dir if writer is not None else temporary_folder()
     path = _write(table, Path(local_dir) / contract.media_dir(split))
     if writer is not None:
-        writer.upload_later(path, contract.media_dir(split))
+        writer.log_artifact(path, contract.media_dir(split))
     summary = MediaSummary(split, kind, size, path.stat().st_size, path, reason)
     if temporary:
         remove_with(summary, Path(local_dir))

@@ -271,7 +271,7 @@ class LossRecorder:
             return
         self._pending_media = None
         if media.path is not None:
-            tracker.upload_later(media.path, contract.media_dir(self.split))
+            tracker.log_artifact(media.path, contract.media_dir(self.split))
 
     @staticmethod
     def _checked(name: str, values: torch.Tensor, size: int, is_loss: bool) -> torch.Tensor:
