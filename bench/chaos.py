@@ -528,11 +528,11 @@ class Bench:
 
     def new_training(self) -> None:
         """Start trainings while faults are left to inject (every third one Keras), up to `--max-trainings`, and
-        at most twice `--parallel` unfinished at once: a process that fails fast or is killed early frees its
-        slot within seconds, and a new training at each would leave more of them to finish than `--timeout` allows."""
+        at most four times `--parallel` unfinished at once: a process that fails fast or is killed early frees its
+        slot within seconds, and a new training at each would leave dozens to finish at the end."""
         if not self.budget_left() or len(self.trainings) >= self.args.max_trainings:
             return
-        if sum(t.step != "done" for t in self.trainings) >= 2 * self.args.parallel:
+        if sum(t.step != "done" for t in self.trainings) >= 4 * self.args.parallel:
             return
         if len(self.children) >= self.args.parallel or any(t.step == "train" and t.attempts["train"] == 0
                                                             for t in self.trainings):
@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
                              "imports and epochs on 2 loaded cores, under --hang)")
     parser.add_argument("--server-every", type=float, nargs=2, default=(15.0, 45.0), metavar=("MIN", "MAX"),
                         help="seconds between two server kills, drawn uniformly (default 15 45)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for everything (default 1800)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for everything (default 3600)")
     parser.add_argument("--out", type=Path, default=None, help="write chaos.md and chaos.json into this folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, spools, server)")
     args = parser.parse_args(argv)
