@@ -59,7 +59,8 @@ BIN = Path(sys.executable).parent
 SPLITS = {"loop": {"test": 360, "train": 1437}, "keras": {"test": 360}}
 KILL_CHANCE = {"train": 0.8, "upload": 0.5, "job": 0.6}  # that a process started gets a planned kill
 MAX_KILLS = 4  # per training (its attempts, uploads and jobs together): then it is left to finish
-MAX_ATTEMPTS = 12  # per step of a training, faults and failures together: then it is given up and named
+MAX_ATTEMPTS = 24  # per step of a training, faults and failures (the server away at its start) together: then
+# it is given up and named
 POLL_SECONDS = 0.1
 
 
@@ -89,6 +90,7 @@ class Server:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
         self.up = False
+        self.up_since = 0.0  # when it last started to answer
         self.restart_at: float | None = None
         self.downtime = 0.0
         self._down_since = 0.0
@@ -115,6 +117,8 @@ class Server:
                 self.up = response.status == 200
         except OSError:
             return False
+        if self.up:
+            self.up_since = time.monotonic()
         if self.up and self._down_since:
             self.downtime += time.monotonic() - self._down_since
             self._down_since = 0.0
@@ -324,7 +328,7 @@ class Bench:
         self.trainings: list[Training] = []
         self.children: list[Child] = []
         self.tally = Tally()
-        self.next_server_kill = time.monotonic() + self.rng.uniform(*args.server_every)
+        self.server_uptime = self.rng.uniform(*args.server_every)  # before the next kill, once it answers
 
     # -- faults -------------------------------------------------------------------------------------------
 
@@ -346,9 +350,9 @@ class Bench:
 
     def maybe_kill_server(self) -> None:
         now = time.monotonic()
-        if now < self.next_server_kill or not self.server.up:
+        if not self.server.up or now < self.server.up_since + self.server_uptime:
             return
-        self.next_server_kill = now + self.rng.uniform(*self.args.server_every)
+        self.server_uptime = self.rng.uniform(*self.args.server_every)
         if not self.budget_left():
             return
         down_for = self.rng.uniform(0.5, 6.0)
@@ -682,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="ACTION_SCORES_UPLOAD_WAIT of the trainings, seconds (default 30: with a training's "
                              "imports and epochs on 2 loaded cores, under --hang)")
     parser.add_argument("--server-every", type=float, nargs=2, default=(15.0, 45.0), metavar=("MIN", "MAX"),
-                        help="seconds between two server kills, drawn uniformly (default 15 45)")
+                        help="seconds the server answers before its next kill, drawn uniformly (default 15 45)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for everything (default 3600)")
     parser.add_argument("--out", type=Path, default=None, help="write chaos.md and chaos.json into this folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, spools, server)")
