@@ -89,3 +89,22 @@ def test_last_line_of_a_log(tmp_path):
     assert chaos.last_line(log) == "(nothing printed)"
     log.write_text("epoch 0\n" + "Retrying (Retry(total=2)) " + "x" * 300 + "\n\n")
     assert chaos.last_line(log) == ("Retrying (Retry(total=2)) " + "x" * 300)[:200]
+
+
+class _Always:
+    """An RNG whose every draw chooses to upload first."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+def test_a_spool_without_its_run_file_is_resumed_not_uploaded(tmp_path):
+    bench = object.__new__(chaos.Bench)
+    bench.rng = _Always()
+    training = chaos.Training("loop-00", "loop", "e", tmp_path / "spool")
+    (training.spool_root / "mlflow-abc" / "per_sample_media").mkdir(parents=True)  # killed before its first write
+    bench.after_kill(training, "train")
+    assert (training.step, training.after_find) == ("find", "train")
+    (training.spool_root / "mlflow-abc" / "run.json").write_text("{}")
+    bench.after_kill(training, "train")
+    assert (training.step, training.after_find) == ("find", "upload")
