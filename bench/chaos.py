@@ -435,7 +435,8 @@ class Bench:
             return
         training.queued = queued_tables(training.spool)
         # A spool without `run.json` (killed before its first write was queued) is nothing to upload: resume.
-        upload_first = training.spool is not None and (training.spool / "run.json").is_file() and self.rng.random() < 0.4
+        spool = training.spool
+        upload_first = spool is not None and (spool / "run.json").is_file() and self.rng.random() < 0.4
         training.step, training.after_find = "find", "upload" if upload_first else "train"
 
     # -- steps that talk to the server (the bench's own quick queries) -------------------------------------
