@@ -16,6 +16,10 @@ Recovery, as the README says: a killed training is resumed on its run (`MLFLOW_R
 its spool is uploaded with `action-scores upload` (every table queued at the kill must then be on
 the server byte for byte) and then resumed; a killed upload or job is run again. A training that
 ends with writes left behind (the server was away) gets `action-scores upload`, as its message says.
+A process that failed without a kill (the server away at its start: an error naming the server) is run
+again once the server answers. Each process bounds its waits for the server: MLflow's HTTP retries
+(`MLflowTracker`'s `HTTP_BOUNDS`, about 8 s a request while the server refuses) and the end of a training
+(`--upload-wait`, 30 s), so none should pass `--hang`.
 
 Reported: faults injected by kind and phase; tables expected (runs x splits x epochs, and those
 queued at a kill) and how many arrived, were lost or duplicated (a table beyond the epochs, a sample
@@ -55,7 +59,8 @@ BIN = Path(sys.executable).parent
 SPLITS = {"loop": {"test": 360, "train": 1437}, "keras": {"test": 360}}
 KILL_CHANCE = {"train": 0.8, "upload": 0.5, "job": 0.6}  # that a process started gets a planned kill
 MAX_KILLS = 4  # per training (its attempts, uploads and jobs together): then it is left to finish
-MAX_ATTEMPTS = 12  # per step of a training, faults and failures together: then it is given up and named
+MAX_ATTEMPTS = 24  # per step of a training, faults and failures (the server away at its start) together: then
+# it is given up and named
 POLL_SECONDS = 0.1
 
 
@@ -85,6 +90,7 @@ class Server:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
         self.up = False
+        self.up_since = 0.0  # when it last started to answer
         self.restart_at: float | None = None
         self.downtime = 0.0
         self._down_since = 0.0
@@ -111,6 +117,8 @@ class Server:
                 self.up = response.status == 200
         except OSError:
             return False
+        if self.up:
+            self.up_since = time.monotonic()
         if self.up and self._down_since:
             self.downtime += time.monotonic() - self._down_since
             self._down_since = 0.0
@@ -139,6 +147,7 @@ class Training:
     kills: int = 0
     queued: dict[str, str] = field(default_factory=dict)  # artifact path -> sha256, queued at the last kill
     not_before: float = 0.0
+    after_failure: bool = False  # its last process failed (no kill): run again once the server answers
 
     @property
     def spool(self) -> Path | None:
@@ -181,6 +190,7 @@ class Tally:
     queued_arrived: int = 0
     durations: dict[str, list[float]] = field(default_factory=lambda: {"loop": [], "keras": [], "job": [],
                                                                         "upload": []})
+    longest: Counter = field(default_factory=Counter)  # kind -> seconds of its longest process that ended itself
     log: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -219,6 +229,12 @@ def phase(child: Child) -> str:
     if not child.tables_seen:
         return "train startup"
     return "train mid-upload" if queued_tables(child.training.spool) else "train mid-epoch"
+
+
+def last_line(log: Path) -> str:
+    """The last line a process printed (where a process that hung was), cut to 200 characters."""
+    lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+    return lines[-1][:200] if lines else "(nothing printed)"
 
 
 def bytes_under(folder: Path) -> int:
@@ -303,7 +319,7 @@ class Bench:
         base.pop("MLFLOW_RUN_ID", None)
         self.server = Server(work / "server", base)
         self.env = dict(base, MLFLOW_TRACKING_URI=self.server.uri, TMPDIR=str(work / "tmp"), TQDM_DISABLE="1",
-                        KERAS_BACKEND="torch", ACTION_SCORES_UPLOAD_WAIT=str(args.upload_wait),
+                        KERAS_BACKEND="torch", ACTION_SCORES_UPLOAD_WAIT=f"{args.upload_wait:g}",
                         ACTION_SCORES_UPLOAD_BACKOFF="2")
         # The bench's own queries: one quick try each, so the scheduler never waits on a dead server.
         os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10",
@@ -312,7 +328,7 @@ class Bench:
         self.trainings: list[Training] = []
         self.children: list[Child] = []
         self.tally = Tally()
-        self.next_server_kill = time.monotonic() + self.rng.uniform(*args.server_every)
+        self.server_uptime = self.rng.uniform(*args.server_every)  # before the next kill, once it answers
 
     # -- faults -------------------------------------------------------------------------------------------
 
@@ -334,9 +350,9 @@ class Bench:
 
     def maybe_kill_server(self) -> None:
         now = time.monotonic()
-        if now < self.next_server_kill or not self.server.up:
+        if not self.server.up or now < self.server.up_since + self.server_uptime:
             return
-        self.next_server_kill = now + self.rng.uniform(*self.args.server_every)
+        self.server_uptime = self.rng.uniform(*self.args.server_every)
         if not self.budget_left():
             return
         down_for = self.rng.uniform(0.5, 6.0)
@@ -365,6 +381,7 @@ class Bench:
 
     def launch(self, training: Training, step: str) -> None:
         training.attempts[step] += 1
+        training.after_failure = False
         log = self.work / "logs" / f"{training.name}-{step}-{training.attempts[step]}.log"
         env = dict(self.env, ACTION_SCORES_SPOOL=str(training.spool_root))
         if training.run_id and step == "train":
@@ -383,7 +400,8 @@ class Bench:
             if elapsed > self.args.hang:
                 kill_group(child.process)
                 self.tally.hangs.append(f"{training.name} {child.step} attempt {training.attempts[child.step]}: "
-                                        f"past {self.args.hang:.0f} s, killed; log {child.log}")
+                                        f"past {self.args.hang:.0f} s, killed; its log ends "
+                                        f"{last_line(child.log)!r} ({child.log})")
                 self.after_kill(training, child.step)
                 return True
             if child.kill_after is None or elapsed < child.kill_after:
@@ -395,6 +413,8 @@ class Bench:
             self.after_kill(training, child.step)
             return True
         kind = training.kind if child.step == "train" else child.step
+        self.tally.longest[kind] = max(self.tally.longest[kind], round(elapsed, 1))
+        training.after_failure = child.process.returncode != 0
         if child.process.returncode == 0:
             self.tally.durations[kind].append(elapsed)
             training.step = {"train": "find", "upload": "check", "job": "check job"}[child.step]
@@ -402,7 +422,7 @@ class Bench:
         else:
             tail = child.log.read_text(errors="replace")[-300:].strip().replace("\n", " | ")
             self.tally.failures.append(f"{training.name} {child.step} exited {child.process.returncode}: {tail}")
-            training.not_before = time.monotonic() + 2.0  # then the same step again
+            training.not_before = time.monotonic() + 2.0  # then the same step again, once the server answers
             if child.step == "train":
                 training.step, training.after_find = "find", "train"
         return True
@@ -414,7 +434,9 @@ class Bench:
             training.step = "check job" if step == "job" else "upload"
             return
         training.queued = queued_tables(training.spool)
-        upload_first = training.spool is not None and self.rng.random() < 0.4
+        # A spool without `run.json` (killed before its first write was queued) is nothing to upload: resume.
+        spool = training.spool
+        upload_first = spool is not None and (spool / "run.json").is_file() and self.rng.random() < 0.4
         training.step, training.after_find = "find", "upload" if upload_first else "train"
 
     # -- steps that talk to the server (the bench's own quick queries) -------------------------------------
@@ -486,7 +508,7 @@ class Bench:
             return
         step = training.step
         if step in ("train", "upload", "job"):
-            if len(self.children) >= self.args.parallel:
+            if len(self.children) >= self.args.parallel or (training.after_failure and not self.server.up):
                 return
             if training.attempts[step] >= MAX_ATTEMPTS:
                 self.tally.problems.append(f"{training.name}: given up after {MAX_ATTEMPTS} {step} attempts")
@@ -511,8 +533,12 @@ class Bench:
                                    "error": f"{type(error).__name__}: {str(error)[:120]}"})
 
     def new_training(self) -> None:
-        """Start trainings while faults are left to inject (every third one Keras), up to `--max-trainings`."""
+        """Start trainings while faults are left to inject (every third one Keras), up to `--max-trainings`, and
+        at most four times `--parallel` unfinished at once: a process that fails fast or is killed early frees its
+        slot within seconds, and a new training at each would leave dozens to finish at the end."""
         if not self.budget_left() or len(self.trainings) >= self.args.max_trainings:
+            return
+        if sum(t.step != "done" for t in self.trainings) >= 4 * self.args.parallel:
             return
         if len(self.children) >= self.args.parallel or any(t.step == "train" and t.attempts["train"] == 0
                                                             for t in self.trainings):
@@ -559,6 +585,14 @@ class Bench:
         finally:
             kill_group(self.server.process)
 
+    def settings(self) -> dict[str, str]:
+        """What bounds each process's waits for the server: the upload wait of its end, and MLflow's HTTP retries
+        (the tracker's `HTTP_BOUNDS` unless this environment sets them)."""
+        from tracking.backends.mlflow_backend import HTTP_BOUNDS
+
+        names = ["ACTION_SCORES_UPLOAD_WAIT", "ACTION_SCORES_UPLOAD_BACKOFF", *HTTP_BOUNDS]
+        return {name: self.env.get(name, HTTP_BOUNDS.get(name, "")) for name in names}
+
     def figures(self, wall: float) -> dict[str, Any]:
         """The final count over every run, and the spools and temp folders left behind."""
         counts: Counter = Counter()
@@ -597,6 +631,8 @@ class Bench:
             "spool_bytes_left": bytes_under(spool), "spool_operations_left": left_operations,
             "temp_bytes_left": bytes_under(self.work / "tmp"),
             "attempts": dict(sum((t.attempts for t in self.trainings), Counter())),
+            "longest_s": dict(sorted(tally.longest.items())), "hang_s": self.args.hang,
+            "settings": self.settings(),
             "server_down_s": round(self.server.downtime, 1), "wall_s": round(wall, 1),
             "loadavg_1_5_15": [round(x, 1) for x in os.getloadavg()], "cpus": os.cpu_count(),
             "seed": self.args.seed, "command": "python bench/chaos.py " + " ".join(self.args.argv),
@@ -619,13 +655,15 @@ def report(figures: dict[str, Any]) -> str:
         ("lost", f"{figures['tables_lost']} tables lost"),
         ("duplicated", f"{figures['tables_duplicated']} tables duplicated"),
         ("marked done wrongly", f"{len(figures['wrongly_done'])} runs marked done wrongly"),
-        ("hangs", f"{len(figures['hangs'])} hangs"),
+        ("hangs", f"{len(figures['hangs'])} hangs (a process past {figures['hang_s']:.0f} s); longest process that "
+                  f"ended itself: {', '.join(f'{kind} {s:.0f} s' for kind, s in figures['longest_s'].items())}"),
         ("other problems", f"{len(figures['problems'])} other problems"),
         ("spool left", f"{figures['spool_bytes_left']:,} spool bytes left ({figures['spool_operations_left']} "
                        "operation files)"),
         ("temp left", f"{figures['temp_bytes_left']:,} temp bytes left by killed processes"),
         ("exits without a fault", f"{len(figures['failures_without_fault'])} exits != 0 that no kill caused, each "
                                   "run again"),
+        ("settings", ", ".join(f"{name}={value}" for name, value in figures["settings"].items())),
         ("time", f"{figures['wall_s']:.0f} s wall, server down {figures['server_down_s']:.0f} s in all; "
                  f"{figures['cpus']} CPU cores, load average {' / '.join(map(str, figures['loadavg_1_5_15']))}"),
     ]
@@ -646,11 +684,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-trainings", type=int, default=60, help="trainings at most (default 60)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hang", type=float, default=120.0, help="seconds after which a process hangs (default 120)")
-    parser.add_argument("--upload-wait", type=float, default=60.0,
-                        help="ACTION_SCORES_UPLOAD_WAIT of the trainings, seconds (default 60, under --hang)")
+    parser.add_argument("--upload-wait", type=float, default=30.0,
+                        help="ACTION_SCORES_UPLOAD_WAIT of the trainings, seconds (default 30: with a training's "
+                             "imports and epochs on 2 loaded cores, under --hang)")
     parser.add_argument("--server-every", type=float, nargs=2, default=(15.0, 45.0), metavar=("MIN", "MAX"),
-                        help="seconds between two server kills, drawn uniformly (default 15 45)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for everything (default 1800)")
+                        help="seconds the server answers before its next kill, drawn uniformly (default 15 45)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for everything (default 3600)")
     parser.add_argument("--out", type=Path, default=None, help="write chaos.md and chaos.json into this folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, spools, server)")
     args = parser.parse_args(argv)

@@ -71,12 +71,40 @@ def test_report_lines():
         "wrongly_done": [], "hangs": ["loop-00 job attempt 1: past 120 s, killed"],
         "problems": [], "failures_without_fault": [], "spool_bytes_left": 1234, "spool_operations_left": 0,
         "temp_bytes_left": 0, "wall_s": 61.2, "server_down_s": 7.0, "cpus": 2, "loadavg_1_5_15": [1.0, 2.0, 3.0],
-        "command": "python bench/chaos.py --faults 3",
+        "command": "python bench/chaos.py --faults 3", "hang_s": 120.0, "longest_s": {"job": 31.4, "loop": 88.6},
+        "settings": {"ACTION_SCORES_UPLOAD_WAIT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"},
     }
     text = chaos.report(figures)
     assert "| faults | 3 faults (1 server, 2 train mid-epoch) |" in text
     assert "| lost | 0 tables lost |" in text
-    assert "| hangs | 1 hangs |" in text
+    assert "| hangs | 1 hangs (a process past 120 s); longest process that ended itself: job 31 s, loop 89 s |" in text
+    assert "| settings | ACTION_SCORES_UPLOAD_WAIT=30, MLFLOW_HTTP_REQUEST_MAX_RETRIES=3 |" in text
     assert "Hangs:\n- loop-00 job attempt 1: past 120 s, killed" in text
     assert "1,234 spool bytes left" in text and "2 CPU cores" in text
     assert text.startswith("`python bench/chaos.py --faults 3`")
+
+
+def test_last_line_of_a_log(tmp_path):
+    log = tmp_path / "x.log"
+    assert chaos.last_line(log) == "(nothing printed)"
+    log.write_text("epoch 0\n" + "Retrying (Retry(total=2)) " + "x" * 300 + "\n\n")
+    assert chaos.last_line(log) == ("Retrying (Retry(total=2)) " + "x" * 300)[:200]
+
+
+class _Always:
+    """An RNG whose every draw chooses to upload first."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+def test_a_spool_without_its_run_file_is_resumed_not_uploaded(tmp_path):
+    bench = object.__new__(chaos.Bench)
+    bench.rng = _Always()
+    training = chaos.Training("loop-00", "loop", "e", tmp_path / "spool")
+    (training.spool_root / "mlflow-abc" / "per_sample_media").mkdir(parents=True)  # killed before its first write
+    bench.after_kill(training, "train")
+    assert (training.step, training.after_find) == ("find", "train")
+    (training.spool_root / "mlflow-abc" / "run.json").write_text("{}")
+    bench.after_kill(training, "train")
+    assert (training.step, training.after_find) == ("find", "upload")

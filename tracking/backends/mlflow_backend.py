@@ -48,6 +48,39 @@ def _s3_refusal(error: Exception) -> str | None:
     return code if code in S3_REFUSALS else None
 
 
+# MLflow's client tries a request 8 times over about 4 minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES 7,
+# MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR 2) and waits 120 s for each answer (MLFLOW_HTTP_REQUEST_TIMEOUT): a training,
+# an upload or a job would wait that long, silent, on a server that is away. These bound a request to about 8 s
+# on a refused connection, 70 s on a server that never answers; the uploader tries again on its own schedule.
+# A value the user set wins.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+def _bound_http_requests() -> None:
+    """Set `HTTP_BOUNDS` for this process (MLflow reads them at every request), except those the user set."""
+    for name, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+
+
+def _unreachable(error: BaseException, tracking_uri: str) -> ActionScoresError | None:
+    """What to raise when MLflow's client gave up on the network (refused, reset, no answer in time, a proxy's
+    503s): the URI and the variables that make it wait longer. None for an answer of the server itself."""
+    import requests
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, (requests.ConnectionError, requests.Timeout,
+                                                       requests.exceptions.RetryError)):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    retries, timeout = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"), os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    return ActionScoresError(
+        f"the MLflow tracking server at {redact(tracking_uri)} is unreachable ({type(cause).__name__} after "
+        f"{retries} retries, {timeout} s per try): start it or fix the URI; to wait longer for it, raise "
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR or MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
 def _end_run_without_waiting(status: str) -> None:
     """Close this process's active MLflow run after its queued writes: the spooled `end` operation
     is what ends it on the server (already done, or left to `action-scores upload`), so this makes
@@ -122,6 +155,7 @@ class MLflowTracker(Tracker):
 
         self.keep_local = keep_local
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        _bound_http_requests()
         self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         self._started = False
         self._uploader: Uploader | None = None
@@ -135,13 +169,20 @@ class MLflowTracker(Tracker):
 
     def start(self, experiment: str | None = None, run_name: str | None = None) -> str:
         import mlflow
+        from mlflow.exceptions import MlflowException
 
         mlflow.set_tracking_uri(self.tracking_uri)
-        # `mlflow run` exports MLFLOW_RUN_ID: start_run() then resumes that run.
-        if experiment and "MLFLOW_RUN_ID" not in os.environ:
-            self._create_training_experiment(experiment)
-            mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=run_name)
+        try:
+            # `mlflow run` exports MLFLOW_RUN_ID: start_run() then resumes that run.
+            if experiment and "MLFLOW_RUN_ID" not in os.environ:
+                self._create_training_experiment(experiment)
+                mlflow.set_experiment(experiment)
+            run = mlflow.start_run(run_name=run_name)
+        except MlflowException as error:
+            unreachable = _unreachable(error, self.tracking_uri)
+            if unreachable is None:
+                raise
+            raise unreachable from None
         self._run_id, self._info = run.info.run_id, run.info
         self._started = True
         return self._run_id
@@ -167,6 +208,9 @@ class MLflowTracker(Tracker):
         try:
             info = self._client.get_run(run_id).info
         except MlflowException as error:
+            unreachable = _unreachable(error, self.tracking_uri)
+            if unreachable is not None:
+                raise unreachable from None
             if error.error_code == "UNAUTHENTICATED":
                 raise ActionScoresError(
                     f"authentication failed at tracking URI {redact(self.tracking_uri)}: check "
