@@ -395,3 +395,28 @@ def test_the_log_family_never_waits_for_a_server_that_is_away_and_the_write_fami
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "test_loss")] == [(0, 0.5)]
     assert [info.path for info in client.list_artifacts(run_id, "notes")] == ["notes/notes.txt"]
     assert notes.read_text() == "the user's own file"  # a file from outside the spool stays
+
+
+def test_a_run_whose_writes_are_left_behind_stays_running_until_they_land(
+    tracking_env: dict[str, str], client: mlflow.MlflowClient, spool_root: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`finish` with writes still queued when its wait is up leaves the run RUNNING on the server, though the
+    server answers: only the spooled `end`, after those writes, ends it (here by `action-scores upload`)."""
+    monkeypatch.setenv("ACTION_SCORES_UPLOAD_WAIT", "0")  # the wait is up at once: the queue is left behind
+    files = tmp_path / "files"
+    files.mkdir()
+    with in_process_training(tracking_env["MLFLOW_TRACKING_URI"]):
+        tracker = MLflowTracker(tracking_env["MLFLOW_TRACKING_URI"])
+        run_id = tracker.start(experiment=f"left-{uuid.uuid4().hex[:8]}")
+        for index in range(40):
+            path = files / f"file_{index:02d}.txt"
+            path.write_text(str(index))
+            tracker.log_artifact(path, "files")
+        spool = tracker.spool_dir
+        tracker.finish()
+    assert "action-scores upload" in tracker.left_behind
+    assert client.get_run(run_id).info.status == "RUNNING"  # was FINISHED with tables still to come
+    run_command([str(BIN / "action-scores"), "upload", "--spool", str(spool)], tracking_env)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.list_artifacts(run_id, "files")) == 40

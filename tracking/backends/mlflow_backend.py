@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tracking import contract
-from tracking.backends.base import Tracker, patched_environ, redact
+from tracking.backends.base import Tracker, redact
 from tracking.backends.lock import SETTLE_SECONDS, tag_lock
 from tracking.backends.uploads import (Operation, Uploader, UploadRefused, left_behind_message, read_run_record, replay,
                                       unwritten_error)
@@ -81,20 +81,22 @@ def _unreachable(error: BaseException, tracking_uri: str) -> ActionScoresError |
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR or MLFLOW_HTTP_REQUEST_TIMEOUT")
 
 
-def _end_run_without_waiting(status: str) -> None:
-    """Close this process's active MLflow run after its queued writes: the spooled `end` operation
-    is what ends it on the server (already done, or left to `action-scores upload`), so this makes
-    one quick try only. Neither this call nor MLflow's end-of-process hook then waits minutes on
-    retries when the server is away, and a later `start` in this process works."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+def _forget_active_run() -> None:
+    """Drop this process's active MLflow run here only, without a word to the server: the spooled `end`
+    operation is what ends it there (already done, or left to `action-scores upload` with the writes it
+    follows). Telling the server too would end, as FINISHED, a run whose queued tables have not landed
+    whenever the server answers that one call, and wait on retries when it does not. A later `start` in
+    this process then works. (MLflow's `end_run` is this plus `set_terminated`; its stack is internal.)"""
+    from mlflow.tracking import fluent
 
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    with patched_environ(quick):
-        try:
-            mlflow.end_run(status=status)  # forgets the run locally first, then tries the server once
-        except MlflowException:
-            pass
+    stack = fluent._active_run_stack.get()
+    if stack:
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        run = stack.pop()
+        fluent._last_active_run_id.set(run.info.run_id)
+        monitor = fluent.run_id_to_system_metrics_monitor.pop(run.info.run_id, None)
+        if monitor is not None:
+            monitor.finish()
 
 
 def _run_artifact_source(uri: str) -> Any:
@@ -239,7 +241,7 @@ class MLflowTracker(Tracker):
             self._release_spool()
             if self._started:  # the spooled `end` ends the run on the server (or will, by upload)
                 self._started = False
-                _end_run_without_waiting(status)
+                _forget_active_run()
             if uploader.unwritten and not failed:
                 raise unwritten_error(self.run_id, uploader.unwritten)
             return
