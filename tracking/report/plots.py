@@ -93,8 +93,8 @@ class ValueRows:
     def around(cls, boxes: Sequence[BoxStats], top: int, bottom: int) -> ValueRows:
         """The rows of every whisker and outlier, with 5% room above and below (as matplotlib's axes)."""
         drawn = [b for b in boxes if b.count]
-        lo = min((min(b.low, *b.outliers.tolist()) for b in drawn), default=0.0)
-        hi = max((max(b.high, *b.outliers.tolist()) for b in drawn), default=1.0)
+        lo = min((float(np.min(np.r_[b.low, b.outliers])) for b in drawn), default=0.0)
+        hi = max((float(np.max(np.r_[b.high, b.outliers])) for b in drawn), default=1.0)
         room = 0.05 * (hi - lo) or 0.5 * (abs(hi) or 1.0)
         return cls(lo - room, hi + room, top, bottom)
 
