@@ -40,6 +40,8 @@ def test_value_rows_and_ticks() -> None:
     assert nice_ticks(-0.28, 5.6) == (pytest.approx([0, 1, 2, 3, 4, 5]), ["0", "1", "2", "3", "4", "5"])
     assert nice_ticks(-0.05, 1.05)[1] == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
     assert nice_ticks(0.0, 1.0, most=4)[1] == ["0.00", "0.25", "0.50", "0.75", "1.00"]
+    assert nice_ticks(0.0, 200.0)[1] == ["0", "25", "50", "75", "100", "125", "150", "175", "200"]
+    assert nice_ticks(-2.0, 18.0)[1] == ["0.0", "2.5", "5.0", "7.5", "10.0", "12.5", "15.0", "17.5"]
 
 
 def test_medians_are_drawn_at_their_rows(tmp_path: Path) -> None:
