@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,7 +102,8 @@ def measured(engine: str, folder: Path, master: str) -> tuple[float, int]:
     seconds = time.perf_counter() - started
     if process.returncode != 0:
         raise SystemExit(f"{engine} failed on {folder} (exit {process.returncode})")
-    out.unlink()
+    written = out.with_suffix("") if engine == "spark" else out  # Spark writes its folder (`SparkScores.write`)
+    shutil.rmtree(written) if written.is_dir() else written.unlink()
     return seconds, peak
 
 
