@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -140,7 +141,9 @@ class Engine:
     """A scoring engine (`--engine`): its function, and whether it folds each table as it arrives
     (`streams`: the job fetches a few tables ahead) or needs every file of a split at once."""
 
-    score: Callable[..., pd.DataFrame]  # (split, tables, el2n_epoch, done, progress) -> the scores table
+    # (split, tables, el2n_epoch, done, progress) -> the scores: a DataFrame (arrow, duckdb), or for spark a
+    # `SparkScores` that keeps them in Spark and writes and reports them itself (`tracking.scoring.spark_engine`)
+    score: Callable[..., Any]
     streams: bool
 
 
