@@ -271,11 +271,9 @@ def scores_files(paths: list[str]) -> dict[str, list[str]]:
 
 
 def _part_number(name: str) -> int | None:
-    """R of `part-RRRRR.parquet` (the contract's name for part R), None for another name."""
-    digits = name[len("part-"):-len(".parquet")]
-    if not (name.startswith("part-") and name.endswith(".parquet") and digits.isdigit()):
-        return None
-    return int(digits) if contract.part_file_name(int(digits)) == name else None
+    """R of `part-RRRRR.parquet` written exactly as `contract.part_file_name(R)` names it, None otherwise."""
+    number = contract.parse_part_file_name(name)
+    return number if number is not None and contract.part_file_name(number) == name else None
 
 
 def read_scores(tracker: Tracker, split: str, work: Path, columns: list[str] | None = None) -> pa.Table:
