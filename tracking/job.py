@@ -98,13 +98,13 @@ class RunPlan:
 
 @dataclass
 class SplitReport:
-    """What a split's report stage made: files under its folder, rows for `Tracker.log_samples`, its view."""
+    """What a split's report stage made: files under its folder, rows for `Tracker.write_samples`, its view."""
 
     written: list[Path] = field(default_factory=list)
     samples: dict[str, list[dict]] = field(default_factory=dict)  # "<objective>/<hardest|easiest>" -> rows
     source: str = ""  # where the pictures came from; empty without a view
     why_not: str = ""  # why there are no panels, where there are none
-    data_map: pd.DataFrame | None = None  # the points of the data map, for `Tracker.log_scatter`; None without one
+    data_map: pd.DataFrame | None = None  # the points of the data map, for `Tracker.write_scatter`; None without one
 
 
 def run_job(tracker: Tracker, run_id: str, options: JobOptions) -> AnalysisResult:
@@ -290,7 +290,7 @@ def objectives(scores: pd.DataFrame) -> dict[str, str]:
 def render_split(scores: pd.DataFrame, view: SplitView, top_k: int, out_dir: Path, picks: dict | None = None
                  ) -> tuple[list[Path], dict[str, list[dict]]]:
     """Panels for every objective, each ranked once in its score's direction, and the same hardest and
-    easiest samples as rows for `Tracker.log_samples`. Per-class panels for the loss objectives. `picks`:
+    easiest samples as rows for `Tracker.write_samples`. Per-class panels for the loss objectives. `picks`:
     each column's `Picked`, ranked elsewhere (`SparkScores.report`; `scores` then holds only their rows)."""
     from tracking.report.panels import ranked_panels
     from tracking.scoring.rank import pick
@@ -314,7 +314,7 @@ def render_split(scores: pd.DataFrame, view: SplitView, top_k: int, out_dir: Pat
 
 def write_text_tables(samples: dict[str, list[dict]], view: SplitView, out_dir: Path) -> list[Path]:
     """Beside each text panel (`<objective>/hardest.png`), its ranked rows with their full text as
-    `hardest.csv`; adds `text` to the rows logged with `Tracker.log_samples` too."""
+    `hardest.csv`; adds `text` to the rows logged with `Tracker.write_samples` too."""
     if view.text is None:
         return []
     written = []
